@@ -1,0 +1,241 @@
+"""The actor loop: sample truncated student prefixes and stream them to the teachers.
+
+Why the horizon is decided here and not afterwards: generation stops at the horizon, which is where
+truncated rollouts save compute. Every prefix carries the policy version that produced it, so the
+learner can bound staleness, and its behaviour logprobs, so the learner can correct for the lag.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import redis
+from prometheus_client import CollectorRegistry
+
+from actors.config import ActorConfig
+from actors.engine import RolloutEngine
+from actors.schedules import TruncationSchedule, schedule_from_config
+from protocol import ledger
+from protocol.config import TransportConfig
+from protocol.messages import RolloutPrefix
+from protocol.names import Names
+from protocol.runtime import StopFlag, control_flag, latest_weights, register_endpoint, resolve_device
+from protocol.streams import StreamQueue, connect
+from protocol.telemetry import ActorMetrics, MetricsServer, actor_metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ActorSummary:
+    prefixes: int = 0
+    tokens_generated: int = 0
+    tokens_saved: int = 0
+    reloads: int = 0
+
+
+def make_engine(cfg: ActorConfig) -> RolloutEngine:
+    if cfg.engine == "sglang":
+        from actors.sglang_engine import SGLangRolloutEngine
+
+        if not cfg.sglang_url:
+            raise ValueError("actor.sglang_url is required when actor.engine is 'sglang'")
+        return SGLangRolloutEngine(cfg.sglang_url, timeout_s=cfg.sglang_timeout_s)
+    from actors.hf_engine import HFRolloutEngine
+
+    return HFRolloutEngine(cfg.model_dir, device=resolve_device(cfg.device))
+
+
+class Admission:
+    """Producer-side staleness control (as in AReaL): never start work that would arrive stale.
+
+    The learner advertises its version, batch size and max_staleness in a Redis hash; actors
+    reserve slots with one atomic INCRBY on a shared counter. Samples the learner retired without
+    training (dropped or dead-lettered) are added back, so drops cannot starve the pipeline.
+    """
+
+    def __init__(self, client: redis.Redis, names: Names) -> None:
+        self.client = client
+        self.names = names
+
+    def budget(self) -> int | None:
+        state = self.client.hgetall(self.names.learner_state)
+        if not state or b"version" not in state:
+            return None  # no learner has advertised yet: nothing to be stale against
+        version = int(state[b"version"])
+        batch = int(state.get(b"batch_size", b"1"))
+        max_staleness = int(state.get(b"max_staleness", b"0"))
+        admitted = int(self.client.get(self.names.admission) or 0)
+        outcomes = ledger.counts(self.client, self.names)
+        return max(0, (max_staleness + version + 1) * batch - (admitted - outcomes[ledger.DROPPED] - outcomes[ledger.DEAD]))
+
+    def acquire(self, want: int, stop: StopFlag, should_stop: Callable[[], bool]) -> int:
+        """Block until some slots are free; returns how many were reserved (0 when stopping)."""
+        delay = 0.02
+        while not stop.is_set() and not should_stop():
+            budget = self.budget()
+            if budget is None:
+                self.client.incrby(self.names.admission, want)
+                return want
+            if budget > 0:
+                n = min(want, budget)
+                self.client.incrby(self.names.admission, n)
+                return n
+            stop.wait(delay)
+            delay = min(delay * 2, 0.5)
+        return 0
+
+    def release(self, n: int) -> None:
+        """Give back slots that were reserved but produced nothing."""
+        if n > 0:
+            self.client.decrby(self.names.admission, n)
+
+
+class Actor:
+    def __init__(
+        self, cfg: ActorConfig, transport: TransportConfig, *, actor_id: str, index: int = 0,
+        stop: StopFlag | None = None, registry: CollectorRegistry | None = None,
+    ) -> None:
+        from transformers import AutoTokenizer
+
+        from actors.prompts import load_prompts
+
+        if not transport.redis_url:
+            raise ValueError("transport.redis_url is required to run an actor")
+        self.cfg = cfg
+        self.actor_id = actor_id
+        self.stop = stop or StopFlag()
+        self.names = Names(transport.namespace)
+        self.client = connect(transport.redis_url)
+        self.registry = registry or CollectorRegistry()
+        self.metrics: ActorMetrics = actor_metrics(self.registry)
+        self.queue = StreamQueue(
+            self.client, self.names.rollouts, names=self.names, high_water=transport.high_water,
+            max_bytes=transport.max_message_bytes,
+        )
+        self.backpressure_timeout_s = transport.backpressure_timeout_s
+        self.engine = make_engine(cfg)
+        self.params = self.engine.num_parameters()
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model_dir)
+        self.prompts = load_prompts(cfg.prompts_file, tokenizer, use_chat_template=cfg.use_chat_template)
+        if not self.prompts:
+            raise ValueError(f"actor.prompts_file {cfg.prompts_file} holds no prompts")
+        self.schedule: TruncationSchedule = schedule_from_config(cfg.schedule, cfg.max_new_tokens)
+        self.rng = random.Random(cfg.seed + 1000 * index)
+        self.order = list(range(len(self.prompts)))
+        self.cursor = len(self.order)
+        self.version = 0
+        self.last_poll = 0.0
+        self.admission = Admission(self.client, self.names)
+        self.summary = ActorSummary()
+
+    def next_prompts(self, n: int) -> list[int]:
+        out = []
+        for _ in range(n):
+            if self.cursor >= len(self.order):
+                self.rng.shuffle(self.order)
+                self.cursor = 0
+            out.append(self.order[self.cursor])
+            self.cursor += 1
+        return out
+
+    def maybe_reload(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last_poll < self.cfg.weights_poll_s:
+            return
+        self.last_poll = now
+        ann = latest_weights(self.client, self.names)
+        if ann is not None and ann.version > self.version:
+            t0 = time.perf_counter()
+            self.engine.load_weights(ann.path, ann.version)
+            self.version = ann.version
+            self.summary.reloads += 1
+            self.metrics.weight_reloads.inc()
+            log.info("%s: loaded policy v%d in %.2fs", self.actor_id, ann.version, time.perf_counter() - t0)
+        self.metrics.policy_version.set(self.version)
+
+    def stopping(self) -> bool:
+        return self.stop.is_set() or control_flag(self.client, self.names, "stop_producing") or (
+            self.cfg.max_prefixes is not None and self.summary.prefixes >= self.cfg.max_prefixes
+        )
+
+    def step(self) -> int:
+        """One batch: reserve slots, pick horizons, generate, publish. Returns prefixes published."""
+        want = self.cfg.batch_size
+        if self.cfg.max_prefixes is not None:
+            want = min(want, self.cfg.max_prefixes - self.summary.prefixes)
+        t0 = time.perf_counter()
+        n = self.admission.acquire(want, self.stop, self.stopping) if self.cfg.admission_control else want
+        self.metrics.admission_wait.inc(time.perf_counter() - t0)
+        if n == 0:
+            return 0
+        self.maybe_reload()
+        indices = self.next_prompts(n)
+        horizons = [self.schedule.horizon(self.version, self.rng) for _ in indices]
+        try:
+            gens = self.engine.generate(
+                [self.prompts[i] for i in indices], horizons,
+                temperature=self.cfg.temperature, top_p=self.cfg.top_p, seed=self.rng.randrange(2**31),
+            )
+        except BaseException:
+            if self.cfg.admission_control:
+                self.admission.release(n)
+            raise
+        max_new = self.cfg.max_new_tokens
+        for idx, horizon, gen in zip(indices, horizons, gens, strict=True):
+            msg = RolloutPrefix(
+                prompt_ids_P=np.asarray(self.prompts[idx], dtype=np.int32),
+                response_ids_R=np.asarray(gen.response_ids, dtype=np.int32),
+                behaviour_logprobs_R=np.minimum(np.asarray(gen.logprobs, dtype=np.float32), 0.0),
+                prompt_index=idx, horizon=horizon, max_new_tokens=max_new, finished=gen.finished,
+                policy_version=self.version, actor_id=self.actor_id,
+            )
+            waited = self.queue.wait_for_room(timeout_s=self.backpressure_timeout_s, should_stop=self.stop.is_set)
+            self.metrics.admission_wait.inc(waited)
+            self.queue.publish(msg, ledger_outcome=ledger.PRODUCED)
+            generated = len(gen.response_ids)
+            saved = 0 if gen.finished else max_new - horizon
+            self.summary.prefixes += 1
+            self.summary.tokens_generated += generated
+            self.summary.tokens_saved += saved
+            self.metrics.prefixes.inc()
+            self.metrics.tokens_generated.inc(generated)
+            self.metrics.tokens_saved.inc(saved)
+            self.metrics.horizon.observe(horizon)
+            # Forward pass per saved token: 2 x params FLOPs (the KV-cached decode cost).
+            self.metrics.compute_saved.labels(stage="actor_truncation").inc(2 * self.params * saved)
+        self.metrics.queue_depth.labels(stream=self.names.rollouts).set(self.queue.depth())
+        return len(gens)
+
+    def run(self) -> ActorSummary:
+        self.maybe_reload(force=True)
+        log.info("%s: %d prompts, engine=%s, schedule=%s, %d params", self.actor_id, len(self.prompts),
+                 self.cfg.engine, self.cfg.schedule.kind, self.params)
+        t0 = time.perf_counter()
+        while not self.stopping():
+            self.step()
+        dt = time.perf_counter() - t0
+        log.info("%s: stopped after %d prefixes, %d tokens (%.0f tok/s), %d saved by truncation",
+                 self.actor_id, self.summary.prefixes, self.summary.tokens_generated,
+                 self.summary.tokens_generated / max(dt, 1e-9), self.summary.tokens_saved)
+        return self.summary
+
+
+def run_actor(cfg: ActorConfig, transport: TransportConfig, *, actor_id: str, index: int = 0,
+              stop: StopFlag | None = None) -> ActorSummary:
+    """Entry point of `opd actor`: serve metrics, loop until stopped."""
+    actor = Actor(cfg, transport, actor_id=actor_id, index=index, stop=stop)
+    server = MetricsServer(actor.registry, host=cfg.metrics_host, port=cfg.metrics_port)
+    register_endpoint(actor.client, actor.names, actor_id, server.url)
+    actor.client.sadd(actor.names.key("actors"), actor_id)
+    log.info("%s: metrics at %s", actor_id, server.url)
+    try:
+        return actor.run()
+    finally:
+        actor.client.srem(actor.names.key("actors"), actor_id)
+        server.close()

@@ -1,0 +1,446 @@
+"""Rollout engine backed by a running SGLang server, through its native HTTP API.
+
+Field names and response shapes follow SGLang's own sources, not guesses:
+
+- request body: `GenerateReqInput` in `python/sglang/srt/managers/io_struct.py` (`input_ids` as a list
+  of lists for a batch, `sampling_params` as one dict per item, `return_logprob`, `logprob_start_len`);
+  sampling fields from `python/sglang/srt/sampling/sampling_params.py` (`max_new_tokens`,
+  `temperature`, `top_p`, `sampling_seed`).
+- response: a batch answers a list, one object per input, each with
+  `meta_info.output_token_logprobs` as `[logprob, token_id, text_or_null]` triples
+  (`TokenizerManager.detokenize_logprob_tokens`) and `meta_info.finish_reason` as
+  `{"type": "length", "length": n}`, `{"type": "stop", "matched": ...}` or
+  `{"type": "abort", "message": ...}` (`FINISH_*.to_json()` in `schedule_batch.py`).
+- weight reload: `POST /pause_generation`, `POST /update_weights_from_disk` with
+  `UpdateWeightFromDiskReqInput` (`model_path`, `weight_version: Optional[str]`), answering
+  `{"success", "message", ...}` and HTTP 400 on failure, then `POST /continue_generation`
+  (`python/sglang/srt/entrypoints/http_server.py`).
+
+Where we depart from the obvious mapping, and why:
+
+- Response tokens are read from `output_token_logprobs`, not from `output_ids`: the two come from the
+  same sampler step, but only the former is guaranteed to pair each id with its logprob, which is
+  what the learner's importance ratio needs. A response whose logprob list is missing or malformed is
+  an error, never silently an empty generation.
+- Whether those logprobs are taken before or after temperature scaling is a *server* setting
+  (`SGLANG_RETURN_ORIGINAL_LOGPROB`, default: after). The compose file sets it explicitly.
+- `pause_generation` uses mode `"abort"` by default: requests of other clients of the same server that
+  are in flight during a reload are aborted (they come back with `finish_reason.type == "abort"`,
+  which we raise as `SGLangError`, so the caller retries) rather than resumed on new weights, which
+  would silently mix two policy versions inside one rollout.
+
+The pure functions `build_generate_request` / `parse_generate_response` hold all the mapping and are
+unit-tested without a server; `SGLangRolloutEngine` only adds HTTP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import requests
+
+try:  # the engine interface lives in actors/engine.py (docs/architecture.md, "Engines")
+    from actors.engine import Generation
+except ImportError:  # pragma: no cover - only while actors/engine.py is being written
+    from dataclasses import dataclass
+
+    @dataclass
+    class Generation:  # type: ignore[no-redef]
+        response_ids: list[int]
+        logprobs: list[float]
+        finished: bool
+
+
+log = logging.getLogger(__name__)
+
+GENERATE = "/generate"
+PAUSE = "/pause_generation"
+CONTINUE = "/continue_generation"
+UPDATE_FROM_DISK = "/update_weights_from_disk"
+MODEL_INFO = "/get_model_info"
+HEALTH = "/health"
+
+PAUSE_MODES = ("abort", "retract", "in_place")
+_EXCERPT = 300
+
+
+class SGLangError(RuntimeError):
+    """An SGLang call failed; the message names the endpoint, the HTTP status and a body excerpt."""
+
+    def __init__(self, endpoint: str, reason: str, *, status: int | None = None, body: str | None = None) -> None:
+        parts = [f"SGLang {endpoint}"]
+        if status is not None:
+            parts.append(f"HTTP {status}")
+        message = " ".join(parts) + f": {reason}"
+        if body:
+            message += f" | body: {_excerpt(body)}"
+        super().__init__(message)
+        self.endpoint = endpoint
+        self.reason = reason
+        self.status = status
+        self.body = body
+
+
+def _excerpt(body: str, limit: int = _EXCERPT) -> str:
+    body = " ".join(body.split())
+    return body if len(body) <= limit else body[:limit] + f"... ({len(body)} chars)"
+
+
+# --------------------------------------------------------------------------- pure mapping
+
+
+def build_generate_request(
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: Sequence[int],
+    *,
+    temperature: float,
+    top_p: float,
+    seed: int | None,
+) -> dict[str, Any]:
+    """The `/generate` body for a batch of token-id prompts (one sampling dict per prompt).
+
+    `seed` (if given) becomes `sampling_params.sampling_seed = seed + i` for prompt `i`, so identical
+    prompts in one batch still draw different samples while the batch as a whole is reproducible. The
+    key is left out entirely when `seed` is None, for servers that predate `sampling_seed`.
+    """
+    if len(prompts) != len(max_new_tokens):
+        raise ValueError(f"{len(prompts)} prompts but {len(max_new_tokens)} max_new_tokens")
+    if not prompts:
+        raise ValueError("empty batch")
+    sampling: list[dict[str, Any]] = []
+    for i, (prompt, budget) in enumerate(zip(prompts, max_new_tokens, strict=True)):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {i} is empty")
+        if budget < 1:
+            raise ValueError(f"max_new_tokens[{i}] = {budget}: must be >= 1")
+        params: dict[str, Any] = {
+            "max_new_tokens": int(budget),
+            "temperature": float(temperature),
+            "top_p": float(top_p),
+        }
+        if seed is not None:
+            params["sampling_seed"] = int(seed) + i
+        sampling.append(params)
+    return {
+        "input_ids": [[int(t) for t in prompt] for prompt in prompts],
+        "sampling_params": sampling,
+        "return_logprob": True,
+        # -1: logprobs of output tokens only (GenerateReqInput's documented default), no prompt scoring.
+        "logprob_start_len": -1,
+        "stream": False,
+    }
+
+
+def parse_generate_response(body: Any, max_new_tokens: Sequence[int]) -> list[Generation]:
+    """Map a `/generate` batch response onto one `Generation` per prompt, validating every field.
+
+    Raises `SGLangError` naming the exact field (e.g. `[1].meta_info.output_token_logprobs[3]`) when
+    the body is not what SGLang documents, when a request was aborted, or when the server returned
+    more tokens than asked for.
+    """
+    items = _as_items(body, len(max_new_tokens))
+    out: list[Generation] = []
+    for i, (item, budget) in enumerate(zip(items, max_new_tokens, strict=True)):
+        meta = _meta_info(item, i)
+        finished = _finished(meta, i)
+        entries = meta.get("output_token_logprobs")
+        if not isinstance(entries, list):
+            raise _field_error(f"[{i}].meta_info.output_token_logprobs", "missing or not a list (was return_logprob honoured?)", body)
+        ids: list[int] = []
+        logprobs: list[float] = []
+        for j, entry in enumerate(entries):
+            logprob, token_id = _logprob_entry(entry, f"[{i}].meta_info.output_token_logprobs[{j}]", body)
+            if logprob is None:
+                raise _field_error(f"[{i}].meta_info.output_token_logprobs[{j}]", "logprob is null for an output token", body)
+            ids.append(token_id)
+            logprobs.append(logprob)
+        if len(ids) > budget:
+            raise _field_error(f"[{i}].meta_info.output_token_logprobs", f"{len(ids)} tokens for max_new_tokens={budget}", body)
+        out.append(Generation(response_ids=ids, logprobs=logprobs, finished=finished))
+    return out
+
+
+def _as_items(body: Any, expected: int) -> list[dict[str, Any]]:
+    if isinstance(body, dict):
+        if "error" in body:
+            raise SGLangError(GENERATE, f"server error: {_error_message(body)}", body=json.dumps(body))
+        body = [body]
+    if not isinstance(body, list):
+        raise SGLangError(GENERATE, f"response is {type(body).__name__}, expected a list of results")
+    if len(body) != expected:
+        raise SGLangError(GENERATE, f"{len(body)} results for {expected} prompts", body=json.dumps(body)[:2000])
+    if all(isinstance(item, dict) and isinstance(item.get("index"), int) for item in body):
+        body = sorted(body, key=lambda item: item["index"])
+    for i, item in enumerate(body):
+        if not isinstance(item, dict):
+            raise SGLangError(GENERATE, f"result [{i}] is {type(item).__name__}, expected an object")
+    return body
+
+
+def _meta_info(item: dict[str, Any], i: int) -> dict[str, Any]:
+    meta = item.get("meta_info")
+    if not isinstance(meta, dict):
+        raise _field_error(f"[{i}].meta_info", "missing or not an object", item)
+    return meta
+
+
+def _finished(meta: dict[str, Any], i: int) -> bool:
+    """True on a stop (EOS / stop token), False on the length limit; abort and the unknown raise."""
+    reason = meta.get("finish_reason")
+    if not isinstance(reason, dict) or not isinstance(reason.get("type"), str):
+        raise _field_error(f"[{i}].meta_info.finish_reason", f"expected {{'type': ...}}, got {reason!r}", meta)
+    kind = reason["type"]
+    if kind == "stop":
+        return True
+    if kind == "length":
+        return False
+    if kind == "abort":
+        raise SGLangError(GENERATE, f"request [{i}] aborted: {reason.get('message')!r}", body=json.dumps(reason))
+    raise _field_error(f"[{i}].meta_info.finish_reason.type", f"unknown finish reason {kind!r}", meta)
+
+
+def _logprob_entry(entry: Any, where: str, context: Any) -> tuple[float | None, int]:
+    """`[logprob, token_id, text_or_null]` -> (logprob or None, token_id)."""
+    if not isinstance(entry, list | tuple) or len(entry) < 2:
+        raise _field_error(where, f"expected [logprob, token_id, text], got {entry!r}", context)
+    logprob, token_id = entry[0], entry[1]
+    if logprob is not None and (isinstance(logprob, bool) or not isinstance(logprob, int | float)):
+        raise _field_error(where, f"logprob {logprob!r} is not a number", context)
+    if isinstance(token_id, bool) or not isinstance(token_id, int):
+        raise _field_error(where, f"token id {token_id!r} is not an integer", context)
+    return (None if logprob is None else float(logprob)), token_id
+
+
+def _field_error(where: str, reason: str, context: Any) -> SGLangError:
+    try:
+        text = json.dumps(context)
+    except (TypeError, ValueError):
+        text = repr(context)
+    return SGLangError(GENERATE, f"{where}: {reason}", body=text)
+
+
+def _error_message(body: Any) -> str:
+    """SGLang's error bodies are `{"error": {"message": ...}}` (`_create_error_response`)."""
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict) and "message" in err:
+            return str(err["message"])
+        if isinstance(err, str):
+            return err
+        if "message" in body:
+            return str(body["message"])
+    return "unexpected response"
+
+
+def count_safetensors_parameters(model_dir: str | Path) -> int:
+    """Exact parameter count of an HF checkpoint directory from its safetensors headers (no tensor I/O).
+
+    Each `.safetensors` file starts with an 8-byte little-endian header length and a JSON header that
+    lists every tensor's shape; summing the products is exact and reads a few kilobytes.
+    """
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
+    total = 0
+    for path in files:
+        with path.open("rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        for name, spec in header.items():
+            if name == "__metadata__":
+                continue
+            n = 1
+            for dim in spec["shape"]:
+                n *= int(dim)
+            total += n
+    return total
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+class SGLangRolloutEngine:
+    """`RolloutEngine` over SGLang's native API. One instance per actor; not shared across threads.
+
+    Args:
+        base_url: the server, e.g. `http://student-sglang:30000`.
+        timeout_s: read timeout of one `/generate` batch (generation of the whole batch).
+        connect_timeout_s: TCP connect timeout of every call.
+        control_timeout_s: timeout of `/pause_generation`, `/continue_generation`, `/get_model_info`.
+        load_timeout_s: timeout of `/update_weights_from_disk` (reads the whole checkpoint).
+        pause_mode: `/pause_generation` mode (`abort`, `retract`, `in_place`); see the module docstring.
+        num_parameters: the student's parameter count, if known; otherwise counted from the
+            safetensors headers of the last loaded weights directory or of `model_dir`.
+        model_dir: a local copy of the initial student checkpoint, for `num_parameters()`.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        timeout_s: float = 600.0,
+        *,
+        connect_timeout_s: float = 5.0,
+        control_timeout_s: float = 60.0,
+        load_timeout_s: float = 900.0,
+        pause_mode: str = "abort",
+        num_parameters: int | None = None,
+        model_dir: str | None = None,
+        session: requests.Session | None = None,
+    ) -> None:
+        if pause_mode not in PAUSE_MODES:
+            raise ValueError(f"pause_mode {pause_mode!r} not in {PAUSE_MODES}")
+        self.base_url = base_url.rstrip("/")
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.control_timeout_s = control_timeout_s
+        self.load_timeout_s = load_timeout_s
+        self.pause_mode = pause_mode
+        self._num_parameters = num_parameters
+        self._model_dir = model_dir
+        self._session = session or requests.Session()
+        self.loaded_version: int | None = None
+
+    # ---- RolloutEngine
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: list[int],
+        *,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+    ) -> list[Generation]:
+        if len(prompts) != len(max_new_tokens):
+            raise ValueError(f"{len(prompts)} prompts but {len(max_new_tokens)} max_new_tokens")
+        # A zero budget needs no server call (and SGLang's max_new_tokens=0 means "prefill only").
+        live = [i for i, n in enumerate(max_new_tokens) if n > 0]
+        out = [Generation(response_ids=[], logprobs=[], finished=False) for _ in prompts]
+        if not live:
+            return out
+        budgets = [max_new_tokens[i] for i in live]
+        request = build_generate_request(
+            [prompts[i] for i in live], budgets, temperature=temperature, top_p=top_p, seed=seed
+        )
+        body = self._call("POST", GENERATE, request, self.timeout_s)
+        for i, generation in zip(live, parse_generate_response(body, budgets), strict=True):
+            out[i] = generation
+        return out
+
+    def load_weights(self, path: str, version: int) -> None:
+        """pause -> update_weights_from_disk(path, version) -> continue (always, in `finally`).
+
+        `path` must be readable *by the server* (the same volume mounted at the same path). When the
+        server already reports `weight_version == str(version)` (another actor sharing this server
+        reloaded it), nothing is paused or reloaded.
+        """
+        try:
+            if self.model_info().get("weight_version") == str(version):
+                self.loaded_version = version
+                return
+        except SGLangError as exc:
+            log.warning("cannot read the server's weight version, reloading anyway: %s", exc)
+        self._call("POST", PAUSE, {"mode": self.pause_mode}, self.control_timeout_s)
+        failure: BaseException | None = None
+        try:
+            body = self._call(
+                "POST",
+                UPDATE_FROM_DISK,
+                {"model_path": str(path), "weight_version": str(version)},
+                self.load_timeout_s,
+            )
+            if not isinstance(body, dict) or body.get("success") is not True:
+                raise SGLangError(UPDATE_FROM_DISK, f"update not successful: {_error_message(body)}", body=json.dumps(body))
+        except BaseException as exc:
+            failure = exc
+            raise
+        finally:
+            try:
+                self._call("POST", CONTINUE, {}, self.control_timeout_s)
+            except SGLangError as exc:
+                if failure is None:
+                    raise
+                log.error("continue_generation failed after a failed weight update: %s", exc)
+        self.loaded_version = version
+        if self._num_parameters is None:
+            # The path may not be visible from this container; num_parameters() then says what to do.
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                self._num_parameters = count_safetensors_parameters(path)
+
+    def num_parameters(self) -> int:
+        if self._num_parameters is None:
+            candidates = [self._model_dir] if self._model_dir else []
+            try:
+                candidates.append(str(self.model_info().get("model_path", "")))
+            except SGLangError as exc:
+                log.warning("cannot read %s for the parameter count: %s", MODEL_INFO, exc)
+            for candidate in candidates:
+                if candidate and Path(candidate).is_dir():
+                    try:
+                        self._num_parameters = count_safetensors_parameters(candidate)
+                        break
+                    except (OSError, ValueError, KeyError):
+                        continue
+            else:
+                raise RuntimeError(
+                    f"cannot count the student's parameters: none of {candidates} is a local safetensors "
+                    "directory; pass num_parameters= (or model_dir=) to SGLangRolloutEngine"
+                )
+        return self._num_parameters
+
+    # ---- extras
+
+    def model_info(self) -> dict[str, Any]:
+        """`/get_model_info`: `model_path`, `tokenizer_path`, `weight_version`, ..."""
+        body = self._call("GET", MODEL_INFO, None, self.control_timeout_s)
+        if not isinstance(body, dict):
+            raise SGLangError(MODEL_INFO, f"expected an object, got {type(body).__name__}")
+        return body
+
+    def health(self) -> bool:
+        """True when `/health` answers 200."""
+        try:
+            self._call("GET", HEALTH, None, self.control_timeout_s)
+        except SGLangError:
+            return False
+        return True
+
+    def _call(self, method: str, endpoint: str, payload: Any, read_timeout_s: float) -> Any:
+        return http_json(self._session, method, self.base_url, endpoint, payload, (self.connect_timeout_s, read_timeout_s))
+
+
+def http_json(
+    session: requests.Session,
+    method: str,
+    base_url: str,
+    endpoint: str,
+    payload: Any,
+    timeout: tuple[float, float],
+) -> Any:
+    """One HTTP call; JSON body in and out (an empty body is None). Every failure is an `SGLangError`."""
+    url = base_url + endpoint
+    try:
+        response = session.request(method, url, json=payload, timeout=timeout)
+    except requests.Timeout as exc:
+        raise SGLangError(endpoint, f"timed out after {timeout[1]}s ({url}): {exc}") from exc
+    except requests.RequestException as exc:
+        raise SGLangError(endpoint, f"request failed ({url}): {exc}") from exc
+    text = response.text
+    if response.status_code >= 400:
+        try:
+            reason = _error_message(response.json())
+        except ValueError:
+            reason = response.reason or "error"
+        raise SGLangError(endpoint, reason, status=response.status_code, body=text)
+    if not text.strip():
+        return None
+    try:
+        return response.json()
+    except ValueError as exc:
+        raise SGLangError(endpoint, "response is not JSON", status=response.status_code, body=text) from exc

@@ -1,0 +1,26 @@
+"""The teacher's section of the config tree."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TeacherConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model_dir: str = Field("", description="Teacher model directory (Hugging Face format); must share the student's tokenizer.")
+    engine: Literal["hf", "sglang"] = Field("hf", description="Scorer: embedded transformers or an SGLang server.")
+    sglang_url: str | None = Field(None, description="SGLang server base URL (engine=sglang).")
+    topk: int = Field(8, ge=0, le=256, description="Top-k teacher logprobs kept per token (0: sampled token only).")
+    topk_dtype: Literal["float16", "float32"] = Field("float32", description="Storage dtype of top-k logprobs.")
+    temperature: float = Field(1.0, gt=0, description="Scoring temperature (part of the cache key).")
+    batch_size: int = Field(16, ge=1, description="Prefixes scored in one forward.")
+    cache_enabled: bool = Field(True, description="Use the Zarr logprob cache.")
+    cache_dir: str = Field("runs/cache", description="Zarr cache root (local path or fsspec URL).")
+    block_size: int = Field(16, ge=1, description="Tokens per content-addressed cache block.")
+    cache_budget_bytes: int | None = Field(None, ge=1, description="Evict least-recently-hit shards above this size.")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N.")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus port (0: a free port).")
+    metrics_host: str = Field("127.0.0.1", description="Bind address of /metrics.")

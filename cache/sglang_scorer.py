@@ -1,0 +1,369 @@
+"""Teacher scorer backed by a running SGLang server: prefill-only `/generate` with prompt logprobs.
+
+One request scores a batch: `input_ids` (full prompt+response ids), `sampling_params.max_new_tokens
+= 0`, `return_logprob: true`, `logprob_start_len` per sequence and `top_logprobs_num: k`. The answer's
+`meta_info.input_token_logprobs` holds `[logprob, token_id, text_or_null]` for the positions
+`logprob_start_len .. T-1`, and `meta_info.input_top_logprobs` one list of `k` such triples per
+position.
+
+What SGLang's sources say about those lists, and how we use it (`python/sglang/srt/managers/
+scheduler_output_processor_mixin.py`, `_process_input_token_logprobs` / `_process_input_top_logprobs`):
+the server *always* puts `None` at entry 0 ("add None at start, remove last (sampling token)"),
+whatever `logprob_start_len` is, and the entry ids are `origin_input_ids[logprob_start_len:]`. So to
+score positions `start .. T-1` we ask for `logprob_start_len = start - 1` and drop entry 0: entry
+`j >= 1` is the logprob of token `start - 1 + j` given the tokens before it. Every id the server
+echoes is checked against the id we sent, so an off-by-one on either side is an error, not a quietly
+shifted training signal.
+
+Whether prompt logprobs are temperature-scaled is a server setting (`SGLANG_TEMP_SCALED_LOGPROBS`);
+by default they are raw model logprobs, which is what a reverse-KL target wants. `temperature` is part
+of `identity` so cached scores from differently configured teachers never mix.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import requests
+
+try:  # the scorer interface lives in cache/scorer.py (docs/architecture.md, "Engines")
+    from cache.scorer import Scores
+except ImportError:  # pragma: no cover - only while cache/scorer.py is being written
+    from dataclasses import dataclass
+
+    @dataclass
+    class Scores:  # type: ignore[no-redef]
+        logprobs_R: np.ndarray
+        topk_ids_RK: np.ndarray
+        topk_logprobs_RK: np.ndarray
+
+
+GENERATE = "/generate"
+MODEL_INFO = "/get_model_info"
+_EXCERPT = 300
+
+
+class SGLangError(RuntimeError):
+    """An SGLang call failed; the message names the endpoint, the HTTP status and a body excerpt."""
+
+    def __init__(self, endpoint: str, reason: str, *, status: int | None = None, body: str | None = None) -> None:
+        head = f"SGLang {endpoint}" + (f" HTTP {status}" if status is not None else "")
+        message = f"{head}: {reason}"
+        if body:
+            flat = " ".join(body.split())
+            message += " | body: " + (flat if len(flat) <= _EXCERPT else flat[:_EXCERPT] + f"... ({len(flat)} chars)")
+        super().__init__(message)
+        self.endpoint = endpoint
+        self.reason = reason
+        self.status = status
+        self.body = body
+
+
+# --------------------------------------------------------------------------- pure mapping
+
+
+def build_score_request(
+    sequences: Sequence[Sequence[int]], starts: Sequence[int], k: int, *, temperature: float = 1.0
+) -> dict[str, Any]:
+    """The prefill-only `/generate` body scoring positions `starts[i] .. T_i - 1` of each sequence."""
+    if len(sequences) != len(starts):
+        raise ValueError(f"{len(sequences)} sequences but {len(starts)} starts")
+    if not sequences:
+        raise ValueError("empty batch")
+    if k < 0:
+        raise ValueError(f"k = {k}: must be >= 0")
+    for i, (seq, start) in enumerate(zip(sequences, starts, strict=True)):
+        if not 1 <= start < len(seq):
+            raise ValueError(f"starts[{i}] = {start}: must be in [1, {len(seq) - 1}] for a sequence of {len(seq)} tokens")
+    body: dict[str, Any] = {
+        "input_ids": [[int(t) for t in seq] for seq in sequences],
+        "sampling_params": {"max_new_tokens": 0, "temperature": float(temperature)},
+        "return_logprob": True,
+        # SGLang nulls entry 0 of whatever range it returns, so start one position early.
+        "logprob_start_len": [int(start) - 1 for start in starts],
+        "stream": False,
+    }
+    if k > 0:
+        body["top_logprobs_num"] = int(k)
+    return body
+
+
+def parse_score_response(body: Any, sequences: Sequence[Sequence[int]], starts: Sequence[int], k: int) -> list[Scores]:
+    """Map the answer of `build_score_request(sequences, starts, k)` onto one `Scores` per sequence.
+
+    Raises `SGLangError` naming the field (e.g. `[0].meta_info.input_token_logprobs[2]`) for a missing
+    or malformed field, a length that does not match the request, or an echoed id that is not ours.
+    """
+    if isinstance(body, dict):
+        if "error" in body:
+            raise SGLangError(GENERATE, f"server error: {_error_message(body)}", body=json.dumps(body))
+        body = [body]
+    if not isinstance(body, list) or len(body) != len(sequences):
+        got = f"{len(body)} results" if isinstance(body, list) else type(body).__name__
+        raise SGLangError(GENERATE, f"{got} for {len(sequences)} sequences")
+    out: list[Scores] = []
+    for i, (item, seq, start) in enumerate(zip(body, sequences, starts, strict=True)):
+        meta = item.get("meta_info") if isinstance(item, dict) else None
+        if not isinstance(meta, dict):
+            raise _field_error(f"[{i}].meta_info", "missing or not an object", item)
+        reason = meta.get("finish_reason")
+        if isinstance(reason, dict) and reason.get("type") == "abort":
+            raise SGLangError(GENERATE, f"request [{i}] aborted: {reason.get('message')!r}", body=json.dumps(reason))
+        seq = [int(t) for t in seq]
+        first = start - 1  # the logprob_start_len we sent
+        n = len(seq) - first  # entries SGLang returns, entry 0 being the null placeholder
+        tokens = _list_of(meta, "input_token_logprobs", n, i, item)
+        logprobs_R = np.empty(n - 1, dtype=np.float32)
+        for j, entry in enumerate(tokens):
+            where = f"[{i}].meta_info.input_token_logprobs[{j}]"
+            logprob, token_id = _logprob_entry(entry, where, item)
+            _check_id(token_id, seq[first + j], where, item)
+            if j == 0:
+                if logprob is not None:
+                    raise _field_error(where, "expected the null placeholder at entry 0 (server semantics changed?)", item)
+                continue
+            if logprob is None:
+                raise _field_error(where, "logprob is null", item)
+            logprobs_R[j - 1] = logprob
+        topk_ids_RK = np.zeros((n - 1, k), dtype=np.int32)
+        topk_logprobs_RK = np.zeros((n - 1, k), dtype=np.float32)
+        if k > 0:
+            tops = _list_of(meta, "input_top_logprobs", n, i, item)
+            for j in range(1, n):
+                where = f"[{i}].meta_info.input_top_logprobs[{j}]"
+                row = tops[j]
+                if not isinstance(row, list) or len(row) < k:
+                    raise _field_error(where, f"expected {k} [logprob, token_id, text] entries, got {row!r}", item)
+                for c, entry in enumerate(row[:k]):
+                    logprob, token_id = _logprob_entry(entry, f"{where}[{c}]", item)
+                    if logprob is None:
+                        raise _field_error(f"{where}[{c}]", "logprob is null", item)
+                    topk_ids_RK[j - 1, c] = token_id
+                    topk_logprobs_RK[j - 1, c] = logprob
+        out.append(Scores(logprobs_R=logprobs_R, topk_ids_RK=topk_ids_RK, topk_logprobs_RK=topk_logprobs_RK))
+    return out
+
+
+def _list_of(meta: dict[str, Any], key: str, n: int, i: int, item: Any) -> list[Any]:
+    value = meta.get(key)
+    if not isinstance(value, list):
+        raise _field_error(f"[{i}].meta_info.{key}", "missing or not a list (was return_logprob honoured?)", item)
+    if len(value) != n:
+        raise _field_error(f"[{i}].meta_info.{key}", f"{len(value)} entries, expected {n}", item)
+    return value
+
+
+def _check_id(got: int, sent: int, where: str, item: Any) -> None:
+    # SGLang reports ids >= vocab_size - 1 as 0 (it clips multimodal pad hashes), so 0 is not proof of a shift.
+    if got != sent and got != 0:
+        raise _field_error(where, f"server echoes token id {got} where we sent {sent}: positions are misaligned", item)
+
+
+def _logprob_entry(entry: Any, where: str, context: Any) -> tuple[float | None, int]:
+    """`[logprob, token_id, text_or_null]` -> (logprob or None, token_id)."""
+    if not isinstance(entry, list | tuple) or len(entry) < 2:
+        raise _field_error(where, f"expected [logprob, token_id, text], got {entry!r}", context)
+    logprob, token_id = entry[0], entry[1]
+    if logprob is not None and (isinstance(logprob, bool) or not isinstance(logprob, int | float)):
+        raise _field_error(where, f"logprob {logprob!r} is not a number", context)
+    if isinstance(token_id, bool) or not isinstance(token_id, int):
+        raise _field_error(where, f"token id {token_id!r} is not an integer", context)
+    return (None if logprob is None else float(logprob)), token_id
+
+
+def _field_error(where: str, reason: str, context: Any) -> SGLangError:
+    try:
+        text = json.dumps(context)
+    except (TypeError, ValueError):
+        text = repr(context)
+    return SGLangError(GENERATE, f"{where}: {reason}", body=text)
+
+
+def _error_message(body: Any) -> str:
+    """SGLang's error bodies are `{"error": {"message": ...}}` (`_create_error_response`)."""
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict) and "message" in err:
+            return str(err["message"])
+        if isinstance(err, str):
+            return err
+        if "message" in body:
+            return str(body["message"])
+    return "unexpected response"
+
+
+def _count_safetensors_parameters(model_dir: str | Path) -> int:
+    """Exact parameter count from the safetensors headers of an HF checkpoint directory."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
+    total = 0
+    for path in files:
+        with path.open("rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        total += sum(int(np.prod(spec["shape"], dtype=np.int64)) for name, spec in header.items() if name != "__metadata__")
+    return total
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+class SGLangTeacherScorer:
+    """`TeacherScorer` over SGLang's native API.
+
+    Args:
+        base_url: the teacher server, e.g. `http://teacher-sglang:30000`.
+        k: top-k per position; part of `identity`, and `score()` refuses another k.
+        timeout_s: read timeout of one scoring request.
+        max_tokens_per_request: sequences are sent in consecutive requests of at most this many tokens
+            (a single longer sequence goes alone).
+        temperature, dtype, revision: describe the teacher for `identity` (temperature is also sent).
+        num_parameters / model_dir: as for the rollout engine; otherwise counted from the server's
+            `model_path` when it is a local directory.
+
+    `tokens_forwarded` counts every token sent for scoring (prompt + response of each sequence).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        k: int,
+        timeout_s: float = 300.0,
+        connect_timeout_s: float = 5.0,
+        control_timeout_s: float = 60.0,
+        max_tokens_per_request: int = 65536,
+        temperature: float = 1.0,
+        dtype: str = "auto",
+        revision: str | None = None,
+        num_parameters: int | None = None,
+        model_dir: str | None = None,
+        session: requests.Session | None = None,
+    ) -> None:
+        if k < 0:
+            raise ValueError(f"k = {k}: must be >= 0")
+        self.base_url = base_url.rstrip("/")
+        self.k = k
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.control_timeout_s = control_timeout_s
+        self.max_tokens_per_request = max_tokens_per_request
+        self.temperature = temperature
+        self.dtype = dtype
+        self.revision = revision
+        self._num_parameters = num_parameters
+        self._model_dir = model_dir
+        self._session = session or requests.Session()
+        self._identity: str | None = None
+        self._model_info: dict[str, Any] | None = None
+        self.tokens_forwarded = 0
+
+    @property
+    def identity(self) -> str:
+        """model + revision + tokenizer + dtype + temperature + k, the model part from `/get_model_info`.
+
+        The server's `weight_version` is left out on purpose: a teacher's weights do not change, and
+        a restart must not invalidate the cache.
+        """
+        if self._identity is None:
+            info = self.model_info()
+            model = info.get("model_path")
+            if not isinstance(model, str) or not model:
+                raise SGLangError(MODEL_INFO, f"no model_path in {info!r}")
+            tokenizer = info.get("tokenizer_path") or model
+            self._identity = (
+                f"sglang|model={model}|revision={self.revision or 'default'}|tokenizer={tokenizer}"
+                f"|dtype={self.dtype}|temperature={self.temperature:g}|k={self.k}"
+            )
+        return self._identity
+
+    def model_info(self) -> dict[str, Any]:
+        if self._model_info is None:
+            body = self._call("GET", MODEL_INFO, None, self.control_timeout_s)
+            if not isinstance(body, dict):
+                raise SGLangError(MODEL_INFO, f"expected an object, got {type(body).__name__}")
+            self._model_info = body
+        return self._model_info
+
+    def score(self, sequences: list[np.ndarray], starts: list[int], k: int) -> list[Scores]:
+        if k != self.k:
+            raise ValueError(f"score(k={k}) on a scorer built for k={self.k} (k is part of the cache identity)")
+        if len(sequences) != len(starts):
+            raise ValueError(f"{len(sequences)} sequences but {len(starts)} starts")
+        out: list[Scores | None] = [None] * len(sequences)
+        todo: list[int] = []
+        for i, (seq, start) in enumerate(zip(sequences, starts, strict=True)):
+            if not 1 <= start <= len(seq):
+                raise ValueError(f"starts[{i}] = {start}: must be in [1, {len(seq)}] for a sequence of {len(seq)} tokens")
+            if start == len(seq):  # nothing left to score: no request
+                out[i] = Scores(
+                    logprobs_R=np.zeros(0, np.float32),
+                    topk_ids_RK=np.zeros((0, k), np.int32),
+                    topk_logprobs_RK=np.zeros((0, k), np.float32),
+                )
+            else:
+                todo.append(i)
+        for lo, hi in self._chunks([len(sequences[i]) for i in todo]):
+            index = todo[lo:hi]
+            seqs, sts = [sequences[i] for i in index], [starts[i] for i in index]
+            request = build_score_request(seqs, sts, k, temperature=self.temperature)
+            body = self._call("POST", GENERATE, request, self.timeout_s)
+            self.tokens_forwarded += sum(len(s) for s in seqs)
+            for i, scores in zip(index, parse_score_response(body, seqs, sts, k), strict=True):
+                out[i] = scores
+        return out  # type: ignore[return-value]
+
+    def num_parameters(self) -> int:
+        if self._num_parameters is None:
+            candidates = [c for c in (self._model_dir, str(self.model_info().get("model_path", ""))) if c]
+            for candidate in candidates:
+                if Path(candidate).is_dir():
+                    try:
+                        self._num_parameters = _count_safetensors_parameters(candidate)
+                        break
+                    except (OSError, ValueError, KeyError):
+                        continue
+            else:
+                raise RuntimeError(
+                    f"cannot count the teacher's parameters: none of {candidates} is a local safetensors "
+                    "directory; pass num_parameters= (or model_dir=) to SGLangTeacherScorer"
+                )
+        return self._num_parameters
+
+    def _chunks(self, lengths: list[int]) -> list[tuple[int, int]]:
+        chunks: list[tuple[int, int]] = []
+        lo, tokens = 0, 0
+        for i, n in enumerate(lengths):
+            if i > lo and tokens + n > self.max_tokens_per_request:
+                chunks.append((lo, i))
+                lo, tokens = i, 0
+            tokens += n
+        if lo < len(lengths):
+            chunks.append((lo, len(lengths)))
+        return chunks
+
+    def _call(self, method: str, endpoint: str, payload: Any, read_timeout_s: float) -> Any:
+        url = self.base_url + endpoint
+        try:
+            response = self._session.request(method, url, json=payload, timeout=(self.connect_timeout_s, read_timeout_s))
+        except requests.Timeout as exc:
+            raise SGLangError(endpoint, f"timed out after {read_timeout_s}s ({url}): {exc}") from exc
+        except requests.RequestException as exc:
+            raise SGLangError(endpoint, f"request failed ({url}): {exc}") from exc
+        text = response.text
+        if response.status_code >= 400:
+            try:
+                reason = _error_message(response.json())
+            except ValueError:
+                reason = response.reason or "error"
+            raise SGLangError(endpoint, reason, status=response.status_code, body=text)
+        try:
+            return response.json() if text.strip() else None
+        except ValueError as exc:
+            raise SGLangError(endpoint, "response is not JSON", status=response.status_code, body=text) from exc

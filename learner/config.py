@@ -1,0 +1,50 @@
+"""The learner's section of the config tree."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class EvalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    heldout_file: str = Field("", description="JSONL held-out prompts; empty disables evaluation.")
+    teacher_dir: str = Field("", description="Teacher used to measure the held-out reverse KL.")
+    every: int = Field(0, ge=0, description="Evaluate every N steps (0: only at start and end).")
+    num_prompts: int = Field(32, ge=1, description="Held-out prompts per evaluation.")
+    max_new_tokens: int = Field(64, ge=1, description="Full-length generation budget at evaluation.")
+
+
+class LearnerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model_dir: str = Field("", description="Initial student (Hugging Face format).")
+    workdir: str = Field("runs/learner", description="Checkpoints and published weights go under here.")
+    steps: int = Field(100, ge=1, description="Optimizer steps to train.")
+    batch_size: int = Field(16, ge=1, description="Prefixes per optimizer step (global batch).")
+    micro_batch_tokens: int = Field(4096, ge=16, description="Token budget of one micro-batch (gradient accumulation).")
+    loss: Literal["sampled_reverse_kl", "topk_kl", "gkd_jsd"] = Field("sampled_reverse_kl", description="Distillation loss.")
+    is_cap: float = Field(2.0, ge=1.0, description="Truncated importance sampling: cap on pi_theta/pi_behaviour.")
+    topk_direction: Literal["forward", "reverse"] = Field("reverse", description="topk_kl: KL direction.")
+    topk_tail: Literal["renormalize", "bucket"] = Field("bucket", description="topk losses: missing mass handling.")
+    gkd_beta: float = Field(0.5, ge=0, le=1, description="gkd_jsd: 0 forward KL, 1 reverse KL.")
+    position_gamma: float = Field(0.0, ge=0, description="Position-weighted OPD strength (0: off).")
+    horizon_discount: float = Field(1.0, gt=0, le=1, description="Per-position discount (1: off).")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
+    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up.")
+    max_staleness: int = Field(4, ge=0, description="Drop samples whose policy version lags by more than this.")
+    publish_every: int = Field(1, ge=1, description="Publish weights to the actors every N steps.")
+    keep_published: int = Field(3, ge=1, description="Published weight directories kept.")
+    checkpoint_every: int = Field(50, ge=1, description="Checkpoint every N steps.")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept.")
+    read_timeout_s: float = Field(600.0, gt=0, description="Fail loudly if no data arrives for this long.")
+    drain: bool = Field(True, description="After the last step, train on or drop what is still in flight.")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N (bf16 autocast on CUDA).")
+    seed: int = Field(0, description="Seed of the learner's RNGs.")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus port (0: a free port).")
+    metrics_host: str = Field("127.0.0.1", description="Bind address of /metrics.")
+    eval: EvalConfig = Field(default_factory=EvalConfig)

@@ -1,0 +1,111 @@
+"""`opd`: the one command line. Parses arguments before importing torch, so `--help` is instant.
+
+Subcommands:
+  demo                 build tiny models and run the whole pipeline on this CPU (configs/demo-cpu.yaml)
+  up --config FILE     run the whole pipeline locally: Redis (unless given), actors, teachers, learner
+  actor|teacher|learner --config FILE   run one role (what docker-compose runs)
+  cache warm|stats|verify|rebuild-index|evict   operate the teacher cache
+  config show|docs     print the resolved config, or every option with its default and meaning
+  top                  live terminal view of a running pipeline
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_CONFIG = REPO_ROOT / "configs" / "demo-cpu.yaml"
+
+
+def _options_table(section: str) -> str:
+    from opd.config import OPDConfig, describe
+
+    model = OPDConfig.model_fields[section].annotation
+    rows = describe(model, prefix=f"{section}.")  # type: ignore[arg-type]
+    width = max(len(k) for k, _, _ in rows)
+    lines = [f"options (set in the YAML section '{section}:' or with --set KEY=VALUE):"]
+    lines += [f"  {k:<{width}}  {d:<14} {h}" for k, d, h in rows]
+    return "\n".join(lines)
+
+
+def _common(p: argparse.ArgumentParser, *, config_required: bool) -> None:
+    p.add_argument("--config", "-c", required=config_required, help="YAML config file")
+    p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set learner.lr=3e-4 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="opd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run the tiny CPU demo end to end")
+    _common(demo, config_required=False)
+    demo.add_argument("--steps", type=int, help="learner steps (overrides learner.steps)")
+    demo.add_argument("--no-progress", action="store_true", help="periodic log lines instead of the live view")
+
+    up = sub.add_parser("up", help="run the whole pipeline locally")
+    _common(up, config_required=True)
+    up.add_argument("--steps", type=int, help="learner steps (overrides learner.steps)")
+    up.add_argument("--no-progress", action="store_true", help="periodic log lines instead of the live view")
+
+    for role, section in (("actor", "actor"), ("teacher", "teacher"), ("learner", "learner")):
+        p = sub.add_parser(role, help=f"run one {role} process", epilog=_options_table(section),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        _common(p, config_required=False)
+        p.add_argument("--index", type=int, default=int(os.environ.get("OPD_REPLICA_INDEX", "0")),
+                       help="replica index (seeds, ids)")
+        p.add_argument("--id", dest="role_id", default=None, help="replica id (default: ROLE-HOSTNAME-PID)")
+
+    cache = sub.add_parser("cache", help="operate the teacher cache")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True)
+    for name, text in (("stats", "entries, tokens, bytes, bytes per token, hit rate"),
+                       ("verify", "check index against shards and checksums; non-zero exit on problems"),
+                       ("rebuild-index", "rebuild the Redis index from the shards alone"),
+                       ("evict", "evict least-recently-hit shards down to teacher.cache_budget_bytes")):
+        p = cache_sub.add_parser(name, help=text)
+        _common(p, config_required=False)
+    warm = cache_sub.add_parser("warm", help="score a dataset ahead of training (offline teacher caching)")
+    _common(warm, config_required=False)
+    warm.add_argument("--prompts", required=True, help="JSONL with 'prompt' (and optional 'response') strings, or 'ids' lists")
+    warm.add_argument("--model", help="teacher model dir (default: teacher.model_dir)")
+
+    cfg = sub.add_parser("config", help="print the resolved config or the option reference")
+    cfg.add_argument("what", choices=["show", "docs"])
+    _common(cfg, config_required=False)
+
+    top = sub.add_parser("top", help="live terminal view of a running pipeline")
+    _common(top, config_required=False)
+    top.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from opd.config import ConfigError, load_config
+
+    try:
+        config_path = args.config if args.command != "demo" else (args.config or DEMO_CONFIG)
+        overrides = list(args.overrides)
+        if getattr(args, "steps", None) is not None:
+            overrides.append(f"learner.steps={args.steps}")
+        cfg = load_config(config_path, overrides)
+    except ConfigError as exc:
+        print(f"opd: {exc}", file=sys.stderr)
+        return 2
+
+    from opd import commands
+
+    try:
+        return commands.dispatch(args, cfg)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError, ConnectionError, TimeoutError) as exc:
+        print(f"opd {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

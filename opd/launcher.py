@@ -1,0 +1,264 @@
+"""`opd up` / `opd demo`: the whole pipeline on one machine, each role its own OS process.
+
+Order of events: build tiny assets (demo), start a private redis-server unless a URL is given, write
+the resolved config, start teachers, learner and actors, show live progress, and when the learner
+has finished its steps (and drained what was in flight) stop everyone. Ctrl-C stops everyone too;
+children die with the launcher (PR_SET_PDEATHSIG), so nothing is left orphaned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from opd.config import OPDConfig
+from opd.top import Snapshot
+
+log = logging.getLogger("opd.launcher")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    """Linux: deliver SIGTERM to the child when the launcher dies, even by SIGKILL."""
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """A private redis-server: loopback, free port, AOF on, its own data dir (wiped: a fresh run)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise FileNotFoundError(
+            "redis-server is not installed: run `apt-get install redis-server` (scripts/setup.sh does), "
+            "or set transport.redis_url to an existing Redis"
+        )
+    data = workdir / "redis"
+    shutil.rmtree(data, ignore_errors=True)
+    data.mkdir(parents=True)
+    port = _free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data), "--appendonly", "yes",
+         "--save", "", "--protected-mode", "yes", "--logfile", str(data / "redis.log")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    import redis
+
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            client.ping()
+            return proc, url
+        except redis.ConnectionError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise ConnectionError(f"redis-server did not start (see {data / 'redis.log'})") from None
+            time.sleep(0.05)
+
+
+def spawn(name: str, role: str, index: int, config_path: Path, logs: Path) -> Child:
+    log_path = logs / f"{name}.log"
+    out = open(log_path, "wb")  # noqa: SIM115 (the child owns it)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "opd.cli", role, "--config", str(config_path), "--index", str(index), "--id", name],
+        stdout=out, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent,
+        env={**_env(), "PYTHONUNBUFFERED": "1"},
+    )
+    return Child(name, proc, log_path)
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    env = dict(os.environ)
+    # Each role is one process among several on a small machine: do not oversubscribe the cores.
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def stop_children(children: list[Child], timeout_s: float = 20.0) -> None:
+    for c in children:
+        if c.proc.poll() is None:
+            c.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for c in children:
+        try:
+            c.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in time: killing it", c.name)
+            c.proc.kill()
+            c.proc.wait()
+
+
+def run_pipeline(cfg: OPDConfig, *, progress: bool = True) -> int:
+    from protocol.runtime import setup_logging
+
+    setup_logging(cfg.run.log_level, "launcher")
+    workdir = Path(cfg.run.workdir)
+    logs = workdir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    if cfg.run.tiny_assets:
+        from opd.tiny import build_tiny_assets
+
+        t0 = time.perf_counter()
+        build_tiny_assets(Path(cfg.run.tiny_assets), seed=cfg.learner.seed, log=log.info)
+        log.info("tiny models and prompts ready in %s (%.1fs)", cfg.run.tiny_assets, time.perf_counter() - t0)
+    _check_inputs(cfg)
+
+    redis_proc = None
+    children: list[Child] = []
+    try:
+        if not cfg.transport.redis_url:
+            redis_proc, cfg.transport.redis_url = start_redis(workdir)
+            log.info("started redis-server at %s (AOF on, data in %s)", cfg.transport.redis_url, workdir / "redis")
+        config_path = workdir / "config.yaml"
+        config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        for i in range(cfg.run.teachers):
+            children.append(spawn(f"teacher-{i}", "teacher", i, config_path, logs))
+        learner = spawn("learner-0", "learner", 0, config_path, logs)
+        children.append(learner)
+        for i in range(cfg.run.actors):
+            children.append(spawn(f"actor-{i}", "actor", i, config_path, logs))
+        log.info("started %d actors, %d teachers, 1 learner; logs in %s", cfg.run.actors, cfg.run.teachers, logs)
+        code = _watch(cfg, children, learner, progress=progress)
+        stop_children(children)
+        _summary(cfg, workdir)
+        return code
+    except KeyboardInterrupt:
+        log.info("interrupted: stopping every role")
+        stop_children(children)
+        return 130
+    finally:
+        stop_children(children)
+        if redis_proc is not None:
+            redis_proc.terminate()
+            try:
+                redis_proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                redis_proc.kill()
+
+
+def _check_inputs(cfg: OPDConfig) -> None:
+    """Fail before starting anything when what the user brings is missing or does not match."""
+    for key, value in (("actor.model_dir", cfg.actor.model_dir), ("teacher.model_dir", cfg.teacher.model_dir),
+                       ("learner.model_dir", cfg.learner.model_dir), ("actor.prompts_file", cfg.actor.prompts_file)):
+        if not value:
+            raise ValueError(f"{key} is not set")
+        if not Path(value).exists():
+            raise FileNotFoundError(f"{key}: {value} does not exist")
+    if cfg.teacher.engine == "hf" and cfg.actor.engine == "hf":
+        from actors.prompts import check_same_tokenizer
+
+        check_same_tokenizer(cfg.actor.model_dir, cfg.teacher.model_dir)
+
+
+def _watch(cfg: OPDConfig, children: list[Child], learner: Child, *, progress: bool) -> int:
+    from opd.top import render, snapshot
+    from protocol.names import Names
+    from protocol.streams import connect
+
+    assert cfg.transport.redis_url
+    client = connect(cfg.transport.redis_url)
+    names = Names(cfg.transport.namespace)
+
+    def failed() -> Child | None:
+        for c in children:
+            code = c.proc.poll()
+            if code not in (None, 0) or (code == 0 and c is not learner and c.name.startswith("teacher")):
+                return c
+        return None
+
+    live = None
+    if progress and sys.stdout.isatty():
+        from rich.live import Live
+
+        live = Live(render(snapshot(client, names)), refresh_per_second=4)
+        live.start()
+    last_line = 0.0
+    try:
+        while learner.proc.poll() is None:
+            bad = failed()
+            if bad is not None:
+                log.error("%s exited with code %s; last lines of %s:\n%s", bad.name, bad.proc.returncode, bad.log_path,
+                          bad.tail())
+                return 1
+            time.sleep(min(cfg.run.progress_interval_s, 0.5))
+            if live is not None:
+                live.update(render(snapshot(client, names)))
+            elif time.monotonic() - last_line >= max(cfg.run.progress_interval_s, 2.0):
+                last_line = time.monotonic()
+                _log_line(snapshot(client, names))
+        if live is not None:
+            live.update(render(snapshot(client, names)))
+    finally:
+        if live is not None:
+            live.stop()
+    if learner.proc.returncode != 0:
+        log.error("learner exited with code %s:\n%s", learner.proc.returncode, learner.tail())
+        return 1
+    from rich.console import Console
+
+    Console().print(render(snapshot(client, names)))
+    return 0
+
+
+def _log_line(s: Snapshot) -> None:
+    L, t = s.learner, s.totals
+    log.info(
+        "step %s v%s loss %s kl %s | queues %s | gen %d saved %d | teacher scored %d cached %d | outcomes %s",
+        L.get("step", "-"), L.get("version", "-"), L.get("loss", "-"), L.get("reverse_kl", "-"),
+        s.depths, t.get("opd_actor_tokens_generated_total", 0), t.get("opd_actor_tokens_saved_total", 0),
+        t.get("opd_teacher_tokens_scored_total", 0), t.get("opd_teacher_tokens_cached_total", 0), s.outcomes,
+    )
+
+
+def _summary(cfg: OPDConfig, workdir: Path) -> None:
+    """What the user wants after a run: did KL go down, what was saved, where the outputs are."""
+    history = Path(cfg.learner.workdir) / "history.jsonl"
+    evals = Path(cfg.learner.workdir) / "eval.jsonl"
+    if not history.exists():
+        return
+    rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
+    eval_rows = [json.loads(line) for line in evals.read_text().splitlines() if line.strip()] if evals.exists() else []
+    try:
+        from opd.plots import plot_run
+
+        png = plot_run(rows, eval_rows, workdir / "summary.png")
+        log.info("plot of loss and reverse KL: %s", png)
+    except Exception as exc:  # plotting must never fail a finished run
+        log.warning("could not plot the run: %s", exc)
+    if eval_rows:
+        log.info("held-out reverse KL: %.4f (step %d) -> %.4f (step %d)", eval_rows[0]["reverse_kl"],
+                 eval_rows[0]["step"], eval_rows[-1]["reverse_kl"], eval_rows[-1]["step"])

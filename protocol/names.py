@@ -1,0 +1,68 @@
+"""Stream and key names: one place, so roles, tests and dashboards agree.
+
+A `namespace` prefix lets several pipelines (or tests) share one Redis without colliding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Names:
+    namespace: str = "opd"
+
+    @property
+    def rollouts(self) -> str:
+        """Actors -> teachers."""
+        return f"{self.namespace}:rollouts"
+
+    @property
+    def scored(self) -> str:
+        """Teachers -> learner."""
+        return f"{self.namespace}:scored"
+
+    @property
+    def dead(self) -> str:
+        """Dead letters from every stream, each with its reason."""
+        return f"{self.namespace}:dead"
+
+    @property
+    def weights(self) -> str:
+        """Append-only log of weight announcements (trimmed: old announcements are not work)."""
+        return f"{self.namespace}:weights"
+
+    @property
+    def weights_latest(self) -> str:
+        return f"{self.namespace}:weights:latest"
+
+    @property
+    def ledger(self) -> str:
+        """Hash: message id -> outcome, for conservation accounting across roles."""
+        return f"{self.namespace}:ledger"
+
+    @property
+    def control(self) -> str:
+        """Hash of run-control flags (e.g. `stop_producing`) the launcher sets."""
+        return f"{self.namespace}:control"
+
+    @property
+    def admission(self) -> str:
+        """Counter of prefixes admitted by actors (producer-side staleness control)."""
+        return f"{self.namespace}:admitted"
+
+    @property
+    def learner_state(self) -> str:
+        """Hash of learner progress (version, consumed) read by actors and `opd top`."""
+        return f"{self.namespace}:learner"
+
+    def counter(self, name: str) -> str:
+        return f"{self.namespace}:count:{name}"
+
+    def key(self, suffix: str) -> str:
+        return f"{self.namespace}:{suffix}"
+
+    @property
+    def groups(self) -> dict[str, str]:
+        """Stream -> consumer group that owns its work."""
+        return {self.rollouts: "teachers", self.scored: "learners"}

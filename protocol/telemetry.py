@@ -1,0 +1,174 @@
+"""Prometheus metrics: every name in one place, because dashboards and alerts depend on them.
+
+Each role builds its metrics on its own `CollectorRegistry` (no global state, testable on a free
+port) and serves `/metrics` and `/health` from a background thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+HORIZON_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
+
+
+@dataclass
+class CommonMetrics:
+    queue_depth: Gauge
+    dead_letters: Counter
+
+
+def common_metrics(registry: CollectorRegistry) -> CommonMetrics:
+    return CommonMetrics(
+        queue_depth=Gauge("opd_queue_depth", "Backlog (undelivered + pending) per stream", ["stream"], registry=registry),
+        dead_letters=Counter("opd_dead_letters", "Messages moved to the dead-letter stream", ["stream", "reason"], registry=registry),
+    )
+
+
+@dataclass
+class ActorMetrics(CommonMetrics):
+    prefixes: Counter
+    tokens_generated: Counter
+    tokens_saved: Counter
+    horizon: Histogram
+    policy_version: Gauge
+    compute_saved: Counter
+    admission_wait: Counter
+    weight_reloads: Counter
+
+
+def actor_metrics(registry: CollectorRegistry) -> ActorMetrics:
+    c = common_metrics(registry)
+    return ActorMetrics(
+        queue_depth=c.queue_depth,
+        dead_letters=c.dead_letters,
+        prefixes=Counter("opd_actor_prefixes", "Prefixes produced", registry=registry),
+        tokens_generated=Counter("opd_actor_tokens_generated", "Student tokens sampled", registry=registry),
+        tokens_saved=Counter(
+            "opd_actor_tokens_saved",
+            "Student tokens not generated because of truncation (max_new_tokens - horizon, for prefixes that hit the horizon)",
+            registry=registry,
+        ),
+        horizon=Histogram("opd_actor_horizon_tokens", "Truncation horizon per prefix", buckets=HORIZON_BUCKETS, registry=registry),
+        policy_version=Gauge("opd_actor_policy_version", "Policy version the actor samples with", registry=registry),
+        compute_saved=Counter("opd_compute_saved_flops", "Estimated FLOPs saved", ["stage"], registry=registry),
+        admission_wait=Counter("opd_actor_admission_wait_seconds", "Seconds waiting for admission or back-pressure", registry=registry),
+        weight_reloads=Counter("opd_actor_weight_reloads", "Weight reloads", registry=registry),
+    )
+
+
+@dataclass
+class TeacherMetrics(CommonMetrics):
+    tokens_scored: Counter
+    tokens_cached: Counter
+    cache_hit_tokens: Counter
+    cache_miss_tokens: Counter
+    cache_bytes_written: Counter
+    compute_saved: Counter
+    prefixes: Counter
+
+
+def teacher_metrics(registry: CollectorRegistry) -> TeacherMetrics:
+    c = common_metrics(registry)
+    return TeacherMetrics(
+        queue_depth=c.queue_depth,
+        dead_letters=c.dead_letters,
+        tokens_scored=Counter("opd_teacher_tokens_scored", "Response tokens the teacher computed", registry=registry),
+        tokens_cached=Counter("opd_teacher_tokens_cached", "Response tokens served from the cache", registry=registry),
+        cache_hit_tokens=Counter("opd_cache_hit_tokens", "Sequence tokens found in the cache", registry=registry),
+        cache_miss_tokens=Counter("opd_cache_miss_tokens", "Sequence tokens not found in the cache", registry=registry),
+        cache_bytes_written=Counter("opd_cache_bytes_written", "Bytes written to the cache", registry=registry),
+        compute_saved=Counter("opd_compute_saved_flops", "Estimated FLOPs saved", ["stage"], registry=registry),
+        prefixes=Counter("opd_teacher_prefixes", "Prefixes scored and forwarded", registry=registry),
+    )
+
+
+@dataclass
+class LearnerMetrics(CommonMetrics):
+    steps: Counter
+    loss: Gauge
+    reverse_kl: Gauge
+    tokens_per_second: Gauge
+    tokens_trained: Counter
+    policy_version: Gauge
+    staleness: Histogram
+    dropped: Counter
+    idle_fraction: Gauge
+    ratio_mean: Gauge
+    ratio_max: Gauge
+    clip_fraction: Gauge
+    padding_fraction: Gauge
+    publish_seconds: Gauge
+    publish_bytes: Counter
+    eval_reverse_kl: Gauge
+
+
+def learner_metrics(registry: CollectorRegistry) -> LearnerMetrics:
+    c = common_metrics(registry)
+    return LearnerMetrics(
+        queue_depth=c.queue_depth,
+        dead_letters=c.dead_letters,
+        steps=Counter("opd_learner_steps", "Optimizer steps", registry=registry),
+        loss=Gauge("opd_learner_loss", "Loss of the last step", registry=registry),
+        reverse_kl=Gauge("opd_learner_reverse_kl", "Sampled reverse KL (behaviour - teacher logprob) of the last batch", registry=registry),
+        tokens_per_second=Gauge("opd_learner_tokens_per_second", "Trained tokens per second (last step)", registry=registry),
+        tokens_trained=Counter("opd_learner_tokens_trained", "Response tokens trained on", registry=registry),
+        policy_version=Gauge("opd_learner_policy_version", "Current policy version", registry=registry),
+        staleness=Histogram("opd_learner_staleness", "Policy-version lag of consumed samples", buckets=STALENESS_BUCKETS, registry=registry),
+        dropped=Counter("opd_learner_dropped", "Samples dropped before training", ["reason"], registry=registry),
+        idle_fraction=Gauge("opd_learner_idle_fraction", "Fraction of wall time waiting for data", registry=registry),
+        ratio_mean=Gauge("opd_learner_is_ratio_mean", "Mean importance ratio pi_theta/pi_behaviour", registry=registry),
+        ratio_max=Gauge("opd_learner_is_ratio_max", "Max importance ratio", registry=registry),
+        clip_fraction=Gauge("opd_learner_is_clip_fraction", "Fraction of tokens whose ratio was truncated", registry=registry),
+        padding_fraction=Gauge("opd_learner_padding_fraction", "Fraction of micro-batch slots that were padding", registry=registry),
+        publish_seconds=Gauge("opd_learner_publish_seconds", "Seconds to publish the last weights", registry=registry),
+        publish_bytes=Counter("opd_learner_publish_bytes", "Bytes of weights published", registry=registry),
+        eval_reverse_kl=Gauge("opd_learner_eval_reverse_kl", "Full-distribution reverse KL on held-out prompts", registry=registry),
+    )
+
+
+class MetricsServer:
+    """`/metrics` and `/health` for one registry, on a daemon thread. Port 0 picks a free port."""
+
+    def __init__(self, registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.registry = registry
+        registry_ref = registry
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = urlsplit(self.path).path.rstrip("/")  # `/metrics?x=1` and `/metrics/` yes, `/metricsfoo` no
+                if path == "/metrics":
+                    body, ctype, code = generate_latest(registry_ref), CONTENT_TYPE_LATEST, 200
+                elif path == "/health":
+                    body, ctype, code = b"ok\n", "text/plain", 200
+                else:
+                    body, ctype, code = b"not found\n", "text/plain", 404
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        self.host = host
+        self.port = int(self._server.server_address[1])
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/metrics"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Set up everything a fresh Debian/Ubuntu machine needs: redis-server (apt, when missing),
+# a virtualenv in .venv with CPU PyTorch 2.13.0 and the project. Idempotent; prints what it does.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" != "0" ] && command -v sudo >/dev/null 2>&1; then SUDO="sudo"; fi
+need_apt=()
+command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+if [ "${OPD_WITH_PROMETHEUS:-0}" = "1" ]; then command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus); fi
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "==> apt-get install ${need_apt[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  # Debian starts the packaged services; the pipeline starts its own servers on free ports.
+  $SUDO service redis-server stop >/dev/null 2>&1 || true
+  $SUDO service prometheus stop >/dev/null 2>&1 || true
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "==> creating .venv with $($PY --version)"
+  $PY -m venv .venv
+fi
+stamp=.venv/.opd-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "==> pip install torch==2.13.0 (CPU) and the project"
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+  # Pin the CPU build first: otherwise a resolver may pull a CUDA build of several GB.
+  .venv/bin/python -m pip install -q "torch==2.13.0"
+  .venv/bin/python -m pip install -q -e ".[test]"
+  touch "$stamp"
+fi
+echo "==> ready: $(.venv/bin/python -c 'import torch, transformers, zarr; print("torch", torch.__version__, "transformers", transformers.__version__, "zarr", zarr.__version__)')"
