@@ -45,17 +45,7 @@ from typing import Any
 
 import requests
 
-try:  # the engine interface lives in actors/engine.py (docs/architecture.md, "Engines")
-    from actors.engine import Generation
-except ImportError:  # pragma: no cover - only while actors/engine.py is being written
-    from dataclasses import dataclass
-
-    @dataclass
-    class Generation:  # type: ignore[no-redef]
-        response_ids: list[int]
-        logprobs: list[float]
-        finished: bool
-
+from actors.engine import Generation
 
 log = logging.getLogger(__name__)
 

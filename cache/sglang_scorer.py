@@ -15,13 +15,14 @@ score positions `start .. T-1` we ask for `logprob_start_len = start - 1` and dr
 echoes is checked against the id we sent, so an off-by-one on either side is an error, not a quietly
 shifted training signal.
 
-Whether prompt logprobs are temperature-scaled is a server setting (`SGLANG_TEMP_SCALED_LOGPROBS`);
-by default they are raw model logprobs, which is what a reverse-KL target wants. `temperature` is part
-of `identity` so cached scores from differently configured teachers never mix.
+Prompt logprobs from SGLang are, by default, the model's own (`log_softmax` of the untempered
+logits; slime's OPD recipes patch SGLang to change that), so this scorer only scores at temperature 1
+and refuses any other (the transformers scorer in `cache/scorer.py` divides by the temperature).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from collections.abc import Sequence
@@ -31,17 +32,7 @@ from typing import Any
 import numpy as np
 import requests
 
-try:  # the scorer interface lives in cache/scorer.py (docs/architecture.md, "Engines")
-    from cache.scorer import Scores
-except ImportError:  # pragma: no cover - only while cache/scorer.py is being written
-    from dataclasses import dataclass
-
-    @dataclass
-    class Scores:  # type: ignore[no-redef]
-        logprobs_R: np.ndarray
-        topk_ids_RK: np.ndarray
-        topk_logprobs_RK: np.ndarray
-
+from cache.scorer import Scores, empty_scores
 
 GENERATE = "/generate"
 MODEL_INFO = "/get_model_info"
@@ -67,9 +58,7 @@ class SGLangError(RuntimeError):
 # --------------------------------------------------------------------------- pure mapping
 
 
-def build_score_request(
-    sequences: Sequence[Sequence[int]], starts: Sequence[int], k: int, *, temperature: float = 1.0
-) -> dict[str, Any]:
+def build_score_request(sequences: Sequence[Sequence[int]], starts: Sequence[int], k: int) -> dict[str, Any]:
     """The prefill-only `/generate` body scoring positions `starts[i] .. T_i - 1` of each sequence."""
     if len(sequences) != len(starts):
         raise ValueError(f"{len(sequences)} sequences but {len(starts)} starts")
@@ -82,7 +71,7 @@ def build_score_request(
             raise ValueError(f"starts[{i}] = {start}: must be in [1, {len(seq) - 1}] for a sequence of {len(seq)} tokens")
     body: dict[str, Any] = {
         "input_ids": [[int(t) for t in seq] for seq in sequences],
-        "sampling_params": {"max_new_tokens": 0, "temperature": float(temperature)},
+        "sampling_params": {"max_new_tokens": 0},
         "return_logprob": True,
         # SGLang nulls entry 0 of whatever range it returns, so start one position early.
         "logprob_start_len": [int(start) - 1 for start in starts],
@@ -219,13 +208,15 @@ class SGLangTeacherScorer:
 
     Args:
         base_url: the teacher server, e.g. `http://teacher-sglang:30000`.
-        k: top-k per position; part of `identity`, and `score()` refuses another k.
         timeout_s: read timeout of one scoring request.
         max_tokens_per_request: sequences are sent in consecutive requests of at most this many tokens
             (a single longer sequence goes alone).
-        temperature, dtype, revision: describe the teacher for `identity` (temperature is also sent).
-        num_parameters / model_dir: as for the rollout engine; otherwise counted from the server's
-            `model_path` when it is a local directory.
+        temperature: must be 1.0 (see the module docstring); accepted so configs can say so.
+        dtype, revision: describe the served weights for `identity`. Pass `revision` (e.g. the hub
+            commit) whenever the weights behind a model path can change: the identity otherwise
+            names the weights by the server's `model_path` only.
+        num_parameters / model_dir: the parameter count, or a local checkpoint to count it from;
+            otherwise it is counted from the server's `model_path` when that is a local directory.
 
     `tokens_forwarded` counts every token sent for scoring (prompt + response of each sequence).
     """
@@ -234,7 +225,6 @@ class SGLangTeacherScorer:
         self,
         base_url: str,
         *,
-        k: int,
         timeout_s: float = 300.0,
         connect_timeout_s: float = 5.0,
         control_timeout_s: float = 60.0,
@@ -246,15 +236,19 @@ class SGLangTeacherScorer:
         model_dir: str | None = None,
         session: requests.Session | None = None,
     ) -> None:
-        if k < 0:
-            raise ValueError(f"k = {k}: must be >= 0")
+        if temperature != 1.0:
+            raise ValueError(
+                f"temperature={temperature}: SGLang returns untempered prompt logprobs, so the SGLang "
+                "scorer only scores at temperature 1.0 (use the transformers scorer for other temperatures)"
+            )
+        if max_tokens_per_request < 1:
+            raise ValueError(f"max_tokens_per_request must be >= 1, got {max_tokens_per_request}")
         self.base_url = base_url.rstrip("/")
-        self.k = k
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.control_timeout_s = control_timeout_s
         self.max_tokens_per_request = max_tokens_per_request
-        self.temperature = temperature
+        self.temperature = float(temperature)
         self.dtype = dtype
         self.revision = revision
         self._num_parameters = num_parameters
@@ -262,25 +256,31 @@ class SGLangTeacherScorer:
         self._session = session or requests.Session()
         self._identity: str | None = None
         self._model_info: dict[str, Any] | None = None
+        self.identity_fields: dict[str, str] = {}
         self.tokens_forwarded = 0
 
     @property
     def identity(self) -> str:
-        """model + revision + tokenizer + dtype + temperature + k, the model part from `/get_model_info`.
+        """sha256 of model + revision + tokenizer + dtype + temperature (k is the cache's business).
 
-        The server's `weight_version` is left out on purpose: a teacher's weights do not change, and
-        a restart must not invalidate the cache.
+        The model and tokenizer come from `/get_model_info` (read once). The server's
+        `weight_version` is left out on purpose: a teacher's weights do not change, and a server
+        restart must not invalidate the cache.
         """
         if self._identity is None:
             info = self.model_info()
             model = info.get("model_path")
             if not isinstance(model, str) or not model:
                 raise SGLangError(MODEL_INFO, f"no model_path in {info!r}")
-            tokenizer = info.get("tokenizer_path") or model
-            self._identity = (
-                f"sglang|model={model}|revision={self.revision or 'default'}|tokenizer={tokenizer}"
-                f"|dtype={self.dtype}|temperature={self.temperature:g}|k={self.k}"
-            )
+            self.identity_fields = {
+                "backend": "sglang",
+                "weights": f"revision:{self.revision}" if self.revision else f"path:{model}",
+                "tokenizer": str(info.get("tokenizer_path") or model),
+                "dtype": self.dtype,
+                "temperature": repr(self.temperature),
+            }
+            blob = json.dumps(self.identity_fields, sort_keys=True)
+            self._identity = hashlib.sha256(blob.encode()).hexdigest()
         return self._identity
 
     def model_info(self) -> dict[str, Any]:
@@ -292,8 +292,9 @@ class SGLangTeacherScorer:
         return self._model_info
 
     def score(self, sequences: list[np.ndarray], starts: list[int], k: int) -> list[Scores]:
-        if k != self.k:
-            raise ValueError(f"score(k={k}) on a scorer built for k={self.k} (k is part of the cache identity)")
+        """Score tokens starts[i]..T_i-1 of each sequence; a sequence with start == T costs no request."""
+        if k < 0:
+            raise ValueError(f"k = {k}: must be >= 0")
         if len(sequences) != len(starts):
             raise ValueError(f"{len(sequences)} sequences but {len(starts)} starts")
         out: list[Scores | None] = [None] * len(sequences)
@@ -302,17 +303,13 @@ class SGLangTeacherScorer:
             if not 1 <= start <= len(seq):
                 raise ValueError(f"starts[{i}] = {start}: must be in [1, {len(seq)}] for a sequence of {len(seq)} tokens")
             if start == len(seq):  # nothing left to score: no request
-                out[i] = Scores(
-                    logprobs_R=np.zeros(0, np.float32),
-                    topk_ids_RK=np.zeros((0, k), np.int32),
-                    topk_logprobs_RK=np.zeros((0, k), np.float32),
-                )
+                out[i] = empty_scores(k)
             else:
                 todo.append(i)
         for lo, hi in self._chunks([len(sequences[i]) for i in todo]):
             index = todo[lo:hi]
             seqs, sts = [sequences[i] for i in index], [starts[i] for i in index]
-            request = build_score_request(seqs, sts, k, temperature=self.temperature)
+            request = build_score_request(seqs, sts, k)
             body = self._call("POST", GENERATE, request, self.timeout_s)
             self.tokens_forwarded += sum(len(s) for s in seqs)
             for i, scores in zip(index, parse_score_response(body, seqs, sts, k), strict=True):

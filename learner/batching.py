@@ -37,7 +37,7 @@ class Sample:
     """One scored prefix, as the learner needs it (a ``ScoredPrefix`` minus bookkeeping)."""
 
     prompt_ids: np.ndarray  # int[P], P >= 1
-    response_ids: np.ndarray  # int[R], R >= 1
+    response_ids: np.ndarray  # int[R]; R = 0 is allowed (the protocol allows it) and trains on nothing
     behaviour_logprobs: np.ndarray  # float[R], log mu(y_j) at sampling time
     teacher_logprobs: np.ndarray  # float[R], log p_T(y_j)
     topk_ids: np.ndarray  # int[R, K], teacher's top-k token ids for response token j
@@ -174,10 +174,8 @@ def _validate_sample(i: int, sample: Sample) -> tuple[int, int, int]:
     P, R = len(prompt), len(response)
     if P < 1:
         raise ValueError(f"{name}.prompt_ids is empty: the first response token needs a preceding token")
-    if R < 1:
-        raise ValueError(f"{name}.response_ids is empty: nothing to train on")
     for field_name, ids in (("prompt_ids", prompt), ("response_ids", response)):
-        if ids.min() < 0:
+        if ids.size and ids.min() < 0:
             raise ValueError(f"{name}.{field_name} has negative token ids")
     for field_name in ("behaviour_logprobs", "teacher_logprobs"):
         values = _as_array(f"{name}.{field_name}", getattr(sample, field_name), 1, "f")

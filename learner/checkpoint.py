@@ -73,11 +73,19 @@ class StatefulObject(Protocol):
 
 @dataclass(frozen=True)
 class CheckpointMeta:
+    """What ``load_checkpoint`` returns: the checkpoint's ``meta.json`` plus where it was read from."""
+
     path: Path
     step: int
     policy_version: int
     extra: dict[str, Any]
     created_at: float
+
+    def __getitem__(self, key: str) -> Any:
+        """``meta["step"]`` as well as ``meta.step``, for callers that treat meta as the meta.json dict."""
+        if key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return getattr(self, key)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -143,17 +151,12 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
         if tag == "__tuple__":
             return tuple(_decode(v, tensors) for v in value)
         if tag == "__items__":
-            return {_decode_key(k, tensors): _decode(v, tensors) for k, v in value}
+            return {_decode(k, tensors): _decode(v, tensors) for k, v in value}
         if tag == "__ndarray__":
             return np.array(value["data"], dtype=np.dtype(value["dtype"])).reshape(value["shape"])
         if tag == "__float__":
             return float(value)
     return {k: _decode(v, tensors) for k, v in obj.items()}
-
-
-def _decode_key(key: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    decoded = _decode(key, tensors)
-    return decoded if not isinstance(decoded, list) else tuple(decoded)
 
 
 def _save_tree(obj: Any, directory: Path, name: str) -> None:
@@ -225,13 +228,35 @@ def _commit(tmp: Path, final: Path) -> None:
     _fsync_dir(final.parent)
 
 
-def _remove_leftovers(root: Path, prefix: str, keep: Path | None = None) -> None:
-    """Remove ``.tmp-<prefix>*`` and ``.trash-<prefix>*`` dirs left by killed writers."""
+def _remove_leftovers(root: Path, prefix: str) -> None:
+    """Remove ``.tmp-<prefix>*`` and ``.trash-<prefix>*`` dirs left by killed writers (single writer per root)."""
     for entry in root.iterdir():
-        if entry == keep or not entry.is_dir():
-            continue
-        if entry.name.startswith((f".tmp-{prefix}", f".trash-{prefix}")):
+        if entry.is_dir() and entry.name.startswith((f".tmp-{prefix}", f".trash-{prefix}")):
             shutil.rmtree(entry, ignore_errors=True)
+
+
+def _numbered_dirs(root: Path, pattern: re.Pattern[str], *, marker: str | None) -> list[tuple[int, Path]]:
+    """``(number, path)`` of dirs in ``root`` whose name matches ``pattern`` (and hold ``marker``), sorted."""
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in root.iterdir():
+        match = pattern.match(entry.name)
+        if match and entry.is_dir() and (marker is None or (entry / marker).is_file()):
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def _prune_older(found: list[tuple[int, Path]], current: int, keep_last: int) -> None:
+    """Keep ``current`` plus the ``keep_last - 1`` newest entries numbered below it; delete older ones.
+
+    Entries numbered *above* ``current`` (left by a run that was later resumed from an older checkpoint)
+    are left alone: deleting data automatically is worse than a little disk, and they are replaced when
+    the new run reaches those numbers.
+    """
+    older = [path for number, path in found if number < current]
+    for path in older[: max(0, len(older) - (keep_last - 1))]:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _require_int(name: str, value: object, minimum: int) -> int:
@@ -323,15 +348,7 @@ def step_dir_name(step: int) -> str:
 
 def list_checkpoints(root: str | os.PathLike[str]) -> list[Path]:
     """Complete checkpoints under ``root``, oldest first (temp dirs and dirs without COMPLETE ignored)."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = []
-    for entry in root.iterdir():
-        match = _STEP_RE.match(entry.name)
-        if match and entry.is_dir() and (entry / COMPLETE_MARKER).is_file():
-            found.append((int(match.group(1)), entry))
-    return [path for _, path in sorted(found)]
+    return [path for _, path in _numbered_dirs(Path(root), _STEP_RE, marker=COMPLETE_MARKER)]
 
 
 def latest_checkpoint(root: str | os.PathLike[str]) -> Path | None:
@@ -358,16 +375,17 @@ def read_meta(path: str | os.PathLike[str]) -> CheckpointMeta:
 
 def save_checkpoint(
     root: str | os.PathLike[str],
-    *,
     model: PretrainedModel,
     optimizer: StatefulObject | None,
     scheduler: StatefulObject | None = None,
+    *,
     step: int,
     policy_version: int,
     extra: dict[str, Any] | None = None,
     keep_last: int = 3,
 ) -> Path:
-    """Write a complete checkpoint atomically to ``root/step-{step:06d}``; keep the newest ``keep_last``.
+    """Write a complete checkpoint atomically to ``root/step-{step:06d}``; keep it and the ``keep_last - 1``
+    newest older ones (see ``_prune_older`` for newer leftovers).
 
     ``extra`` is any JSON-able dict (stream positions, ledger counters ...), returned by ``load_checkpoint``.
     An existing checkpoint of the same step is replaced. Returns the checkpoint path.
@@ -413,8 +431,7 @@ def save_checkpoint(
         raise
 
     _remove_leftovers(root, "step-")
-    for old in list_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    _prune_older(_numbered_dirs(root, _STEP_RE, marker=COMPLETE_MARKER), step, keep_last)
     return final
 
 
@@ -457,25 +474,32 @@ def version_dir_name(version: int) -> str:
 
 def list_published(root: str | os.PathLike[str]) -> list[Path]:
     """Published weight dirs under ``root``, oldest version first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = []
-    for entry in root.iterdir():
-        match = _VERSION_RE.match(entry.name)
-        if match and entry.is_dir():
-            found.append((int(match.group(1)), entry))
-    return [path for _, path in sorted(found)]
+    return [path for _, path in _numbered_dirs(Path(root), _VERSION_RE, marker=None)]
+
+
+class SavesPretrained(Protocol):
+    """A tokenizer (or processor): anything with HF's ``save_pretrained(dir)``."""
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> Any: ...
 
 
 def publish_weights(
-    model: PretrainedModel, root: str | os.PathLike[str], version: int, keep_last: int
+    model: PretrainedModel,
+    root: str | os.PathLike[str],
+    version: int,
+    keep_last: int,
+    *,
+    tokenizer: SavesPretrained | None = None,
 ) -> tuple[Path, int]:
     """Write ``model`` as an HF dir ``root/v{version:06d}`` atomically; returns ``(path, nbytes)``.
 
-    Actors ``from_pretrained`` the path after the announcement. Keep ``keep_last >= 2`` so an actor that is
-    still loading the previous version doesn't have it deleted underneath it. Re-publishing an existing
-    version (after a learner restart) replaces it. ``nbytes`` is the size of all files in the dir.
+    Actors ``from_pretrained`` the path after the announcement. Keeps this version and the
+    ``keep_last - 1`` newest older ones; use ``keep_last >= 2`` so an actor still loading the previous
+    version doesn't have it deleted underneath it. Re-publishing an existing version (after a learner
+    restart) replaces it. ``nbytes`` is the size of all files in the dir.
+
+    Pass ``tokenizer`` to ship it in the same dir: it is written *before* the rename, so no reader can
+    see the weights without it (saving it into the published dir afterwards would race the actors).
     """
     version = _require_int("version", version, 0)
     keep_last = _require_int("keep_last", keep_last, 1)
@@ -485,6 +509,8 @@ def publish_weights(
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
     try:
         _save_model(model, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
         nbytes = _tree_nbytes(tmp)
         final = root / name
         _commit(tmp, final)
@@ -492,6 +518,5 @@ def publish_weights(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _remove_leftovers(root, "v")
-    for old in list_published(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    _prune_older(_numbered_dirs(root, _VERSION_RE, marker=None), version, keep_last)
     return final, nbytes

@@ -162,7 +162,10 @@ class MetricsServer:
         self._server.daemon_threads = True
         self.host = host
         self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True)
+        # a short poll interval: `close()` (shutdown) waits for one poll, 0.5 s by default
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="metrics", daemon=True
+        )
         self._thread.start()
 
     @property

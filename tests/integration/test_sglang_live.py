@@ -47,7 +47,7 @@ def student() -> SGLangRolloutEngine:
 
 @pytest.fixture(scope="module")
 def teacher() -> SGLangTeacherScorer:
-    return SGLangTeacherScorer(_url("OPD_SGLANG_TEACHER_URL"), k=5)
+    return SGLangTeacherScorer(_url("OPD_SGLANG_TEACHER_URL"))
 
 
 def test_generate_respects_budgets(student: SGLangRolloutEngine) -> None:
@@ -65,7 +65,7 @@ def test_scoring_lines_up_with_greedy_generation(student: SGLangRolloutEngine) -
     """Score the student's own greedy continuation on the same server: positions must line up."""
     (greedy,) = student.generate(PROMPTS[:1], [12], temperature=0.0, top_p=1.0, seed=None)
     sequence = np.array(PROMPTS[0] + greedy.response_ids, dtype=np.int32)
-    scorer = SGLangTeacherScorer(student.base_url, k=5)
+    scorer = SGLangTeacherScorer(student.base_url)
     (scores,) = scorer.score([sequence], [len(PROMPTS[0])], 5)
     r = len(greedy.response_ids)
     assert scores.logprobs_R.shape == (r,) and scores.topk_ids_RK.shape == (r, 5)
@@ -84,7 +84,7 @@ def test_teacher_scores_are_consistent_across_starts(teacher: SGLangTeacherScore
     np.testing.assert_allclose(tail.logprobs_R, full.logprobs_R[4:], atol=0.05)
     np.testing.assert_array_equal(tail.topk_ids_RK[:, 0], full.topk_ids_RK[4:, 0])
     assert np.all(np.diff(full.topk_logprobs_RK, axis=1) <= 1e-6), "top-k must come sorted, best first"
-    assert teacher.identity.startswith("sglang|model=")
+    assert len(teacher.identity) == 64 and teacher.identity_fields["backend"] == "sglang"
 
 
 def test_reload_own_checkpoint(student: SGLangRolloutEngine) -> None:

@@ -456,6 +456,8 @@ def test_tiny_positive_logprob_rounding_is_tolerated() -> None:
         ({"teacher_logprobs_R": np.zeros(2, np.float32)}, "teacher_logprobs_R"),
         ({"teacher_logprobs_R": np.array([-1, np.nan, -1], np.float32)}, "teacher_logprobs_R"),
         ({"topk_ids_RK": np.zeros((2, 4), np.int32)}, "topk_ids_RK"),  # rows != response length
+        ({"topk_ids_RK": np.zeros((2, 4), np.int32), "topk_logprobs_RK": np.zeros((2, 4), np.float32)}, "topk_ids_RK"),
+        ({"topk_ids_RK": np.zeros((4, 0), np.int32), "topk_logprobs_RK": np.zeros((4, 0), np.float16)}, "topk_ids_RK"),
         ({"topk_ids_RK": np.zeros((3, 3), np.int32)}, "topk_ids_RK"),  # K differs from the logprobs
         ({"topk_ids_RK": np.zeros(3, np.int32)}, "topk_ids_RK"),  # wrong ndim
         ({"topk_logprobs_RK": np.zeros((3, 4), np.float64)}, "topk_logprobs_RK"),  # dtype not allowed here

@@ -16,6 +16,7 @@ itself is out of reach.
 from __future__ import annotations
 
 import json
+import re
 import struct
 import threading
 import time
@@ -242,7 +243,7 @@ def test_score_request_uses_documented_fields() -> None:
     body = build_score_request([SCORE_SEQ, [3, 4]], [3, 1], 2)
     assert body == {
         "input_ids": [SCORE_SEQ, [3, 4]],
-        "sampling_params": {"max_new_tokens": 0, "temperature": 1.0},
+        "sampling_params": {"max_new_tokens": 0},
         "return_logprob": True,
         "logprob_start_len": [2, 0],
         "top_logprobs_num": 2,
@@ -426,11 +427,20 @@ def test_num_parameters_without_local_weights_says_what_to_do(server: CannedServ
 def test_scorer_over_http(server: CannedServer) -> None:
     server.on("/get_model_info", (200, MODEL_INFO))
     server.on("/generate", (200, [SCORE_ONE]), (200, [SCORE_ONE]))
-    scorer = SGLangTeacherScorer(server.url, k=2, max_tokens_per_request=6)
-    assert scorer.identity == (
-        "sglang|model=Qwen/Qwen2.5-7B-Instruct|revision=default|tokenizer=Qwen/Qwen2.5-7B-Instruct"
-        "|dtype=auto|temperature=1|k=2"
-    )
+    scorer = SGLangTeacherScorer(server.url, max_tokens_per_request=6)
+    assert scorer.identity_fields == {}  # read lazily: constructing needs no server
+    identity = scorer.identity
+    assert re.fullmatch(r"[0-9a-f]{64}", identity)
+    assert scorer.identity_fields == {
+        "backend": "sglang",
+        "weights": "path:Qwen/Qwen2.5-7B-Instruct",
+        "tokenizer": "Qwen/Qwen2.5-7B-Instruct",
+        "dtype": "auto",
+        "temperature": "1.0",
+    }
+    pinned = SGLangTeacherScorer(server.url, revision="a1b2c3")
+    assert pinned.identity != identity and pinned.identity_fields["weights"] == "revision:a1b2c3"
+    assert server.paths().count("/get_model_info") == 2  # once per scorer, cached afterwards
     seq = np.array(SCORE_SEQ, dtype=np.int32)
     out = scorer.score([seq, seq, seq], [3, 5, 3], 2)
     # the middle one has nothing left to score: answered without a request; the others are 5 tokens
@@ -441,13 +451,18 @@ def test_scorer_over_http(server: CannedServer) -> None:
     assert server.paths().count("/generate") == 2
     assert scorer.tokens_forwarded == 10
     assert server.body_of("/generate") == build_score_request([SCORE_SEQ], [3], 2)
-    with pytest.raises(ValueError, match="k is part of the cache identity"):
-        scorer.score([seq], [3], 4)
+    with pytest.raises(ValueError, match=r"starts\[0\] = 6"):
+        scorer.score([seq], [6], 2)
+
+
+def test_scorer_refuses_a_temperature_sglang_cannot_apply() -> None:
+    with pytest.raises(ValueError, match=r"only scores at temperature 1\.0"):
+        SGLangTeacherScorer("http://127.0.0.1:9", temperature=0.7)
 
 
 def test_scorer_http_error(server: CannedServer) -> None:
     server.on("/generate", (400, {"error": {"message": "logprob_start_len is out of range"}}))
-    scorer = SGLangTeacherScorer(server.url, k=2)
+    scorer = SGLangTeacherScorer(server.url)
     with pytest.raises(sc.SGLangError, match=r"SGLang /generate HTTP 400: logprob_start_len is out of range \| body: "):
         scorer.score([np.array(SCORE_SEQ)], [3], 2)
     assert scorer.tokens_forwarded == 0
@@ -456,10 +471,10 @@ def test_scorer_http_error(server: CannedServer) -> None:
 def test_scorer_identity_needs_model_path(server: CannedServer) -> None:
     server.on("/get_model_info", (200, {"is_generation": True}))
     with pytest.raises(sc.SGLangError, match="SGLang /get_model_info: no model_path"):
-        _ = SGLangTeacherScorer(server.url, k=2).identity
+        _ = SGLangTeacherScorer(server.url).identity
 
 
 def test_scorer_counts_local_parameters(server: CannedServer, tmp_path: Path) -> None:
     expected = _write_safetensors(tmp_path / "teacher", {"w": [3, 5], "b": [5]})
     server.on("/get_model_info", (200, {**MODEL_INFO, "model_path": str(tmp_path / "teacher")}))
-    assert SGLangTeacherScorer(server.url, k=2).num_parameters() == expected == 20
+    assert SGLangTeacherScorer(server.url).num_parameters() == expected == 20

@@ -1,0 +1,37 @@
+"""The rollout-engine interface every actor backend implements (see docs/architecture.md).
+
+WHY a Protocol: the actor loop must not care whether tokens come from in-process transformers
+(`actors/hf_engine.py`, CPU tests) or a remote SGLang server (`actors/sglang_engine.py`, GPUs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass
+class Generation:
+    """One sampled continuation of one prompt."""
+
+    response_ids: list[int]  # sampled tokens, len <= max_new_tokens (includes the EOS token if sampled)
+    logprobs: list[float]  # behaviour logprob of each sampled token
+    finished: bool  # stopped on EOS (not on the length limit)
+
+
+class RolloutEngine(Protocol):
+    """Samples continuations from the current student weights."""
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: list[int],
+        *,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+    ) -> list[Generation]: ...
+
+    def load_weights(self, path: str, version: int) -> None: ...
+
+    def num_parameters(self) -> int: ...
