@@ -238,8 +238,8 @@ class Learner:
 
     def publish(self) -> None:
         t0 = time.perf_counter()
-        path, nbytes = publish_weights(self.model, self.workdir / "weights", self.version, self.cfg.keep_published)
-        self.tokenizer.save_pretrained(path)
+        path, nbytes = publish_weights(self.model, self.workdir / "weights", self.version, self.cfg.keep_published,
+                                       tokenizer=self.tokenizer)
         announce_weights(self.client, self.names, WeightsAnnouncement(
             version=self.version, path=str(Path(path).resolve()), step=self.step, nbytes=nbytes))
         dt = time.perf_counter() - t0
