@@ -17,9 +17,16 @@ import numpy as np
 import redis
 from prometheus_client import CollectorRegistry
 
-from actors.config import ActorConfig
+from actors.config import ActorConfig, ScheduleConfig
 from actors.engine import RolloutEngine
-from actors.schedules import TruncationSchedule, schedule_from_config
+from actors.schedules import (
+    FixedSpec,
+    FullSpec,
+    ProgressiveSpec,
+    RandomSpec,
+    ScheduleSpec,
+    TruncationSchedule,
+)
 from protocol import ledger
 from protocol.config import TransportConfig
 from protocol.messages import RolloutPrefix
@@ -45,10 +52,29 @@ def make_engine(cfg: ActorConfig) -> RolloutEngine:
 
         if not cfg.sglang_url:
             raise ValueError("actor.sglang_url is required when actor.engine is 'sglang'")
-        return SGLangRolloutEngine(cfg.sglang_url, timeout_s=cfg.sglang_timeout_s)
+        return SGLangRolloutEngine(cfg.sglang_url, timeout_s=cfg.sglang_timeout_s, model_dir=cfg.model_dir or None)
     from actors.hf_engine import HFRolloutEngine
 
     return HFRolloutEngine(cfg.model_dir, device=resolve_device(cfg.device))
+
+
+def schedule_from_config(cfg: ScheduleConfig, max_new_tokens: int) -> TruncationSchedule:
+    """Config speaks in fractions of max_new_tokens (portable across budgets); specs speak in tokens."""
+
+    def tokens(fraction: float) -> int:
+        return max(1, min(max_new_tokens, round(fraction * max_new_tokens)))
+
+    spec: ScheduleSpec
+    if cfg.kind == "full":
+        spec = FullSpec()
+    elif cfg.kind == "fixed":
+        spec = FixedSpec(tokens=min(cfg.tokens, max_new_tokens)) if cfg.tokens else FixedSpec(fraction=cfg.fraction)
+    elif cfg.kind == "progressive":
+        spec = ProgressiveSpec(ramp_versions=cfg.ramp_versions, shape=cfg.shape, start=tokens(cfg.start),
+                               stages=tuple(tokens(f) for f in cfg.stages))
+    else:
+        spec = RandomSpec(min_tokens=tokens(cfg.min_fraction), max_tokens=tokens(cfg.max_fraction))
+    return TruncationSchedule(spec, max_new_tokens)
 
 
 class Admission:
@@ -126,13 +152,15 @@ class Actor:
         if not self.prompts:
             raise ValueError(f"actor.prompts_file {cfg.prompts_file} holds no prompts")
         self.schedule: TruncationSchedule = schedule_from_config(cfg.schedule, cfg.max_new_tokens)
-        self.rng = random.Random(cfg.seed + 1000 * index)
+        # Seeded by id, not only index: compose replicas all have index 0 but distinct ids.
+        self.rng = random.Random(f"{cfg.seed}:{index}:{actor_id}")
         self.order = list(range(len(self.prompts)))
         self.cursor = len(self.order)
         self.version = 0
         self.last_poll = 0.0
         self.admission = Admission(self.client, self.names)
         self.summary = ActorSummary()
+        self.failures = 0
 
     def next_prompts(self, n: int) -> list[int]:
         out = []
@@ -159,6 +187,10 @@ class Actor:
             log.info("%s: loaded policy v%d in %.2fs", self.actor_id, ann.version, time.perf_counter() - t0)
         self.metrics.policy_version.set(self.version)
 
+    def _retryable(self, exc: Exception) -> bool:
+        """Server-side engines fail transiently (a weight reload aborts requests in flight)."""
+        return self.cfg.engine == "sglang" and not isinstance(exc, ValueError | TypeError)
+
     def stopping(self) -> bool:
         return self.stop.is_set() or control_flag(self.client, self.names, "stop_producing") or (
             self.cfg.max_prefixes is not None and self.summary.prefixes >= self.cfg.max_prefixes
@@ -182,10 +214,19 @@ class Actor:
                 [self.prompts[i] for i in indices], horizons,
                 temperature=self.cfg.temperature, top_p=self.cfg.top_p, seed=self.rng.randrange(2**31),
             )
-        except BaseException:
+        except Exception as exc:
             if self.cfg.admission_control:
                 self.admission.release(n)
-            raise
+            if not self._retryable(exc):
+                raise
+            self.failures += 1
+            if self.failures > self.cfg.max_engine_failures:
+                raise RuntimeError(f"{self.actor_id}: {self.failures} engine failures in a row, last: {exc}") from exc
+            log.warning("%s: generation failed (%s); retrying (%d/%d)", self.actor_id, exc, self.failures,
+                        self.cfg.max_engine_failures)
+            self.stop.wait(min(30.0, 0.5 * 2**self.failures))
+            return 0
+        self.failures = 0
         max_new = self.cfg.max_new_tokens
         for idx, horizon, gen in zip(indices, horizons, gens, strict=True):
             msg = RolloutPrefix(

@@ -38,6 +38,7 @@ class ActorConfig(BaseModel):
     engine: Literal["hf", "sglang"] = Field("hf", description="Rollout engine: embedded transformers or an SGLang server.")
     sglang_url: str | None = Field(None, description="SGLang server base URL (engine=sglang).")
     sglang_timeout_s: float = Field(120.0, gt=0, description="Timeout of each SGLang request.")
+    max_engine_failures: int = Field(5, ge=0, description="sglang: consecutive failed requests tolerated (retried with back-off).")
     batch_size: int = Field(16, ge=1, description="Prompts sampled together.")
     max_new_tokens: int = Field(64, ge=1, description="Full-rollout response budget; the schedule truncates below it.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")

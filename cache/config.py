@@ -11,6 +11,7 @@ class TeacherConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model_dir: str = Field("", description="Teacher model directory (Hugging Face format); must share the student's tokenizer.")
+    revision: str | None = Field(None, description="Teacher revision tag; part of the cache key (change it when weights change in place).")
     engine: Literal["hf", "sglang"] = Field("hf", description="Scorer: embedded transformers or an SGLang server.")
     sglang_url: str | None = Field(None, description="SGLang server base URL (engine=sglang).")
     topk: int = Field(8, ge=0, le=256, description="Top-k teacher logprobs kept per token (0: sampled token only).")

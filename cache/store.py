@@ -666,6 +666,18 @@ def _runs(indices: list[int]) -> list[list[int]]:
     return out
 
 
+def _entry_runs(chain: list[tuple[BlockKey, IndexEntry, bytes]]) -> list[list[tuple[BlockKey, IndexEntry, bytes]]]:
+    """Split a chain into runs of entries stored back to back in one shard (read in one go)."""
+    out: list[list[tuple[BlockKey, IndexEntry, bytes]]] = []
+    for item in chain:
+        prev = out[-1][-1][1] if out else None
+        if prev is not None and prev.shard == item[1].shard and prev.end == item[1].row:
+            out[-1].append(item)
+        else:
+            out.append([item])
+    return out
+
+
 class ChunkLRU:
     """Decoded chunks by (shard, array, chunk index), bounded in bytes, least recently used out first."""
 
@@ -919,60 +931,73 @@ class TeacherCache:
     def _read_chain(
         self, chain: list[tuple[BlockKey, IndexEntry, bytes]], *, total: int, corrupt_info: list[tuple[str, bytes, str, str]]
     ) -> CacheHit:
+        """Serve the chain up to its first bad block; after one, check the rest without serving it.
+
+        Why keep checking: a damaged chunk usually takes several blocks down. Finding them all now
+        lets the caller's next put re-store every one of them (their index fields are dropped),
+        instead of healing one block per lookup.
+        """
         n = chain[-1][0].end if chain else 0
         lp = np.empty(n, np.float32)
         ids = np.empty((n, self.k), np.int32)
         tlp = np.empty((n, self.k), self.topk_dtype)
-        served = 0
-        corrupt = 0
-        i = 0
-        while i < len(chain):
-            j = i + 1
-            while j < len(chain) and chain[j][1].shard == chain[i][1].shard and chain[j][1].row == chain[j - 1][1].end:
-                j += 1
-            ok, failure = self._read_run(chain[i:j], lp, ids, tlp)
-            served += ok
-            if failure is not None:
-                bk, entry, raw = chain[i + ok]
-                if self.root.shard_exists(entry.shard):
-                    corrupt += 1
-                    corrupt_info.append((bk.key_hex, raw, entry.shard, failure))
-                else:  # evicted under us: an ordinary miss, not corruption
-                    self._forget_shard(entry.shard)
-                break
-            i = j
+        served = corrupt = 0
+        serving = True
+        exists: dict[str, bool] = {}
+        for run in _entry_runs(chain):
+            for (bk, entry, raw), res in zip(run, self._check_run(run), strict=True):
+                if isinstance(res, str):
+                    serving = False
+                    if entry.shard not in exists:
+                        exists[entry.shard] = self.root.shard_exists(entry.shard)
+                    if exists[entry.shard]:
+                        corrupt += 1
+                        corrupt_info.append((bk.key_hex, raw, entry.shard, res))
+                    else:  # evicted under us: an ordinary miss, not corruption
+                        self._forget_shard(entry.shard)
+                elif serving:
+                    lp[bk.start : bk.end], ids[bk.start : bk.end], tlp[bk.start : bk.end] = res
+                    served += 1
         p = chain[served - 1][0].end if served else 0
         return CacheHit(p, lp[:p], ids[:p], tlp[:p], total, served, corrupt)
 
-    def _read_run(
-        self, run: list[tuple[BlockKey, IndexEntry, bytes]], lp: np.ndarray, ids: np.ndarray, tlp: np.ndarray
-    ) -> tuple[int, str | None]:
-        """Read entries stored back to back in one shard; returns (entries served, failure reason)."""
+    def _check_run(
+        self, run: list[tuple[BlockKey, IndexEntry, bytes]]
+    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray] | str]:
+        """Read entries stored back to back in one shard: per entry its data, or why it is unusable.
+
+        One read for the whole run (the common case: one put's blocks); if that read fails, each
+        entry is read alone so that one damaged chunk condemns only the entries that touch it.
+        """
         shard_id = run[0][1].shard
         try:
             shard = self._shard(shard_id)
-            if shard.k != self.k or shard.topk_dtype != self.topk_dtype:
-                return 0, f"shard holds k={shard.k} {shard.topk_dtype}, cache wants k={self.k} {self.topk_dtype}"
-            data = shard.read_rows(run[0][1].row, run[-1][1].end, self.lru)
-        except Exception as exc:  # unreadable chunk or metadata: a miss from here on, never garbage
-            return 0, f"read failed: {type(exc).__name__}: {exc}"
+        except ShardUnavailable as exc:
+            return [str(exc)] * len(run)
+        if shard.k != self.k or shard.topk_dtype != self.topk_dtype:
+            return [f"shard holds k={shard.k} {shard.topk_dtype}, cache wants k={self.k} {self.topk_dtype}"] * len(run)
+        data: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        if len(run) > 1:
+            with contextlib.suppress(Exception):  # fall back to per-entry reads below
+                data = shard.read_rows(run[0][1].row, run[-1][1].end, self.lru)
         base = run[0][1].row
-        for n, (bk, entry, _raw) in enumerate(run):
-            a, b = entry.row - base, entry.end - base
-            parts = (data[0][a:b], data[1][a:b], data[2][a:b])
-            if entry_checksum(*parts) != entry.checksum:
-                # Maybe a stale decoded chunk: re-read this entry from disk once.
-                self.lru.drop_rows(shard, entry.row, entry.end)
-                try:
+        out: list[tuple[np.ndarray, np.ndarray, np.ndarray] | str] = []
+        for _bk, entry, _raw in run:
+            try:
+                if data is not None:
+                    a, b = entry.row - base, entry.end - base
+                    parts = (data[0][a:b], data[1][a:b], data[2][a:b])
+                else:
                     parts = shard.read_rows(entry.row, entry.end, self.lru)
-                except Exception as exc:
-                    return n, f"read failed: {type(exc).__name__}: {exc}"
                 if entry_checksum(*parts) != entry.checksum:
-                    return n, "checksum mismatch"
-            lp[bk.start : bk.end] = parts[0]
-            ids[bk.start : bk.end] = parts[1]
-            tlp[bk.start : bk.end] = parts[2]
-        return len(run), None
+                    # Maybe a stale decoded chunk (the writer appended since): re-read from disk once.
+                    self.lru.drop_rows(shard, entry.row, entry.end)
+                    parts = shard.read_rows(entry.row, entry.end, self.lru)
+            except Exception as exc:  # unreadable chunk or metadata: a miss, never garbage
+                out.append(f"read failed: {type(exc).__name__}: {exc}")
+                continue
+            out.append(parts if entry_checksum(*parts) == entry.checksum else "checksum mismatch")
+        return out
 
     def _after_lookup(self, hits: list[CacheHit], shards: set[str], corrupt_info: list[tuple[str, bytes, str, str]]) -> None:
         """Counters, shard last-hit times, and self-healing of corrupt index entries."""

@@ -41,10 +41,12 @@ def make_scorer(cfg: TeacherConfig) -> TeacherScorer:
 
         if not cfg.sglang_url:
             raise ValueError("teacher.sglang_url is required when teacher.engine is 'sglang'")
-        return SGLangTeacherScorer(cfg.sglang_url)
+        return SGLangTeacherScorer(cfg.sglang_url, temperature=cfg.temperature, revision=cfg.revision,
+                                   model_dir=cfg.model_dir or None)
     from cache.scorer import HFTeacherScorer
 
-    return HFTeacherScorer(cfg.model_dir, device=resolve_device(cfg.device), temperature=cfg.temperature)
+    return HFTeacherScorer(cfg.model_dir, device=resolve_device(cfg.device), temperature=cfg.temperature,
+                           revision=cfg.revision)
 
 
 @dataclass
