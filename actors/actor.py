@@ -71,7 +71,7 @@ def schedule_from_config(cfg: ScheduleConfig, max_new_tokens: int) -> Truncation
         spec = FixedSpec(tokens=min(cfg.tokens, max_new_tokens)) if cfg.tokens else FixedSpec(fraction=cfg.fraction)
     elif cfg.kind == "progressive":
         spec = ProgressiveSpec(ramp_versions=cfg.ramp_versions, shape=cfg.shape, start=tokens(cfg.start),
-                               stages=tuple(tokens(f) for f in cfg.stages))
+                               stages=tuple(tokens(f) for f in cfg.stages) if cfg.shape == "staged" else ())
     else:
         spec = RandomSpec(min_tokens=tokens(cfg.min_fraction), max_tokens=tokens(cfg.max_fraction))
     return TruncationSchedule(spec, max_new_tokens)
