@@ -89,29 +89,37 @@ class Admission:
         self.client = client
         self.names = names
 
-    def budget(self) -> int | None:
+    def limit(self) -> int | None:
+        """Most prefixes that may have been admitted so far: (max_staleness + 1) x batch + retired.
+
+        AReaL writes the bound as (max_staleness + version + 1) x batch_size - admitted; counting the
+        work already retired (trained, dropped or dead) instead of assuming version x batch_size keeps
+        it right after a learner restart from a checkpoint and when samples are dropped.
+        """
         state = self.client.hgetall(self.names.learner_state)
         if not state or b"version" not in state:
-            return None  # no learner has advertised yet: nothing to be stale against
-        version = int(state[b"version"])
+            return None  # no learner yet: wait for it rather than flood the queue with soon-stale work
         batch = int(state.get(b"batch_size", b"1"))
         max_staleness = int(state.get(b"max_staleness", b"0"))
-        admitted = int(self.client.get(self.names.admission) or 0)
         outcomes = ledger.counts(self.client, self.names)
-        return max(0, (max_staleness + version + 1) * batch - (admitted - outcomes[ledger.DROPPED] - outcomes[ledger.DEAD]))
+        return (max_staleness + 1) * batch + sum(outcomes[o] for o in ledger.TERMINAL)
 
     def acquire(self, want: int, stop: StopFlag, should_stop: Callable[[], bool]) -> int:
-        """Block until some slots are free; returns how many were reserved (0 when stopping)."""
+        """Block until slots are free; returns how many were reserved (0 when stopping).
+
+        Reserve first, then give back the excess: INCRBY is atomic, so two actors racing for the
+        last slots cannot both get them.
+        """
         delay = 0.02
         while not stop.is_set() and not should_stop():
-            budget = self.budget()
-            if budget is None:
-                self.client.incrby(self.names.admission, want)
-                return want
-            if budget > 0:
-                n = min(want, budget)
-                self.client.incrby(self.names.admission, n)
-                return n
+            limit = self.limit()
+            if limit is not None:
+                admitted = int(self.client.incrby(self.names.admission, want))
+                excess = min(want, max(0, admitted - limit))
+                if excess:
+                    self.client.decrby(self.names.admission, excess)
+                if want - excess > 0:
+                    return want - excess
             stop.wait(delay)
             delay = min(delay * 2, 0.5)
         return 0
@@ -206,7 +214,7 @@ class Actor:
         self.metrics.admission_wait.inc(time.perf_counter() - t0)
         if n == 0:
             return 0
-        self.maybe_reload()
+        self.maybe_reload(force=self.cfg.admission_control)  # sample with the newest published policy
         indices = self.next_prompts(n)
         horizons = [self.schedule.horizon(self.version, self.rng) for _ in indices]
         try:
@@ -228,6 +236,7 @@ class Actor:
             return 0
         self.failures = 0
         max_new = self.cfg.max_new_tokens
+        batch_generated = batch_saved = 0
         for idx, horizon, gen in zip(indices, horizons, gens, strict=True):
             msg = RolloutPrefix(
                 prompt_ids_P=np.asarray(self.prompts[idx], dtype=np.int32),
@@ -241,6 +250,8 @@ class Actor:
             self.queue.publish(msg, ledger_outcome=ledger.PRODUCED)
             generated = len(gen.response_ids)
             saved = 0 if gen.finished else max_new - horizon
+            batch_generated += generated
+            batch_saved += saved
             self.summary.prefixes += 1
             self.summary.tokens_generated += generated
             self.summary.tokens_saved += saved
@@ -250,6 +261,8 @@ class Actor:
             self.metrics.horizon.observe(horizon)
             # Forward pass per saved token: 2 x params FLOPs (the KV-cached decode cost).
             self.metrics.compute_saved.labels(stage="actor_truncation").inc(2 * self.params * saved)
+        ledger.add_stats(self.client, self.names, actor_prefixes=len(gens), actor_tokens_generated=batch_generated,
+                         actor_tokens_saved=batch_saved, flops_saved_truncation=2 * self.params * batch_saved)
         self.metrics.queue_depth.labels(stream=self.names.rollouts).set(self.queue.depth())
         return len(gens)
 

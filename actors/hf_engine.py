@@ -41,9 +41,8 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return resolved
 
 
-def layout_config(model_dir: Path) -> dict[str, object]:
-    """The parts of `config.json` that determine parameter names and shapes."""
-    config = AutoConfig.from_pretrained(model_dir).to_dict()
+def layout_config(config: dict[str, object]) -> dict[str, object]:
+    """The parts of a model config that determine parameter names and shapes."""
     return {k: v for k, v in config.items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
 
 
@@ -102,9 +101,11 @@ class HFRolloutEngine:
         weights_dir = Path(path)
         if not weights_dir.is_dir():
             raise ValueError(f"path: {weights_dir} is not a directory")
-        if not (
-            layout_config(weights_dir) == layout_config(self.model_dir) and self._copy_weights(weights_dir)
-        ):
+        # Compare against the live model's config: the directory it came from may be deleted by now.
+        same_layout = layout_config(AutoConfig.from_pretrained(weights_dir).to_dict()) == layout_config(
+            self.model.config.to_dict()
+        )
+        if not (same_layout and self._copy_weights(weights_dir)):
             self.model = self._load_full(weights_dir)
         self.model_dir = weights_dir
         self.version = version
@@ -273,6 +274,8 @@ def sample_tokens(
         # Keep the smallest prefix whose mass reaches top_p (the most likely token always stays).
         outside_BV = (probs_BV.cumsum(dim=-1) - probs_BV) >= top_p
         sorted_BV = sorted_BV.masked_fill(outside_BV, float("-inf"))
-        logp_BV = torch.log_softmax(torch.full_like(logp_BV, float("-inf")).scatter(-1, order_BV, sorted_BV), dim=-1)
+        logp_BV = torch.log_softmax(
+            torch.full_like(logp_BV, float("-inf")).scatter(-1, order_BV, sorted_BV), dim=-1
+        )
     token_B = torch.multinomial(logp_BV.exp(), num_samples=1, generator=generator).squeeze(1)
     return token_B, logp_BV.gather(-1, token_B[:, None]).squeeze(1)

@@ -14,7 +14,9 @@ from typing import Any
 from transformers import AutoTokenizer
 
 
-def load_prompts(path: str | Path, tokenizer: Any, *, use_chat_template: bool | None = None) -> list[list[int]]:
+def load_prompts(
+    path: str | Path, tokenizer: Any, *, use_chat_template: bool | None = None
+) -> list[list[int]]:
     """Token ids for every `{"prompt": "..."}` line of a JSONL file (blank lines are skipped).
 
     Chat template: applied (as one user turn plus the generation prompt) when the tokenizer has one
@@ -88,4 +90,6 @@ def check_same_tokenizer(student_dir: str | Path, teacher_dir: str | Path) -> No
     for name in ("bos", "eos", "pad", "unk"):
         s_id, t_id = getattr(student, f"{name}_token_id", None), getattr(teacher, f"{name}_token_id", None)
         if s_id != t_id:
-            raise ValueError(f"tokenizer special token {name}_token differs: student id {s_id} vs teacher id {t_id}")
+            raise ValueError(
+                f"tokenizer special token {name}_token differs: student id {s_id} vs teacher id {t_id}"
+            )

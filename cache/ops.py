@@ -44,6 +44,7 @@ from cache.store import (
     RecordScan,
     RedisNames,
     Shard,
+    ShardIncomplete,
     ShardRecord,
     ShardUnavailable,
     WriterLock,
@@ -81,6 +82,7 @@ class _ShardScan:
     good: list[ShardRecord]
     bad: list[BadEntry]
     error: str | None = None
+    incomplete: bool = False
 
 
 def _scan_shard(root: CacheRoot, shard_id: str, *, check_data: bool) -> _ShardScan:
@@ -92,7 +94,7 @@ def _scan_shard(root: CacheRoot, shard_id: str, *, check_data: bool) -> _ShardSc
     try:
         shard = Shard.open(root, shard_id)
     except ShardUnavailable as exc:
-        return _ShardScan(shard_id, None, RecordScan([], 0, []), [], [], str(exc))
+        return _ShardScan(shard_id, None, RecordScan([], 0, []), [], [], str(exc), isinstance(exc, ShardIncomplete))
     scan = shard.read_records()
     if not check_data or not scan.records:
         return _ShardScan(shard_id, shard, scan, list(scan.records), [])
@@ -223,8 +225,9 @@ class IndexProblem:
 class VerifyReport:
     """ok: no bad data, no dangling index field, every shard and record chunk readable.
 
-    Unindexed good records are not a problem (a writer died between record and index field, or a
-    block was stored twice); `rebuild_index` or the writer's restart indexes them.
+    Not problems: unindexed good records (a writer died between record and index field, or a block
+    was stored twice; `rebuild_index` or the writer's restart indexes them) and incomplete shards (a
+    writer died creating one; it holds nothing, and the writer's restart or `evict` removes it).
     """
 
     shards: int = 0
@@ -235,6 +238,7 @@ class VerifyReport:
     unreadable: list[str] = field(default_factory=list)
     torn_records: int = 0
     unindexed: list[str] = field(default_factory=list)
+    incomplete_shards: list[str] = field(default_factory=list)
     repaired: int = 0
 
     @property
@@ -268,7 +272,9 @@ def verify(root: str | os.PathLike[str], redis: redis_lib.Redis | str, *, redis_
     good: dict[tuple[str, str], ShardRecord] = {}
     bad_at: dict[tuple[str, str, int], BadEntry] = {}
     for s in scans:
-        if s.error:
+        if s.incomplete:
+            report.incomplete_shards.append(s.shard_id)
+        elif s.error:
             report.unreadable.append(s.error)
         report.unreadable += [f"shard {s.shard_id}: record chunk {u}" for u in s.records.unreadable]
         report.torn_records += s.records.torn

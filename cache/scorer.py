@@ -14,7 +14,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -82,17 +82,17 @@ def config_digest(config: dict[str, object]) -> str:
     architectural change (rope scaling, norms, vocab) must.
     """
     kept = {
-        k: v for k, v in config.items() if not k.startswith("_") and k not in {"transformers_version", "dtype"}
+        k: v
+        for k, v in config.items()
+        if not k.startswith("_") and k not in {"transformers_version", "dtype"}
     }
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def tokenizer_digest(tokenizer: object) -> str:
+def tokenizer_digest(tokenizer: Any) -> str:
     """sha256 of the vocabulary and the special tokens, i.e. everything that fixes id meanings."""
-    vocab = sorted(tokenizer.get_vocab().items())  # type: ignore[attr-defined]
-    specials = {
-        name: getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad", "unk")
-    }
+    vocab = sorted(tokenizer.get_vocab().items())
+    specials = {name: getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad", "unk")}
     blob = json.dumps({"vocab": vocab, "specials": specials}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 

@@ -18,9 +18,12 @@ can hold array handles forever, and only chunk files change. When a shard is ful
 it (attrs) and starts the next one, which is what lets `ops.evict` drop old shards whole.
 
 Why this write order: rows are written (and fsynced) first, then the entry's manifest record, then
-the Redis index field. An entry is therefore visible (indexed) only once its bytes are durable, and a
-writer killed at any point leaves either unreferenced rows (no record: ignored and later overwritten)
-or a record without an index field (re-indexed on the writer's restart or by `ops.rebuild_index`).
+the Redis index field, and a shard is sealed only after all its records are indexed. An entry is
+therefore visible (indexed) only once its bytes are durable, and a writer killed at any point leaves
+unreferenced rows (no record: ignored, and overwritten when the writer resumes), records without an
+index field (only ever in the active shard, which the restarted writer re-indexes; or use
+`ops.rebuild_index`), or a shard whose creation never finished (no entries; the restarted writer
+deletes it).
 LocalStore replaces chunk files by rename, so a chunk is never torn on a local disk; every record
 carries its own CRC and every entry a CRC of its data anyway, so a torn or corrupted chunk on any
 store reads as a miss, never as garbage.
@@ -98,6 +101,10 @@ class CacheError(RuntimeError):
 
 class ShardUnavailable(CacheError):
     """A shard cannot be opened: missing (evicted), not fully created, or unreadable metadata."""
+
+
+class ShardIncomplete(ShardUnavailable):
+    """A shard whose creation never finished (its writer died creating it): no entries, not damage."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -525,7 +532,7 @@ class Shard:
             if group.attrs.get("format") != SHARD_FORMAT:
                 raise ShardUnavailable(f"shard {shard_id}: not a cache shard (attrs {dict(group.attrs)})")
             if not group.attrs.get("ready"):
-                raise ShardUnavailable(f"shard {shard_id}: creation never finished")
+                raise ShardIncomplete(f"shard {shard_id}: creation never finished")
             return cls(root, shard_id, group)
         except ShardUnavailable:
             raise
@@ -749,6 +756,19 @@ class CacheHit:
         return self.prefix_len
 
     @property
+    def logprobs_N(self) -> np.ndarray:
+        """Alias of `logprobs` with its shape suffix (N = prefix_len)."""
+        return self.logprobs
+
+    @property
+    def topk_ids_NK(self) -> np.ndarray:
+        return self.topk_ids
+
+    @property
+    def topk_logprobs_NK(self) -> np.ndarray:
+        return self.topk_logprobs
+
+    @property
     def miss_tokens(self) -> int:
         return self.total_len - self.prefix_len
 
@@ -801,9 +821,10 @@ class TeacherCache:
         root: str | os.PathLike[str],
         redis: redis_lib.Redis | str,
         *,
-        teacher_identity: str,
         k: int,
-        topk_dtype: str = "float32",
+        teacher_identity: str | None = None,
+        namespace: str | None = None,
+        topk_dtype: str | np.dtype = "float32",
         block_size: int = 16,
         writer_id: str | None = None,
         shard_rows: int = 1 << 20,
@@ -815,7 +836,11 @@ class TeacherCache:
         storage_options: dict[str, Any] | None = None,
         lock_timeout_s: float = 10.0,
     ) -> None:
-        if topk_dtype not in TOPK_DTYPES:
+        try:
+            dtype_name = np.dtype(topk_dtype).name
+        except TypeError as exc:
+            raise ValueError(f"topk_dtype must be one of {TOPK_DTYPES}, got {topk_dtype!r}") from exc
+        if dtype_name not in TOPK_DTYPES:
             raise ValueError(f"topk_dtype must be one of {TOPK_DTYPES}, got {topk_dtype!r}")
         for name, value, low in (("block_size", block_size, 1), ("shard_rows", shard_rows, 1),
                                  ("chunk_bytes", chunk_bytes, 1), ("read_cache_bytes", read_cache_bytes, 0)):
@@ -824,9 +849,20 @@ class TeacherCache:
         if shard_rows < block_size:
             raise ValueError(f"shard_rows ({shard_rows}) must be >= block_size ({block_size}): a block never spans shards")
         _compressors(compression)
-        self.namespace = cache_namespace(teacher_identity, k, topk_dtype)
+        if (teacher_identity is None) == (namespace is None):
+            raise ValueError("pass exactly one of teacher_identity or namespace (from cache.keys.cache_namespace)")
+        if namespace is None:
+            self.namespace = cache_namespace(str(teacher_identity), k, dtype_name)
+        else:
+            suffix = cache_namespace("x", k, dtype_name)[1:]
+            if not isinstance(namespace, str) or not namespace.endswith(suffix) or len(namespace) == len(suffix):
+                raise ValueError(
+                    f"namespace {namespace!r} must come from cache_namespace(identity, k={k}, topk_dtype={dtype_name}): "
+                    f"entries of a different k or top-k dtype must never be shared"
+                )
+            self.namespace = namespace
         self.k = int(k)
-        self.topk_dtype = np.dtype(topk_dtype)
+        self.topk_dtype = np.dtype(dtype_name)
         self.block_size = block_size
         self.shard_rows = shard_rows
         self.chunk_bytes = chunk_bytes
@@ -842,6 +878,7 @@ class TeacherCache:
         self._next_row = 0
         self._next_record = 0
         self._lock: WriterLock | None = None
+        self._closed = False
         self.recovery = RecoveryReport()
         if self.writer_id is not None:
             self._lock = self.root.acquire_writer_lock(self.writer_id, lock_timeout_s)
@@ -859,6 +896,7 @@ class TeacherCache:
             self._lock.release()
             self._lock = None
         self._active = None
+        self._closed = True
 
     def __enter__(self) -> TeacherCache:
         return self
@@ -1053,7 +1091,7 @@ class TeacherCache:
         """`put` for a batch: one index round trip, one write per array per shard, one Redis update."""
         if self.writer_id is None:
             raise CacheError("this TeacherCache is read-only: pass writer_id to put")
-        if self._lock is None and self.root.local is not None:
+        if self._closed:
             raise CacheError("this TeacherCache is closed")
         prepared = [self._prepare(n, *item) for n, item in enumerate(items)]
         all_blocks = [self.keys(p[0]) for p in prepared]
@@ -1081,9 +1119,8 @@ class TeacherCache:
                 counts[n][1] += bk.length
                 counts[n][2] += bk.length * self._row_bytes + RECORD_BYTES
         if chosen:
-            written = self._write(chosen, prepared)
+            self._write(chosen, prepared)
             pipe = self.redis.pipeline(transaction=False)
-            pipe.hset(self.names.index, mapping={key: e.pack() for key, e in written})
             pipe.hincrby(self.names.counters, "puts", len(items))
             pipe.hincrby(self.names.counters, "blocks_written", len(chosen))
             pipe.hincrby(self.names.counters, "tokens_written", sum(c[1] for c in counts))
@@ -1163,7 +1200,7 @@ class TeacherCache:
                 self._roll_over()
                 continue
             try:
-                written += self._flush(self._active, batch, prepared)
+                entries = self._flush(self._active, batch, prepared)
             except Exception as exc:
                 if retried:
                     raise
@@ -1172,6 +1209,10 @@ class TeacherCache:
                 retried = True
                 self._roll_over()
                 continue
+            # Indexed before the shard can be sealed (next roll-over), so only the active shard can
+            # hold records without index fields: the one shard a restarted writer re-indexes.
+            self.redis.hset(self.names.index, mapping={key: e.pack() for key, e in entries})
+            written += entries
             retried = False
             i += len(batch)
         return written

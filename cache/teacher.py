@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from cache.config import TeacherConfig
 from cache.scorer import Scores, TeacherScorer
+from protocol import ledger
 from protocol.config import TransportConfig
 from protocol.messages import Message, RolloutPrefix, ScoredPrefix
 from protocol.names import Names
@@ -85,15 +86,16 @@ class Teacher:
         self.topk_dtype = np.dtype(np.float16 if cfg.topk_dtype == "float16" else np.float32)
         self.cache = self._open_cache() if cfg.cache_enabled else None
         self.summary = TeacherSummary()
+        self.flops_saved = 0
 
     def _open_cache(self):  # type: ignore[no-untyped-def]
         from cache.keys import cache_namespace
         from cache.store import TeacherCache
 
         namespace = cache_namespace(self.scorer.identity, self.cfg.topk, self.topk_dtype)
-        return TeacherCache(self.cfg.cache_dir, self.client, namespace=namespace, writer_id=self.worker_id,
-                            block_size=self.cfg.block_size, k=self.cfg.topk, topk_dtype=self.topk_dtype,
-                            key_prefix=self.names.key("cache"))
+        return TeacherCache(self.cfg.cache_dir, self.client, k=self.cfg.topk, namespace=namespace,
+                            topk_dtype=self.topk_dtype, block_size=self.cfg.block_size, writer_id=self.worker_id,
+                            redis_prefix=self.names.key("cache"))
 
     # -- scoring ---------------------------------------------------------------------------------
     def score_full(self, seqs: list[np.ndarray]) -> list[FullScores]:
@@ -120,8 +122,8 @@ class Teacher:
                 c = computed[i]
                 lp[start:], ids[start:], tlp[start:] = c.logprobs_R, c.topk_ids_RK, c.topk_logprobs_RK
                 if self.cache is not None:
-                    written = self.cache.put(seq, lp, ids, tlp, from_pos=h.prefix_len if h is not None else 0)
-                    self.metrics.cache_bytes_written.inc(written)
+                    put = self.cache.put(seq, lp, ids, tlp, from_pos=h.prefix_len if h is not None else 0)
+                    self.metrics.cache_bytes_written.inc(put.bytes_written)
             cached_upto = min(h.prefix_len, T) if h is not None else 0
             full.append(FullScores(lp, ids, tlp, cached_upto))
         return full
@@ -129,7 +131,14 @@ class Teacher:
     def process(self, deliveries: list[Delivery]) -> list[tuple[Delivery, Message]]:
         msgs: list[RolloutPrefix] = [d.message for d in deliveries]  # type: ignore[misc]
         seqs = [np.concatenate([m.prompt_ids_P, m.response_ids_R]).astype(np.int32) for m in msgs]
+        forwarded_before = self.scorer.tokens_forwarded
         full = self.score_full(seqs)
+        # Saved = tokens a cache-less teacher would have run forward minus what this one did (the
+        # scorer re-reads the context of a partial hit, so only fully cached sequences save compute).
+        avoided = max(0, sum(len(s) for s in seqs) - (self.scorer.tokens_forwarded - forwarded_before))
+        flops_saved = 2 * self.params * avoided
+        self.metrics.compute_saved.labels(stage="teacher_cache").inc(flops_saved)
+        self.flops_saved += flops_saved
         done: list[tuple[Delivery, Message]] = []
         for d, m, seq, f in zip(deliveries, msgs, seqs, full, strict=True):
             P, T = len(m.prompt_ids_P), len(seq)
@@ -145,8 +154,6 @@ class Teacher:
             self.metrics.cache_miss_tokens.inc(T - f.cached_upto)
             self.metrics.tokens_cached.inc(cached)
             self.metrics.tokens_scored.inc(scored)
-            # One teacher forward per reused token avoided: 2 x params FLOPs.
-            self.metrics.compute_saved.labels(stage="teacher_cache").inc(2 * self.params * f.cached_upto)
             self.summary.tokens_cached += cached
             self.summary.tokens_scored += scored
         return done
@@ -169,6 +176,11 @@ class Teacher:
                     self.metrics.dead_letters.labels(stream=self.inbox.stream, reason="scoring failed").inc()
                     self.summary.dead += 1
         self.inbox.forward(done, self.outbox)
+        scored = sum(r.scored_tokens for _d, r in done)  # type: ignore[attr-defined]
+        cached = sum(r.cached_tokens for _d, r in done)  # type: ignore[attr-defined]
+        ledger.add_stats(self.client, self.names, teacher_prefixes=len(done), teacher_tokens_scored=scored,
+                         teacher_tokens_cached=cached, flops_saved_cache=self.flops_saved)
+        self.flops_saved = 0
         self.summary.prefixes += len(done)
         self.metrics.prefixes.inc(len(done))
         self.metrics.queue_depth.labels(stream=self.names.rollouts).set(self.inbox.depth())

@@ -57,11 +57,16 @@ class LearnerSummary:
 
 
 class Prefetcher:
-    """Reads the next deliveries on a thread while the current step trains (I/O overlaps compute)."""
+    """Reads the next deliveries on a thread while the current step trains (I/O overlaps compute).
+
+    The buffer hands out the oldest policy version first: replicas finish out of order, and training
+    the oldest samples first keeps them inside the staleness bound.
+    """
 
     def __init__(self, q: StreamQueue, batch_size: int, stop: StopFlag) -> None:
         self.q = q
-        self.buffer: queue.Queue[Delivery] = queue.Queue(maxsize=2 * batch_size)
+        self.buffer: queue.PriorityQueue[tuple[int, int, Delivery]] = queue.PriorityQueue(maxsize=2 * batch_size)
+        self._seq = 0
         self.batch_size = batch_size
         self.stop = stop
         self.error: BaseException | None = None
@@ -77,7 +82,8 @@ class Prefetcher:
                     time.sleep(0.005)
                     continue
                 for d in self.q.read(min(room, self.batch_size), block_ms=200):
-                    self.buffer.put(d)
+                    self._seq += 1
+                    self.buffer.put((d.message.policy_version, self._seq, d))  # type: ignore[union-attr]
         except BaseException as exc:  # surfaced in the main thread
             self.error = exc
 
@@ -85,7 +91,7 @@ class Prefetcher:
         if self.error is not None:
             raise RuntimeError(f"reading {self.q.stream} failed: {self.error}") from self.error
         try:
-            return self.buffer.get(timeout=timeout)
+            return self.buffer.get(timeout=timeout)[2]
         except queue.Empty:
             return None
 
@@ -135,6 +141,8 @@ class Learner:
             self.step, self.version = int(meta["step"]), int(meta["policy_version"])
             log.info("resumed from %s at step %d, policy v%d", ckpt, self.step, self.version)
         self.summary = LearnerSummary()
+        self.publish()
+        self.advertise()  # early: actors wait for this before producing (admission control)
         self.evaluator = _Evaluator.maybe(cfg, self.tokenizer, self.device)
 
     # -- data ----------------------------------------------------------------------------------
@@ -158,6 +166,7 @@ class Learner:
                 kept.append(d)
             else:
                 reason = split.dropped[0].reason
+                log.debug("dropped %s: v%d at learner v%d (%s)", d.message.id, d.message.policy_version, self.version, reason)
                 self.queue.ack([d.entry_id], ledger={d.message.id: ledger.DROPPED})
                 self.metrics.dropped.labels(reason=reason).inc()
                 self.summary.dropped[reason] = self.summary.dropped.get(reason, 0) + 1
@@ -269,8 +278,6 @@ class Learner:
     # -- the loop ----------------------------------------------------------------------------------
     def run(self) -> LearnerSummary:
         cfg = self.cfg
-        self.advertise()
-        self.publish()
         self.evaluate()
         prefetch = Prefetcher(self.queue, cfg.batch_size, self.stop)
         history = open(self.workdir / "history.jsonl", "a")  # noqa: SIM115 (closed below)
@@ -297,9 +304,9 @@ class Learner:
                 self.queue.ack([d.entry_id for d in batch], ledger={d.message.id: ledger.TRAINED for d in batch})
                 self.summary.steps += 1
                 self.summary.trained += len(batch)
-                self._record(stats, history, idle / max(time.perf_counter() - wall0, 1e-9))
                 if self.step % cfg.publish_every == 0:
-                    self.publish()
+                    self.publish()  # before advertising the new version, so admitted work samples it
+                self._record(stats, history, idle / max(time.perf_counter() - wall0, 1e-9))
                 if self.step % cfg.checkpoint_every == 0:
                     self.checkpoint()
                 if cfg.eval.every and self.step % cfg.eval.every == 0:

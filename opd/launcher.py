@@ -62,7 +62,7 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
             "redis-server is not installed: run `apt-get install redis-server` (scripts/setup.sh does), "
             "or set transport.redis_url to an existing Redis"
         )
-    data = workdir / "redis"
+    data = (workdir / "redis").resolve()
     shutil.rmtree(data, ignore_errors=True)
     data.mkdir(parents=True)
     port = _free_port()
@@ -136,6 +136,10 @@ def run_pipeline(cfg: OPDConfig, *, progress: bool = True) -> int:
         build_tiny_assets(Path(cfg.run.tiny_assets), seed=cfg.learner.seed, log=log.info)
         log.info("tiny models and prompts ready in %s (%.1fs)", cfg.run.tiny_assets, time.perf_counter() - t0)
     _check_inputs(cfg)
+    if cfg.run.fresh:
+        for path in (cfg.learner.workdir, cfg.teacher.cache_dir):
+            shutil.rmtree(path, ignore_errors=True)
+        log.info("fresh run: removed %s and %s", cfg.learner.workdir, cfg.teacher.cache_dir)
 
     redis_proc = None
     children: list[Child] = []
@@ -235,12 +239,12 @@ def _watch(cfg: OPDConfig, children: list[Child], learner: Child, *, progress: b
 
 
 def _log_line(s: Snapshot) -> None:
-    L, t = s.learner, s.totals
+    L, t = s.learner, s.stats
     log.info(
         "step %s v%s loss %s kl %s | queues %s | gen %d saved %d | teacher scored %d cached %d | outcomes %s",
         L.get("step", "-"), L.get("version", "-"), L.get("loss", "-"), L.get("reverse_kl", "-"),
-        s.depths, t.get("opd_actor_tokens_generated_total", 0), t.get("opd_actor_tokens_saved_total", 0),
-        t.get("opd_teacher_tokens_scored_total", 0), t.get("opd_teacher_tokens_cached_total", 0), s.outcomes,
+        s.depths, t.get("actor_tokens_generated", 0), t.get("actor_tokens_saved", 0),
+        t.get("teacher_tokens_scored", 0), t.get("teacher_tokens_cached", 0), s.outcomes,
     )
 
 

@@ -9,9 +9,10 @@ The synthetic task has learnable structure so on-policy distillation has somethi
 - ``up 3 5:``   -> `` 7 9`` then EOS (continue an arithmetic sequence of digits to its end)
 - ``down k h:`` -> `` e b`` then EOS (the same over letters, counting down)
 
-The teacher (~0.67M params) is trained for a fixed number of AdamW steps (deterministic given the
-seed), so its distribution is peaked on the task; the student (~0.14M params) is left at its random
-init (optionally a few warm-up steps), so its reverse KL to the teacher starts high.
+The teacher (~0.53M params, wide and shallow: 2 layers were as good as 4 on this local task at half
+the cost) is trained for a fixed number of AdamW steps (deterministic given the seed), so its
+distribution is peaked on the task; the student (~0.14M params) is left at its random init
+(optionally a few warm-up steps), so its reverse KL to the teacher starts high.
 """
 
 from __future__ import annotations
@@ -167,7 +168,7 @@ def train_lm(
     max_seconds: float,
     log: Callable[[str], None],
 ) -> tuple[int, float]:
-    """Plain next-token training on right-padded batches; returns (steps done, last loss).
+    """Plain next-token training (right padding, if any, is masked); returns (steps done, last loss).
 
     WHY step-bounded: determinism. `max_seconds` is only a safety cap for very slow machines; when it
     triggers the result differs from a full build, so it is logged.
@@ -202,10 +203,28 @@ def train_lm(
 
 
 def write_jsonl(path: Path, examples: list[TaskExample]) -> None:
-    """One `{"prompt": ...}` object per line (the continuation is kept separately for evaluation)."""
+    """One `{"prompt": ..., "continuation": ...}` object per line.
+
+    Prompt loaders read only `prompt`; `continuation` is the reference answer, for evaluation.
+    """
     with path.open("w") as f:
         for ex in examples:
             f.write(json.dumps({"prompt": ex.prompt, "continuation": ex.continuation}) + "\n")
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Train on one intra-op thread, restoring the previous setting afterwards.
+
+    WHY: the models are too small to gain from threads, and on a shared 2-core machine two OpenMP
+    threads competing with other processes ran 5-40x slower (spin-waiting), while one stays steady.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @contextlib.contextmanager
@@ -227,10 +246,10 @@ def build_tiny_assets(
     root: Path,
     seed: int = 0,
     *,
-    teacher_train_seconds: float = 60.0,
+    teacher_train_seconds: float = 120.0,
     teacher_steps: int = 240,
     student_warmup_steps: int = 0,
-    batch_size: int = 16,
+    batch_size: int = 8,
     n_train_prompts: int = 256,
     n_heldout_prompts: int = 32,
     log: Callable[[str], None] | None = None,
@@ -281,18 +300,33 @@ def build_tiny_assets(
 
     vocab = len(tokenizer)
     info: dict[str, object] = {"seed": seed, "vocab_size": vocab}
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), single_thread():
         torch.manual_seed(seed)
-        teacher = LlamaForCausalLM(make_config(vocab, hidden=128, layers=4, heads=4, intermediate=256))
+        teacher = LlamaForCausalLM(make_config(vocab, hidden=160, layers=2, heads=4, intermediate=320))
         student = LlamaForCausalLM(make_config(vocab, hidden=64, layers=2, heads=4, intermediate=256))
         results = {
-            "teacher": train_lm(teacher, sample_batch, steps=teacher_steps, lr=3e-3,
-                                max_seconds=teacher_train_seconds, log=emit),
-            "student": train_lm(student, sample_batch, steps=student_warmup_steps, lr=1e-3,
-                                max_seconds=teacher_train_seconds, log=emit),
+            "teacher": train_lm(
+                teacher,
+                sample_batch,
+                steps=teacher_steps,
+                lr=3e-3,
+                max_seconds=teacher_train_seconds,
+                log=emit,
+            ),
+            "student": train_lm(
+                student,
+                sample_batch,
+                steps=student_warmup_steps,
+                lr=1e-3,
+                max_seconds=teacher_train_seconds,
+                log=emit,
+            ),
         }
     with quiet_progress_bars():
-        for name, model, d in (("teacher", teacher, paths.teacher_dir), ("student", student, paths.student_dir)):
+        for name, model, d in (
+            ("teacher", teacher, paths.teacher_dir),
+            ("student", student, paths.student_dir),
+        ):
             model.generation_config.eos_token_id = EOS_ID
             model.generation_config.bos_token_id = BOS_ID
             model.generation_config.pad_token_id = PAD_ID
@@ -301,7 +335,8 @@ def build_tiny_assets(
             steps, loss = results[name]
             info[name] = {
                 "parameters": sum(p.numel() for p in model.parameters()),
-                "train_steps": steps,
+                "train_steps": steps,  # below requested_steps only if the wall-clock cap hit
+                "requested_steps": teacher_steps if name == "teacher" else student_warmup_steps,
                 "final_loss": loss if steps else None,
             }
             emit(f"tiny: {name} {info[name]}")

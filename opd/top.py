@@ -29,6 +29,7 @@ class Snapshot:
     per_role: dict[str, dict[str, float]] = field(default_factory=dict)
     endpoints: dict[str, str] = field(default_factory=dict)
     dead: int = 0
+    stats: dict[str, float] = field(default_factory=dict)
 
 
 SUMMED = (
@@ -55,7 +56,8 @@ def snapshot(client: redis.Redis, names: Names) -> Snapshot:
     depths = {s: int(client.xlen(s)) for s in (names.rollouts, names.scored)}
     learner = {k.decode(): v.decode() for k, v in client.hgetall(names.learner_state).items()}
     snap = Snapshot(depths=depths, outcomes=ledger.counts(client, names), learner=learner,
-                    endpoints=endpoints(client, names), dead=int(client.xlen(names.dead)))
+                    endpoints=endpoints(client, names), dead=int(client.xlen(names.dead)),
+                    stats=ledger.stats(client, names))
     totals: dict[str, float] = defaultdict(float)
     for role_id, url in snap.endpoints.items():
         try:
@@ -73,11 +75,11 @@ def render(snap: Snapshot):  # type: ignore[no-untyped-def]
     """A rich renderable (imported lazily: rich is only needed when someone looks)."""
     from rich.table import Table
 
-    t = snap.totals
-    gen = t.get("opd_actor_tokens_generated_total", 0.0)
-    saved = t.get("opd_actor_tokens_saved_total", 0.0)
-    scored = t.get("opd_teacher_tokens_scored_total", 0.0)
-    cached = t.get("opd_teacher_tokens_cached_total", 0.0)
+    st = snap.stats
+    gen = st.get("actor_tokens_generated", 0.0)
+    saved = st.get("actor_tokens_saved", 0.0)
+    scored = st.get("teacher_tokens_scored", 0.0)
+    cached = st.get("teacher_tokens_cached", 0.0)
     table = Table(title="opd pipeline", show_header=True, header_style="bold")
     table.add_column("what")
     table.add_column("value", justify="right")
@@ -92,7 +94,11 @@ def render(snap: Snapshot):  # type: ignore[no-untyped-def]
                   f"{gen:.0f} / {saved:.0f} ({100 * saved / max(gen + saved, 1):.0f}% of the full budget)")
     table.add_row("teacher tokens scored / served from cache",
                   f"{scored:.0f} / {cached:.0f} ({100 * cached / max(scored + cached, 1):.0f}% hit)")
-    table.add_row("FLOPs saved (truncation + cache)", f"{t.get('opd_compute_saved_flops_total', 0.0):.3g}")
+    table.add_row("FLOPs saved (truncation + cache)",
+                  f"{st.get('flops_saved_truncation', 0.0):.3g} + {st.get('flops_saved_cache', 0.0):.3g}")
+    rates = ", ".join(f"{k}: {v.get('opd_actor_tokens_generated_total', v.get('opd_teacher_tokens_scored_total', 0)):.0f}"
+                      for k, v in sorted(snap.per_role.items()) if not k.startswith("learner"))
+    table.add_row("tokens per live replica", rates or "-")
     o = snap.outcomes
     table.add_row("prefixes in flight / trained / dropped / dead",
                   f"{o['produced']} / {o['trained']} / {o['dropped']} / {o['dead']}")

@@ -50,3 +50,19 @@ def counts(client: redis.Redis, names: Names) -> dict[str, int]:
 def outcome_of(client: redis.Redis, names: Names, message_id: str) -> str | None:
     value = client.hget(names.ledger, message_id)
     return value.decode() if value is not None else None
+
+
+def add_stats(client: redis.Redis, names: Names, **increments: float) -> None:
+    """Run-wide totals (tokens generated, saved, scored, cached...) that outlive the processes that made them.
+
+    Prometheus counters die with their process; the end-of-run summary and `opd top` read these.
+    """
+    pipe = client.pipeline(transaction=False)
+    for key, value in increments.items():
+        if value:
+            pipe.hincrbyfloat(names.key("stats"), key, float(value))
+    pipe.execute()
+
+
+def stats(client: redis.Redis, names: Names) -> dict[str, float]:
+    return {k.decode(): float(v) for k, v in client.hgetall(names.key("stats")).items()}

@@ -20,7 +20,7 @@ import pytest
 import redis
 
 from cache import ops
-from cache.keys import block_keys
+from cache.keys import block_keys, cache_namespace
 from cache.store import (
     LOGPROBS,
     TOPK_IDS,
@@ -222,6 +222,33 @@ def test_shared_prefix_stores_only_new_blocks(tmp_path: Path, redis_url: str) ->
     cache.close()
 
 
+def test_batched_put_and_lookup_store_shared_blocks_once(tmp_path: Path, redis_url: str) -> None:
+    cache = open_cache(tmp_path / "c", redis_url, writer_id="w")
+    seqs = [make_seq(s) for s in (0, 5, 10, 1)]  # seeds 0, 5, 10 share a 100-token prompt
+    results = cache.put_many([(ids, *fake_scores(ids, 8), 0) for ids in seqs])
+    shared = 100 // B
+    assert [r.blocks_cached for r in results] == [0, shared, shared, 0]
+    assert sum(r.tokens_written for r in results) == sum(len(s) for s in seqs) - 2 * shared * B
+    hits = cache.lookup_many(seqs)
+    assert all(h.prefix_len == len(s) and check_hit(h, s, 8) for h, s in zip(hits, seqs, strict=True))
+    cache.close()
+
+
+def test_incomplete_shard_from_a_crash_during_creation(tmp_path: Path, redis_url: str) -> None:
+    import zarr
+
+    root = tmp_path / "c"
+    with open_cache(root, redis_url, writer_id="w") as cache:
+        score_and_put(cache, make_seq(0))
+    zarr.create_group(str(root), path="shards/w/000099-deadbeef", attributes={"format": "opd-teacher-cache-shard", "ready": False})
+    report = ops.verify(root, redis_url)
+    assert report.ok and report.incomplete_shards == ["w/000099-deadbeef"], report.summary()
+    with open_cache(root, redis_url, writer_id="w") as cache:
+        assert cache.recovery.removed_incomplete == ["w/000099-deadbeef"]
+        assert cache.lookup(make_seq(0)).prefix_len == len(make_seq(0))
+    assert ops.verify(root, redis_url).incomplete_shards == []
+
+
 def test_put_respects_from_pos_and_skips_unreachable_blocks(tmp_path: Path, redis_url: str) -> None:
     cache = open_cache(tmp_path / "c", redis_url, writer_id="w")
     ids = make_seq(3)
@@ -274,6 +301,15 @@ def test_teachers_and_k_never_share_entries(tmp_path: Path, redis_url: str) -> N
     for kw in ({"teacher_identity": "another-teacher"}, {"k": 4}, {"topk_dtype": "float16"}):
         assert open_cache(root, redis_url, **kw).lookup(ids).prefix_len == 0
     assert open_cache(root, redis_url).lookup(ids).prefix_len == len(ids)
+    # The same namespace given ready-made (and the dtype as a numpy dtype) reads the same entries.
+    same = TeacherCache(root, redis_url, namespace=cache_namespace(IDENTITY, 8, "float32"), k=8,
+                        topk_dtype=np.dtype(np.float32), block_size=B)
+    hit = same.lookup(ids)
+    assert hit.prefix_len == len(ids) and hit.logprobs_N is hit.logprobs and hit.topk_ids_NK.shape == (len(ids), 8)
+    with pytest.raises(ValueError, match="must come from cache_namespace"):
+        TeacherCache(root, redis_url, namespace=cache_namespace(IDENTITY, 8, "float32"), k=4, block_size=B)
+    with pytest.raises(ValueError, match="exactly one of"):
+        TeacherCache(root, redis_url, k=8)
 
 
 def test_bad_input_is_refused_with_a_clear_error(tmp_path: Path, redis_url: str) -> None:
@@ -573,9 +609,10 @@ def test_evict_respects_budget_and_removes_least_recently_hit_first(tmp_path: Pa
         assert hit.prefix_len == (0 if i in (0, 1, 3, 4) else 256) and hit.corrupt_blocks == 0
     assert ops.verify(root, redis_url).ok
 
-    # Budget 0: every sealed shard goes, least recently hit first; the live writer's active shard stays.
+    # Budget 0: every sealed shard goes, least recently hit first (the check loop above just hit
+    # them in index order); the live writer's active shard stays.
     report = ops.evict(root, redis_url, 0)
-    assert [r.shard for r in report.removed] == [shard_of[i] for i in (6, 7, 8, 10, 5, 2, 9)]
+    assert [r.shard for r in report.removed] == [shard_of[i] for i in (2, 5, 6, 7, 8, 9, 10)]
     assert report.active_kept == [shard_of[11]] and report.over_budget
     cache.close()  # the writer is gone: its shard is no longer protected
     report = ops.evict(root, redis_url, 0)

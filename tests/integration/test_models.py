@@ -54,7 +54,9 @@ def scorer(assets: TinyAssets) -> HFTeacherScorer:
     return HFTeacherScorer(assets.teacher_dir, "cpu", torch.float32)
 
 
-def teacher_forced_logprobs(model_dir: Path, prompt: list[int], response: list[int], temperature: float = 1.0) -> np.ndarray:
+def teacher_forced_logprobs(
+    model_dir: Path, prompt: list[int], response: list[int], temperature: float = 1.0
+) -> np.ndarray:
     """Reference: a fresh model, one unpadded sequence, logprob of each response token."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -94,7 +96,9 @@ def test_assets_layout_sizes_and_idempotence(tiny_assets: Path, assets: TinyAsse
 
 def test_tokenizers_are_shared(assets: TinyAssets) -> None:
     check_same_tokenizer(assets.student_dir, assets.teacher_dir)
-    assert (assets.student_dir / "tokenizer.json").read_bytes() == (assets.teacher_dir / "tokenizer.json").read_bytes()
+    assert (assets.student_dir / "tokenizer.json").read_bytes() == (
+        assets.teacher_dir / "tokenizer.json"
+    ).read_bytes()
 
 
 def test_teacher_beats_student_on_heldout_continuations(
@@ -154,7 +158,9 @@ def test_engine_logprobs_follow_temperature_and_top_p(
     model = AutoModelForCausalLM.from_pretrained(assets.student_dir).eval()
     for prompt, gen in zip(batch, gens, strict=True):
         with torch.no_grad():
-            logp = torch.log_softmax(model(input_ids=torch.tensor([prompt])).logits[0, -1] / temperature, dim=-1)
+            logp = torch.log_softmax(
+                model(input_ids=torch.tensor([prompt])).logits[0, -1] / temperature, dim=-1
+            )
         sorted_logp, order = logp.sort(descending=True)
         probs = sorted_logp.exp()
         nucleus = order[(probs.cumsum(0) - probs) < top_p]
@@ -170,7 +176,10 @@ def test_engine_logprobs_follow_temperature_and_top_p(
 
 def test_engine_is_seeded(student: HFRolloutEngine, prompts: list[list[int]]) -> None:
     def run(seed: int) -> list[list[int]]:
-        return [g.response_ids for g in student.generate(prompts[:4], [16] * 4, temperature=1.0, top_p=1.0, seed=seed)]
+        return [
+            g.response_ids
+            for g in student.generate(prompts[:4], [16] * 4, temperature=1.0, top_p=1.0, seed=seed)
+        ]
 
     assert run(3) == run(3)
     assert run(3) != run(4)
@@ -193,7 +202,10 @@ def test_engine_load_weights_fast_path_and_fallback(
     student: HFRolloutEngine, assets: TinyAssets, prompts: list[list[int]], tmp_path: Path
 ) -> None:
     def run() -> list[list[int]]:
-        return [g.response_ids for g in student.generate(prompts[:4], [16] * 4, temperature=1.0, top_p=1.0, seed=5)]
+        return [
+            g.response_ids
+            for g in student.generate(prompts[:4], [16] * 4, temperature=1.0, top_p=1.0, seed=5)
+        ]
 
     original = run()
     model_before = student.model
@@ -203,8 +215,12 @@ def test_engine_load_weights_fast_path_and_fallback(
     changed = run()
     assert changed != original
     fresh = HFRolloutEngine(tmp_path / "v1")
-    assert [g.response_ids for g in fresh.generate(prompts[:4], [16] * 4, temperature=1.0, top_p=1.0, seed=5)] == changed
+    assert [
+        g.response_ids for g in fresh.generate(prompts[:4], [16] * 4, temperature=1.0, top_p=1.0, seed=5)
+    ] == changed
+    shutil.rmtree(tmp_path / "v1")  # the learner may delete old versions: must not matter
     student.load_weights(str(assets.student_dir), version=2)
+    assert student.model is model_before
     assert run() == original
     student.load_weights(str(assets.teacher_dir), version=3)  # different architecture: full reload
     assert student.num_parameters() == HFRolloutEngine(assets.teacher_dir).num_parameters()
@@ -250,7 +266,9 @@ def test_scorer_matches_manual_forward(assets: TinyAssets, prompts: list[list[in
     small_batches = HFTeacherScorer(assets.teacher_dir, max_batch_tokens=64)  # forces several forwards
     for scorer in (HFTeacherScorer(assets.teacher_dir), small_batches):
         scores = scorer.score(sequences, starts, k=5)
-        assert scorer.tokens_forwarded == sum(len(s) for s, st in zip(sequences, starts, strict=True) if st < len(s))
+        assert scorer.tokens_forwarded == sum(
+            len(s) for s, st in zip(sequences, starts, strict=True) if st < len(s)
+        )
         for seq, start, got in zip(sequences, starts, scores, strict=True):
             ids = seq.tolist()
             r = len(ids) - start
@@ -262,7 +280,9 @@ def test_scorer_matches_manual_forward(assets: TinyAssets, prompts: list[list[in
                 np.testing.assert_allclose(got.logprobs_R, expected, atol=1e-4)
 
 
-def test_scorer_topk_sorted_and_consistent(scorer: HFTeacherScorer, assets: TinyAssets, prompts: list[list[int]]) -> None:
+def test_scorer_topk_sorted_and_consistent(
+    scorer: HFTeacherScorer, assets: TinyAssets, prompts: list[list[int]]
+) -> None:
     sequences, starts = scoring_batch(prompts)
     model = AutoModelForCausalLM.from_pretrained(assets.teacher_dir).eval()
     for seq, start, got in zip(sequences, starts, scorer.score(sequences, starts, k=8), strict=True):
@@ -271,10 +291,14 @@ def test_scorer_topk_sorted_and_consistent(scorer: HFTeacherScorer, assets: Tiny
         assert np.all(np.diff(got.topk_logprobs_RK, axis=1) <= 0)
         assert np.all(got.topk_logprobs_RK[:, 0] >= got.logprobs_R - 1e-6)
         with torch.no_grad():
-            logp = torch.log_softmax(model(input_ids=torch.tensor(seq[None].astype(np.int64))).logits[0], dim=-1)
+            logp = torch.log_softmax(
+                model(input_ids=torch.tensor(seq[None].astype(np.int64))).logits[0], dim=-1
+            )
         logp_RV = logp[start - 1 : -1].numpy()
         np.testing.assert_allclose(
-            np.take_along_axis(logp_RV, got.topk_ids_RK.astype(np.int64), axis=1), got.topk_logprobs_RK, atol=1e-4
+            np.take_along_axis(logp_RV, got.topk_ids_RK.astype(np.int64), axis=1),
+            got.topk_logprobs_RK,
+            atol=1e-4,
         )
         np.testing.assert_allclose(np.sort(logp_RV, axis=1)[:, ::-1][:, :8], got.topk_logprobs_RK, atol=1e-4)
         for j, token in enumerate(seq[start:]):  # where the given token is in the top-k, both agree
@@ -310,7 +334,10 @@ def test_scorer_identity(assets: TinyAssets, scorer: HFTeacherScorer, tmp_path: 
     shutil.copy(assets.teacher_dir / "tokenizer.json", changed / "tokenizer.json")
     shutil.copy(assets.teacher_dir / "tokenizer_config.json", changed / "tokenizer_config.json")
     assert HFTeacherScorer(changed).identity != scorer.identity
-    assert scorer.num_parameters() == json.loads((assets.teacher_dir.parent / "build_info.json").read_text())["teacher"]["parameters"]
+    assert (
+        scorer.num_parameters()
+        == json.loads((assets.teacher_dir.parent / "build_info.json").read_text())["teacher"]["parameters"]
+    )
 
 
 def test_scorer_rejects_bad_input(scorer: HFTeacherScorer) -> None:
@@ -367,11 +394,15 @@ def test_load_prompts_chat_template(assets: TinyAssets, tmp_path: Path) -> None:
     tok = AutoTokenizer.from_pretrained(assets.student_dir)
     with pytest.raises(ValueError, match="no chat template"):
         load_prompts(assets.heldout_file, tok, use_chat_template=True)
-    tok.chat_template = "{% for m in messages %}{{ m['content'] }};{% endfor %}{% if add_generation_prompt %}={% endif %}"
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['content'] }};{% endfor %}{% if add_generation_prompt %}={% endif %}"
+    )
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "ab"}\n')
     assert load_prompts(path, tok, use_chat_template=None) == [tok.convert_tokens_to_ids(list("ab;="))]
-    assert load_prompts(path, tok, use_chat_template=False) == [[tok.bos_token_id, *tok.convert_tokens_to_ids(list("ab"))]]
+    assert load_prompts(path, tok, use_chat_template=False) == [
+        [tok.bos_token_id, *tok.convert_tokens_to_ids(list("ab"))]
+    ]
 
 
 def save_char_tokenizer(path: Path, chars: str, specials: list[str], eos: str = "<eos>") -> Path:
@@ -390,7 +421,7 @@ def test_check_same_tokenizer_names_the_mismatch(tmp_path: Path) -> None:
     check_same_tokenizer(base, save_char_tokenizer(tmp_path / "same", "abc", specials))
     with pytest.raises(ValueError, match="vocab size differs: student 7 vs teacher 8"):
         check_same_tokenizer(base, save_char_tokenizer(tmp_path / "bigger", "abcd", specials))
-    with pytest.raises(ValueError, match="token ids differ for 2 tokens.*'a': 4 vs 5"):
+    with pytest.raises(ValueError, match=r"token ids differ for 2 tokens.*'a': 4 vs 5"):
         check_same_tokenizer(base, save_char_tokenizer(tmp_path / "swapped", "bac", specials))
     with pytest.raises(ValueError, match="eos_token differs"):
         check_same_tokenizer(base, save_char_tokenizer(tmp_path / "eos", "abc", specials, eos="<pad>"))
