@@ -1,0 +1,65 @@
+"""The `opd` command line: help without heavy imports, option tables, clear errors, exit codes.
+
+Pins: `opd learner --help` lists every learner option with its default; `--help` does not import
+torch (so it answers fast); a bad config key exits 2 naming the key; a role without a Redis URL exits
+1 with a message saying what to set; `opd config show` prints YAML that loads back to the same config.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from learner.config import LearnerConfig
+from opd.cli import main
+from opd.config import OPDConfig, describe
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "opd.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env={"PATH": "/usr/bin:/bin", "HOME": str(REPO)})
+
+
+def test_learner_help_lists_every_option() -> None:
+    out = run_cli("learner", "--help")
+    assert out.returncode == 0, out.stderr
+    for key, default, _text in describe(LearnerConfig, prefix="learner."):
+        assert key in out.stdout, key
+        assert default in out.stdout, (key, default)
+
+
+def test_help_does_not_import_torch() -> None:
+    code = "import sys; from opd.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_bad_key_exits_2_and_names_it(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "show", "--set", "learner.nope=1"]) == 2
+    assert "learner.nope" in capsys.readouterr().err
+
+
+def test_role_without_redis_says_what_to_set(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPD_REDIS_URL", raising=False)
+    assert main(["actor"]) == 1
+    assert "transport.redis_url" in capsys.readouterr().err
+
+
+def test_config_show_round_trips(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "show", "--config", str(REPO / "configs" / "demo-cpu.yaml"), "--set", "learner.lr=0.5"]) == 0
+    tree = yaml.safe_load(capsys.readouterr().out)
+    cfg = OPDConfig.model_validate(tree)
+    assert cfg.learner.lr == 0.5 and cfg.run.actors == 2
+
+
+def test_up_with_missing_model_dir_is_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["up", "--config", str(REPO / "configs" / "demo-cpu.yaml"), "--set", "run.tiny_assets=null",
+                 "--set", f"actor.model_dir={tmp_path / 'missing'}", "--set", f"run.workdir={tmp_path}"])
+    assert code == 1
+    assert "actor.model_dir" in capsys.readouterr().err
