@@ -38,48 +38,35 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import struct
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
-
-import requests
+from typing import Any, Unpack
 
 from actors.engine import Generation
 
+# The wire contract shared with `cache/sglang_scorer.py`; re-exported from here (`SGLangError`,
+# `count_safetensors_parameters`, `http_json`, the endpoint constants) for existing importers.
+from protocol.sglang_http import (
+    CONTINUE,
+    GENERATE,
+    HEALTH,
+    MODEL_INFO,
+    PAUSE,
+    PAUSE_MODES,
+    UPDATE_FROM_DISK,
+    SGLangClient,
+    SGLangClientOptions,
+    SGLangError,
+    count_safetensors_parameters,
+    error_message,
+    field_error,
+    first_checkpoint_parameters,
+    logprob_entry,
+)
+from protocol.sglang_http import (
+    http_json as http_json,
+)
+
 log = logging.getLogger(__name__)
-
-GENERATE = "/generate"
-PAUSE = "/pause_generation"
-CONTINUE = "/continue_generation"
-UPDATE_FROM_DISK = "/update_weights_from_disk"
-MODEL_INFO = "/get_model_info"
-HEALTH = "/health"
-
-PAUSE_MODES = ("abort", "retract", "in_place")
-_EXCERPT = 300
-
-
-class SGLangError(RuntimeError):
-    """An SGLang call failed; the message names the endpoint, the HTTP status and a body excerpt."""
-
-    def __init__(self, endpoint: str, reason: str, *, status: int | None = None, body: str | None = None) -> None:
-        parts = [f"SGLang {endpoint}"]
-        if status is not None:
-            parts.append(f"HTTP {status}")
-        message = " ".join(parts) + f": {reason}"
-        if body:
-            message += f" | body: {_excerpt(body)}"
-        super().__init__(message)
-        self.endpoint = endpoint
-        self.reason = reason
-        self.status = status
-        self.body = body
-
-
-def _excerpt(body: str, limit: int = _EXCERPT) -> str:
-    body = " ".join(body.split())
-    return body if len(body) <= limit else body[:limit] + f"... ({len(body)} chars)"
 
 
 # --------------------------------------------------------------------------- pure mapping
@@ -141,17 +128,17 @@ def parse_generate_response(body: Any, max_new_tokens: Sequence[int]) -> list[Ge
         finished = _finished(meta, i)
         entries = meta.get("output_token_logprobs")
         if not isinstance(entries, list):
-            raise _field_error(f"[{i}].meta_info.output_token_logprobs", "missing or not a list (was return_logprob honoured?)", body)
+            raise field_error(f"[{i}].meta_info.output_token_logprobs", "missing or not a list (was return_logprob honoured?)", body)
         ids: list[int] = []
         logprobs: list[float] = []
         for j, entry in enumerate(entries):
-            logprob, token_id = _logprob_entry(entry, f"[{i}].meta_info.output_token_logprobs[{j}]", body)
+            logprob, token_id = logprob_entry(entry, f"[{i}].meta_info.output_token_logprobs[{j}]", body)
             if logprob is None:
-                raise _field_error(f"[{i}].meta_info.output_token_logprobs[{j}]", "logprob is null for an output token", body)
+                raise field_error(f"[{i}].meta_info.output_token_logprobs[{j}]", "logprob is null for an output token", body)
             ids.append(token_id)
             logprobs.append(logprob)
         if len(ids) > budget:
-            raise _field_error(f"[{i}].meta_info.output_token_logprobs", f"{len(ids)} tokens for max_new_tokens={budget}", body)
+            raise field_error(f"[{i}].meta_info.output_token_logprobs", f"{len(ids)} tokens for max_new_tokens={budget}", body)
         out.append(Generation(response_ids=ids, logprobs=logprobs, finished=finished))
     return out
 
@@ -159,7 +146,7 @@ def parse_generate_response(body: Any, max_new_tokens: Sequence[int]) -> list[Ge
 def _as_items(body: Any, expected: int) -> list[dict[str, Any]]:
     if isinstance(body, dict):
         if "error" in body:
-            raise SGLangError(GENERATE, f"server error: {_error_message(body)}", body=json.dumps(body))
+            raise SGLangError(GENERATE, f"server error: {error_message(body)}", body=json.dumps(body))
         body = [body]
     if not isinstance(body, list):
         raise SGLangError(GENERATE, f"response is {type(body).__name__}, expected a list of results")
@@ -176,7 +163,7 @@ def _as_items(body: Any, expected: int) -> list[dict[str, Any]]:
 def _meta_info(item: dict[str, Any], i: int) -> dict[str, Any]:
     meta = item.get("meta_info")
     if not isinstance(meta, dict):
-        raise _field_error(f"[{i}].meta_info", "missing or not an object", item)
+        raise field_error(f"[{i}].meta_info", "missing or not an object", item)
     return meta
 
 
@@ -184,7 +171,7 @@ def _finished(meta: dict[str, Any], i: int) -> bool:
     """True on a stop (EOS / stop token), False on the length limit; abort and the unknown raise."""
     reason = meta.get("finish_reason")
     if not isinstance(reason, dict) or not isinstance(reason.get("type"), str):
-        raise _field_error(f"[{i}].meta_info.finish_reason", f"expected {{'type': ...}}, got {reason!r}", meta)
+        raise field_error(f"[{i}].meta_info.finish_reason", f"expected {{'type': ...}}, got {reason!r}", meta)
     kind = reason["type"]
     if kind == "stop":
         return True
@@ -192,70 +179,13 @@ def _finished(meta: dict[str, Any], i: int) -> bool:
         return False
     if kind == "abort":
         raise SGLangError(GENERATE, f"request [{i}] aborted: {reason.get('message')!r}", body=json.dumps(reason))
-    raise _field_error(f"[{i}].meta_info.finish_reason.type", f"unknown finish reason {kind!r}", meta)
-
-
-def _logprob_entry(entry: Any, where: str, context: Any) -> tuple[float | None, int]:
-    """`[logprob, token_id, text_or_null]` -> (logprob or None, token_id)."""
-    if not isinstance(entry, list | tuple) or len(entry) < 2:
-        raise _field_error(where, f"expected [logprob, token_id, text], got {entry!r}", context)
-    logprob, token_id = entry[0], entry[1]
-    if logprob is not None and (isinstance(logprob, bool) or not isinstance(logprob, int | float)):
-        raise _field_error(where, f"logprob {logprob!r} is not a number", context)
-    if isinstance(token_id, bool) or not isinstance(token_id, int):
-        raise _field_error(where, f"token id {token_id!r} is not an integer", context)
-    return (None if logprob is None else float(logprob)), token_id
-
-
-def _field_error(where: str, reason: str, context: Any) -> SGLangError:
-    try:
-        text = json.dumps(context)
-    except (TypeError, ValueError):
-        text = repr(context)
-    return SGLangError(GENERATE, f"{where}: {reason}", body=text)
-
-
-def _error_message(body: Any) -> str:
-    """SGLang's error bodies are `{"error": {"message": ...}}` (`_create_error_response`)."""
-    if isinstance(body, dict):
-        err = body.get("error")
-        if isinstance(err, dict) and "message" in err:
-            return str(err["message"])
-        if isinstance(err, str):
-            return err
-        if "message" in body:
-            return str(body["message"])
-    return "unexpected response"
-
-
-def count_safetensors_parameters(model_dir: str | Path) -> int:
-    """Exact parameter count of an HF checkpoint directory from its safetensors headers (no tensor I/O).
-
-    Each `.safetensors` file starts with an 8-byte little-endian header length and a JSON header that
-    lists every tensor's shape; summing the products is exact and reads a few kilobytes.
-    """
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
-    total = 0
-    for path in files:
-        with path.open("rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
-        for name, spec in header.items():
-            if name == "__metadata__":
-                continue
-            n = 1
-            for dim in spec["shape"]:
-                n *= int(dim)
-            total += n
-    return total
+    raise field_error(f"[{i}].meta_info.finish_reason.type", f"unknown finish reason {kind!r}", meta)
 
 
 # --------------------------------------------------------------------------- HTTP
 
 
-class SGLangRolloutEngine:
+class SGLangRolloutEngine(SGLangClient):
     """`RolloutEngine` over SGLang's native API. One instance per actor; not shared across threads.
 
     Args:
@@ -268,6 +198,10 @@ class SGLangRolloutEngine:
         num_parameters: the student's parameter count, if known; otherwise counted from the
             safetensors headers of the last loaded weights directory or of `model_dir`.
         model_dir: a local copy of the initial student checkpoint, for `num_parameters()`.
+        session: the `requests.Session` to call through.
+
+    `connect_timeout_s`, `control_timeout_s`, `num_parameters`, `model_dir` and `session` are
+    `SGLangClient`'s options (`protocol/sglang_http.py`), with its defaults.
     """
 
     def __init__(
@@ -275,25 +209,16 @@ class SGLangRolloutEngine:
         base_url: str,
         timeout_s: float = 600.0,
         *,
-        connect_timeout_s: float = 5.0,
-        control_timeout_s: float = 60.0,
         load_timeout_s: float = 900.0,
         pause_mode: str = "abort",
-        num_parameters: int | None = None,
-        model_dir: str | None = None,
-        session: requests.Session | None = None,
+        **options: Unpack[SGLangClientOptions],
     ) -> None:
         if pause_mode not in PAUSE_MODES:
             raise ValueError(f"pause_mode {pause_mode!r} not in {PAUSE_MODES}")
-        self.base_url = base_url.rstrip("/")
+        super().__init__(base_url, **options)
         self.timeout_s = timeout_s
-        self.connect_timeout_s = connect_timeout_s
-        self.control_timeout_s = control_timeout_s
         self.load_timeout_s = load_timeout_s
         self.pause_mode = pause_mode
-        self._num_parameters = num_parameters
-        self._model_dir = model_dir
-        self._session = session or requests.Session()
         self.loaded_version: int | None = None
 
     # ---- RolloutEngine
@@ -346,7 +271,7 @@ class SGLangRolloutEngine:
                 self.load_timeout_s,
             )
             if not isinstance(body, dict) or body.get("success") is not True:
-                raise SGLangError(UPDATE_FROM_DISK, f"update not successful: {_error_message(body)}", body=json.dumps(body))
+                raise SGLangError(UPDATE_FROM_DISK, f"update not successful: {error_message(body)}", body=json.dumps(body))
         except BaseException as exc:
             failure = exc
             raise
@@ -370,28 +295,14 @@ class SGLangRolloutEngine:
                 candidates.append(str(self.model_info().get("model_path", "")))
             except SGLangError as exc:
                 log.warning("cannot read %s for the parameter count: %s", MODEL_INFO, exc)
-            for candidate in candidates:
-                if candidate and Path(candidate).is_dir():
-                    try:
-                        self._num_parameters = count_safetensors_parameters(candidate)
-                        break
-                    except (OSError, ValueError, KeyError):
-                        continue
-            else:
-                raise RuntimeError(
-                    f"cannot count the student's parameters: none of {candidates} is a local safetensors "
-                    "directory; pass num_parameters= (or model_dir=) to SGLangRolloutEngine"
-                )
+            self._num_parameters = first_checkpoint_parameters(candidates, "student", "SGLangRolloutEngine")
         return self._num_parameters
 
     # ---- extras
 
     def model_info(self) -> dict[str, Any]:
         """`/get_model_info`: `model_path`, `tokenizer_path`, `weight_version`, ..."""
-        body = self._call("GET", MODEL_INFO, None, self.control_timeout_s)
-        if not isinstance(body, dict):
-            raise SGLangError(MODEL_INFO, f"expected an object, got {type(body).__name__}")
-        return body
+        return self._get_model_info()
 
     def health(self) -> bool:
         """True when `/health` answers 200."""
@@ -400,37 +311,3 @@ class SGLangRolloutEngine:
         except SGLangError:
             return False
         return True
-
-    def _call(self, method: str, endpoint: str, payload: Any, read_timeout_s: float) -> Any:
-        return http_json(self._session, method, self.base_url, endpoint, payload, (self.connect_timeout_s, read_timeout_s))
-
-
-def http_json(
-    session: requests.Session,
-    method: str,
-    base_url: str,
-    endpoint: str,
-    payload: Any,
-    timeout: tuple[float, float],
-) -> Any:
-    """One HTTP call; JSON body in and out (an empty body is None). Every failure is an `SGLangError`."""
-    url = base_url + endpoint
-    try:
-        response = session.request(method, url, json=payload, timeout=timeout)
-    except requests.Timeout as exc:
-        raise SGLangError(endpoint, f"timed out after {timeout[1]}s ({url}): {exc}") from exc
-    except requests.RequestException as exc:
-        raise SGLangError(endpoint, f"request failed ({url}): {exc}") from exc
-    text = response.text
-    if response.status_code >= 400:
-        try:
-            reason = _error_message(response.json())
-        except ValueError:
-            reason = response.reason or "error"
-        raise SGLangError(endpoint, reason, status=response.status_code, body=text)
-    if not text.strip():
-        return None
-    try:
-        return response.json()
-    except ValueError as exc:
-        raise SGLangError(endpoint, "response is not JSON", status=response.status_code, body=text) from exc

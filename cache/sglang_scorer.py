@@ -24,36 +24,26 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import numpy as np
-import requests
 
 from cache.scorer import Scores, empty_scores
 
-GENERATE = "/generate"
-MODEL_INFO = "/get_model_info"
-_EXCERPT = 300
-
-
-class SGLangError(RuntimeError):
-    """An SGLang call failed; the message names the endpoint, the HTTP status and a body excerpt."""
-
-    def __init__(self, endpoint: str, reason: str, *, status: int | None = None, body: str | None = None) -> None:
-        head = f"SGLang {endpoint}" + (f" HTTP {status}" if status is not None else "")
-        message = f"{head}: {reason}"
-        if body:
-            flat = " ".join(body.split())
-            message += " | body: " + (flat if len(flat) <= _EXCERPT else flat[:_EXCERPT] + f"... ({len(flat)} chars)")
-        super().__init__(message)
-        self.endpoint = endpoint
-        self.reason = reason
-        self.status = status
-        self.body = body
-
+# The wire contract shared with `actors/sglang_engine.py`; `SGLangError`, `GENERATE` and `MODEL_INFO`
+# stay importable from here.
+from protocol.sglang_http import (
+    GENERATE,
+    MODEL_INFO,
+    SGLangClient,
+    SGLangClientOptions,
+    SGLangError,
+    error_message,
+    field_error,
+    first_checkpoint_parameters,
+    logprob_entry,
+)
 
 # --------------------------------------------------------------------------- pure mapping
 
@@ -90,7 +80,7 @@ def parse_score_response(body: Any, sequences: Sequence[Sequence[int]], starts: 
     """
     if isinstance(body, dict):
         if "error" in body:
-            raise SGLangError(GENERATE, f"server error: {_error_message(body)}", body=json.dumps(body))
+            raise SGLangError(GENERATE, f"server error: {error_message(body)}", body=json.dumps(body))
         body = [body]
     if not isinstance(body, list) or len(body) != len(sequences):
         got = f"{len(body)} results" if isinstance(body, list) else type(body).__name__
@@ -99,7 +89,7 @@ def parse_score_response(body: Any, sequences: Sequence[Sequence[int]], starts: 
     for i, (item, seq, start) in enumerate(zip(body, sequences, starts, strict=True)):
         meta = item.get("meta_info") if isinstance(item, dict) else None
         if not isinstance(meta, dict):
-            raise _field_error(f"[{i}].meta_info", "missing or not an object", item)
+            raise field_error(f"[{i}].meta_info", "missing or not an object", item)
         reason = meta.get("finish_reason")
         if isinstance(reason, dict) and reason.get("type") == "abort":
             raise SGLangError(GENERATE, f"request [{i}] aborted: {reason.get('message')!r}", body=json.dumps(reason))
@@ -110,14 +100,14 @@ def parse_score_response(body: Any, sequences: Sequence[Sequence[int]], starts: 
         logprobs_R = np.empty(n - 1, dtype=np.float32)
         for j, entry in enumerate(tokens):
             where = f"[{i}].meta_info.input_token_logprobs[{j}]"
-            logprob, token_id = _logprob_entry(entry, where, item)
+            logprob, token_id = logprob_entry(entry, where, item)
             _check_id(token_id, seq[first + j], where, item)
             if j == 0:
                 if logprob is not None:
-                    raise _field_error(where, "expected the null placeholder at entry 0 (server semantics changed?)", item)
+                    raise field_error(where, "expected the null placeholder at entry 0 (server semantics changed?)", item)
                 continue
             if logprob is None:
-                raise _field_error(where, "logprob is null", item)
+                raise field_error(where, "logprob is null", item)
             logprobs_R[j - 1] = logprob
         topk_ids_RK = np.zeros((n - 1, k), dtype=np.int32)
         topk_logprobs_RK = np.zeros((n - 1, k), dtype=np.float32)
@@ -127,11 +117,11 @@ def parse_score_response(body: Any, sequences: Sequence[Sequence[int]], starts: 
                 where = f"[{i}].meta_info.input_top_logprobs[{j}]"
                 row = tops[j]
                 if not isinstance(row, list) or len(row) < k:
-                    raise _field_error(where, f"expected {k} [logprob, token_id, text] entries, got {row!r}", item)
+                    raise field_error(where, f"expected {k} [logprob, token_id, text] entries, got {row!r}", item)
                 for c, entry in enumerate(row[:k]):
-                    logprob, token_id = _logprob_entry(entry, f"{where}[{c}]", item)
+                    logprob, token_id = logprob_entry(entry, f"{where}[{c}]", item)
                     if logprob is None:
-                        raise _field_error(f"{where}[{c}]", "logprob is null", item)
+                        raise field_error(f"{where}[{c}]", "logprob is null", item)
                     topk_ids_RK[j - 1, c] = token_id
                     topk_logprobs_RK[j - 1, c] = logprob
         out.append(Scores(logprobs_R=logprobs_R, topk_ids_RK=topk_ids_RK, topk_logprobs_RK=topk_logprobs_RK))
@@ -141,69 +131,22 @@ def parse_score_response(body: Any, sequences: Sequence[Sequence[int]], starts: 
 def _list_of(meta: dict[str, Any], key: str, n: int, i: int, item: Any) -> list[Any]:
     value = meta.get(key)
     if not isinstance(value, list):
-        raise _field_error(f"[{i}].meta_info.{key}", "missing or not a list (was return_logprob honoured?)", item)
+        raise field_error(f"[{i}].meta_info.{key}", "missing or not a list (was return_logprob honoured?)", item)
     if len(value) != n:
-        raise _field_error(f"[{i}].meta_info.{key}", f"{len(value)} entries, expected {n}", item)
+        raise field_error(f"[{i}].meta_info.{key}", f"{len(value)} entries, expected {n}", item)
     return value
 
 
 def _check_id(got: int, sent: int, where: str, item: Any) -> None:
     # SGLang reports ids >= vocab_size - 1 as 0 (it clips multimodal pad hashes), so 0 is not proof of a shift.
     if got != sent and got != 0:
-        raise _field_error(where, f"server echoes token id {got} where we sent {sent}: positions are misaligned", item)
-
-
-def _logprob_entry(entry: Any, where: str, context: Any) -> tuple[float | None, int]:
-    """`[logprob, token_id, text_or_null]` -> (logprob or None, token_id)."""
-    if not isinstance(entry, list | tuple) or len(entry) < 2:
-        raise _field_error(where, f"expected [logprob, token_id, text], got {entry!r}", context)
-    logprob, token_id = entry[0], entry[1]
-    if logprob is not None and (isinstance(logprob, bool) or not isinstance(logprob, int | float)):
-        raise _field_error(where, f"logprob {logprob!r} is not a number", context)
-    if isinstance(token_id, bool) or not isinstance(token_id, int):
-        raise _field_error(where, f"token id {token_id!r} is not an integer", context)
-    return (None if logprob is None else float(logprob)), token_id
-
-
-def _field_error(where: str, reason: str, context: Any) -> SGLangError:
-    try:
-        text = json.dumps(context)
-    except (TypeError, ValueError):
-        text = repr(context)
-    return SGLangError(GENERATE, f"{where}: {reason}", body=text)
-
-
-def _error_message(body: Any) -> str:
-    """SGLang's error bodies are `{"error": {"message": ...}}` (`_create_error_response`)."""
-    if isinstance(body, dict):
-        err = body.get("error")
-        if isinstance(err, dict) and "message" in err:
-            return str(err["message"])
-        if isinstance(err, str):
-            return err
-        if "message" in body:
-            return str(body["message"])
-    return "unexpected response"
-
-
-def _count_safetensors_parameters(model_dir: str | Path) -> int:
-    """Exact parameter count from the safetensors headers of an HF checkpoint directory."""
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
-    total = 0
-    for path in files:
-        with path.open("rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
-        total += sum(int(np.prod(spec["shape"], dtype=np.int64)) for name, spec in header.items() if name != "__metadata__")
-    return total
+        raise field_error(where, f"server echoes token id {got} where we sent {sent}: positions are misaligned", item)
 
 
 # --------------------------------------------------------------------------- HTTP
 
 
-class SGLangTeacherScorer:
+class SGLangTeacherScorer(SGLangClient):
     """`TeacherScorer` over SGLang's native API.
 
     Args:
@@ -217,6 +160,8 @@ class SGLangTeacherScorer:
             names the weights by the server's `model_path` only.
         num_parameters / model_dir: the parameter count, or a local checkpoint to count it from;
             otherwise it is counted from the server's `model_path` when that is a local directory.
+        connect_timeout_s, control_timeout_s, session: `SGLangClient`'s connection options
+            (`protocol/sglang_http.py`), with its defaults.
 
     `tokens_forwarded` counts every token sent for scoring (prompt + response of each sequence).
     """
@@ -226,15 +171,11 @@ class SGLangTeacherScorer:
         base_url: str,
         *,
         timeout_s: float = 300.0,
-        connect_timeout_s: float = 5.0,
-        control_timeout_s: float = 60.0,
         max_tokens_per_request: int = 65536,
         temperature: float = 1.0,
         dtype: str = "auto",
         revision: str | None = None,
-        num_parameters: int | None = None,
-        model_dir: str | None = None,
-        session: requests.Session | None = None,
+        **options: Unpack[SGLangClientOptions],
     ) -> None:
         if temperature != 1.0:
             raise ValueError(
@@ -243,17 +184,12 @@ class SGLangTeacherScorer:
             )
         if max_tokens_per_request < 1:
             raise ValueError(f"max_tokens_per_request must be >= 1, got {max_tokens_per_request}")
-        self.base_url = base_url.rstrip("/")
+        super().__init__(base_url, **options)
         self.timeout_s = timeout_s
-        self.connect_timeout_s = connect_timeout_s
-        self.control_timeout_s = control_timeout_s
         self.max_tokens_per_request = max_tokens_per_request
         self.temperature = float(temperature)
         self.dtype = dtype
         self.revision = revision
-        self._num_parameters = num_parameters
-        self._model_dir = model_dir
-        self._session = session or requests.Session()
         self._identity: str | None = None
         self._model_info: dict[str, Any] | None = None
         self.identity_fields: dict[str, str] = {}
@@ -285,10 +221,7 @@ class SGLangTeacherScorer:
 
     def model_info(self) -> dict[str, Any]:
         if self._model_info is None:
-            body = self._call("GET", MODEL_INFO, None, self.control_timeout_s)
-            if not isinstance(body, dict):
-                raise SGLangError(MODEL_INFO, f"expected an object, got {type(body).__name__}")
-            self._model_info = body
+            self._model_info = self._get_model_info()
         return self._model_info
 
     def score(self, sequences: list[np.ndarray], starts: list[int], k: int) -> list[Scores]:
@@ -319,18 +252,7 @@ class SGLangTeacherScorer:
     def num_parameters(self) -> int:
         if self._num_parameters is None:
             candidates = [c for c in (self._model_dir, str(self.model_info().get("model_path", ""))) if c]
-            for candidate in candidates:
-                if Path(candidate).is_dir():
-                    try:
-                        self._num_parameters = _count_safetensors_parameters(candidate)
-                        break
-                    except (OSError, ValueError, KeyError):
-                        continue
-            else:
-                raise RuntimeError(
-                    f"cannot count the teacher's parameters: none of {candidates} is a local safetensors "
-                    "directory; pass num_parameters= (or model_dir=) to SGLangTeacherScorer"
-                )
+            self._num_parameters = first_checkpoint_parameters(candidates, "teacher", "SGLangTeacherScorer")
         return self._num_parameters
 
     def _chunks(self, lengths: list[int]) -> list[tuple[int, int]]:
@@ -344,23 +266,3 @@ class SGLangTeacherScorer:
         if lo < len(lengths):
             chunks.append((lo, len(lengths)))
         return chunks
-
-    def _call(self, method: str, endpoint: str, payload: Any, read_timeout_s: float) -> Any:
-        url = self.base_url + endpoint
-        try:
-            response = self._session.request(method, url, json=payload, timeout=(self.connect_timeout_s, read_timeout_s))
-        except requests.Timeout as exc:
-            raise SGLangError(endpoint, f"timed out after {read_timeout_s}s ({url}): {exc}") from exc
-        except requests.RequestException as exc:
-            raise SGLangError(endpoint, f"request failed ({url}): {exc}") from exc
-        text = response.text
-        if response.status_code >= 400:
-            try:
-                reason = _error_message(response.json())
-            except ValueError:
-                reason = response.reason or "error"
-            raise SGLangError(endpoint, reason, status=response.status_code, body=text)
-        try:
-            return response.json() if text.strip() else None
-        except ValueError as exc:
-            raise SGLangError(endpoint, "response is not JSON", status=response.status_code, body=text) from exc

@@ -1,0 +1,229 @@
+"""SGLang's native HTTP API as we speak it: endpoints, error bodies, logprob triples, one JSON call.
+
+The rollout engine (`actors/sglang_engine.py`) and the teacher scorer (`cache/sglang_scorer.py`) both
+talk to an SGLang server we do not control, so the shapes below are a wire contract with an external
+process, like the rest of `protocol/`: they live here so that both roles share one reading of it
+without importing each other. What each role sends and how it maps the answer stays in that role.
+
+Names and shapes follow SGLang's own sources, not guesses:
+
+- endpoints (`/generate`, `/get_model_info`, `/health`, `/pause_generation` with its `mode`,
+  `/update_weights_from_disk`, `/continue_generation`) and error bodies: `python/sglang/srt/entrypoints/
+  http_server.py`, whose `_create_error_response` answers `{"error": {"message": ...}}` with HTTP 400.
+- request and weight-update bodies: `GenerateReqInput` / `UpdateWeightFromDiskReqInput` in
+  `python/sglang/srt/managers/io_struct.py`.
+- logprob entries: `[logprob, token_id, text_or_null]` triples (`TokenizerManager.detokenize_logprob_tokens`
+  in `python/sglang/srt/managers/tokenizer_manager.py`), for output tokens (`output_token_logprobs`)
+  and prompt tokens (`input_token_logprobs`, `input_top_logprobs`) alike.
+- parameter counts read checkpoint headers in the safetensors file format (an 8-byte little-endian
+  header length, then a JSON header listing every tensor's shape): a file format, not an SGLang shape.
+
+Every failure surfaces as `SGLangError`, whose message names the endpoint, the HTTP status and a body
+excerpt. `SGLangClient` is the connection both roles build on (base URL, timeouts, session, one JSON
+call, `/get_model_info`); what each sends over it stays in its role.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, TypedDict
+
+import requests
+
+GENERATE = "/generate"
+PAUSE = "/pause_generation"
+CONTINUE = "/continue_generation"
+UPDATE_FROM_DISK = "/update_weights_from_disk"
+MODEL_INFO = "/get_model_info"
+HEALTH = "/health"
+
+PAUSE_MODES = ("abort", "retract", "in_place")
+_EXCERPT = 300
+
+
+class SGLangError(RuntimeError):
+    """An SGLang call failed; the message names the endpoint, the HTTP status and a body excerpt."""
+
+    def __init__(self, endpoint: str, reason: str, *, status: int | None = None, body: str | None = None) -> None:
+        parts = [f"SGLang {endpoint}"]
+        if status is not None:
+            parts.append(f"HTTP {status}")
+        message = " ".join(parts) + f": {reason}"
+        if body:
+            message += f" | body: {excerpt(body)}"
+        super().__init__(message)
+        self.endpoint = endpoint
+        self.reason = reason
+        self.status = status
+        self.body = body
+
+
+def excerpt(body: str, limit: int = _EXCERPT) -> str:
+    """`body` on one line, cut to `limit` characters (saying how long it was)."""
+    body = " ".join(body.split())
+    return body if len(body) <= limit else body[:limit] + f"... ({len(body)} chars)"
+
+
+def logprob_entry(entry: Any, where: str, context: Any) -> tuple[float | None, int]:
+    """`[logprob, token_id, text_or_null]` -> (logprob or None, token_id)."""
+    if not isinstance(entry, list | tuple) or len(entry) < 2:
+        raise field_error(where, f"expected [logprob, token_id, text], got {entry!r}", context)
+    logprob, token_id = entry[0], entry[1]
+    if logprob is not None and (isinstance(logprob, bool) or not isinstance(logprob, int | float)):
+        raise field_error(where, f"logprob {logprob!r} is not a number", context)
+    if isinstance(token_id, bool) or not isinstance(token_id, int):
+        raise field_error(where, f"token id {token_id!r} is not an integer", context)
+    return (None if logprob is None else float(logprob)), token_id
+
+
+def field_error(where: str, reason: str, context: Any) -> SGLangError:
+    """A `/generate` answer whose field `where` is wrong; `context` (JSON if it can be) is the body."""
+    try:
+        text = json.dumps(context)
+    except (TypeError, ValueError):
+        text = repr(context)
+    return SGLangError(GENERATE, f"{where}: {reason}", body=text)
+
+
+def error_message(body: Any) -> str:
+    """SGLang's error bodies are `{"error": {"message": ...}}` (`_create_error_response`)."""
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict) and "message" in err:
+            return str(err["message"])
+        if isinstance(err, str):
+            return err
+        if "message" in body:
+            return str(body["message"])
+    return "unexpected response"
+
+
+def count_safetensors_parameters(model_dir: str | Path) -> int:
+    """Exact parameter count of an HF checkpoint directory from its safetensors headers (no tensor I/O).
+
+    Each `.safetensors` file starts with an 8-byte little-endian header length and a JSON header that
+    lists every tensor's shape; summing the products is exact and reads a few kilobytes.
+    """
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
+    total = 0
+    for path in files:
+        with path.open("rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        for name, spec in header.items():
+            if name == "__metadata__":
+                continue
+            n = 1
+            for dim in spec["shape"]:
+                n *= int(dim)
+            total += n
+    return total
+
+
+def first_checkpoint_parameters(candidates: Iterable[str | None], role: str, owner: str) -> int:
+    """`count_safetensors_parameters` of the first candidate that is a local safetensors directory.
+
+    Empty candidates and directories that cannot be counted are passed over; when none is left, the
+    `RuntimeError` names them all and tells the caller to pass `num_parameters=` (or `model_dir=`) to
+    `owner`, the class whose `role` (e.g. "student") could not be counted.
+    """
+    candidates = list(candidates)
+    for candidate in candidates:
+        if candidate and Path(candidate).is_dir():
+            try:
+                return count_safetensors_parameters(candidate)
+            except (OSError, ValueError, KeyError):
+                continue
+    raise RuntimeError(
+        f"cannot count the {role}'s parameters: none of {candidates} is a local safetensors "
+        f"directory; pass num_parameters= (or model_dir=) to {owner}"
+    )
+
+
+def http_json(
+    session: requests.Session,
+    method: str,
+    base_url: str,
+    endpoint: str,
+    payload: Any,
+    timeout: tuple[float, float],
+) -> Any:
+    """One HTTP call; JSON body in and out (an empty body is None). Every failure is an `SGLangError`.
+
+    `timeout` is `(connect, read)` seconds, as `requests` takes it.
+    """
+    url = base_url + endpoint
+    try:
+        response = session.request(method, url, json=payload, timeout=timeout)
+    except requests.Timeout as exc:
+        raise SGLangError(endpoint, f"timed out after {timeout[1]}s ({url}): {exc}") from exc
+    except requests.RequestException as exc:
+        raise SGLangError(endpoint, f"request failed ({url}): {exc}") from exc
+    text = response.text
+    if response.status_code >= 400:
+        try:
+            reason = error_message(response.json())
+        except ValueError:
+            reason = response.reason or "error"
+        raise SGLangError(endpoint, reason, status=response.status_code, body=text)
+    if not text.strip():
+        return None
+    try:
+        return response.json()
+    except ValueError as exc:
+        raise SGLangError(endpoint, "response is not JSON", status=response.status_code, body=text) from exc
+
+
+class SGLangClientOptions(TypedDict, total=False):
+    """The keyword options every `SGLangClient` takes (see there), for `**options: Unpack[...]`."""
+
+    connect_timeout_s: float
+    control_timeout_s: float
+    num_parameters: int | None
+    model_dir: str | None
+    session: requests.Session | None
+
+
+class SGLangClient:
+    """One SGLang server, over its native HTTP API; not shared across threads.
+
+    Args:
+        base_url: the server, e.g. `http://student-sglang:30000` (a trailing `/` is dropped).
+        connect_timeout_s: TCP connect timeout of every call.
+        control_timeout_s: read timeout of the small control calls (`/get_model_info`, ...).
+        num_parameters: the served model's parameter count, if known (`_num_parameters`).
+        model_dir: a local copy of the served checkpoint, to count the parameters from (`_model_dir`).
+        session: the `requests.Session` to call through (a new one by default).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        connect_timeout_s: float = 5.0,
+        control_timeout_s: float = 60.0,
+        num_parameters: int | None = None,
+        model_dir: str | None = None,
+        session: requests.Session | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.connect_timeout_s = connect_timeout_s
+        self.control_timeout_s = control_timeout_s
+        self._num_parameters = num_parameters
+        self._model_dir = model_dir
+        self._session = session or requests.Session()
+
+    def _call(self, method: str, endpoint: str, payload: Any, read_timeout_s: float) -> Any:
+        return http_json(self._session, method, self.base_url, endpoint, payload, (self.connect_timeout_s, read_timeout_s))
+
+    def _get_model_info(self) -> dict[str, Any]:
+        """`/get_model_info` (uncached): `model_path`, `tokenizer_path`, `weight_version`, ..."""
+        body = self._call("GET", MODEL_INFO, None, self.control_timeout_s)
+        if not isinstance(body, dict):
+            raise SGLangError(MODEL_INFO, f"expected an object, got {type(body).__name__}")
+        return body
