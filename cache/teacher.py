@@ -4,6 +4,19 @@ Scores are computed on the exact token ids the student sampled (never re-tokeniz
 prefix the cache returns the longest cached run of blocks; the teacher computes only the positions
 after it (it still reads the whole context), stores the new blocks, and forwards the response's
 scores. Forwarding and acknowledging happen in one Redis transaction.
+
+Why the cache is looked up and written once per batch (`lookup_many` / `put_many`): a put costs
+~10-20 ms of zarr overhead (chunk rewrite + fsync) whatever its size, so one put per sequence would
+cost more than scoring a batch of short prefixes.
+
+Why cache failures never fail the work: the cache is an optimisation. A lookup that raises is a miss
+(the teacher scores the whole sequence); a put that raises is logged and counted
+(`opd_cache_errors_total{op}` and the run-wide `teacher_cache_errors` stat) and the scored prefixes
+are forwarded anyway. The only cost of a broken cache is compute.
+
+`score_with_cache` is the one implementation of "look up, score the rest, store": the teacher loop
+and offline warming (`opd cache warm`, `cache/cli.py`) both use it, so a warmed entry is exactly
+what a live teacher would have stored.
 """
 
 from __future__ import annotations
@@ -11,9 +24,10 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 
 from cache.config import TeacherConfig
 from cache.scorer import Scores, TeacherScorer
@@ -25,6 +39,11 @@ from protocol.runtime import StopFlag, register_endpoint, resolve_device
 from protocol.streams import Delivery, StreamQueue, connect
 from protocol.telemetry import MetricsServer, TeacherMetrics, teacher_metrics
 
+if TYPE_CHECKING:
+    import redis
+
+    from cache.store import CacheHit, PutResult, TeacherCache
+
 log = logging.getLogger(__name__)
 
 
@@ -34,6 +53,7 @@ class TeacherSummary:
     tokens_scored: int = 0
     tokens_cached: int = 0
     dead: int = 0
+    cache_errors: int = 0
 
 
 def make_scorer(cfg: TeacherConfig) -> TeacherScorer:
@@ -46,8 +66,31 @@ def make_scorer(cfg: TeacherConfig) -> TeacherScorer:
                                    model_dir=cfg.model_dir or None)
     from cache.scorer import HFTeacherScorer
 
+    if not cfg.model_dir:
+        raise ValueError("teacher.model_dir is required when teacher.engine is 'hf'")
     return HFTeacherScorer(cfg.model_dir, device=resolve_device(cfg.device), temperature=cfg.temperature,
                            revision=cfg.revision)
+
+
+def topk_storage_dtype(cfg: TeacherConfig) -> np.dtype:
+    """The numpy dtype of stored and forwarded top-k logprobs (teacher.topk_dtype)."""
+    return np.dtype(np.float16 if cfg.topk_dtype == "float16" else np.float32)
+
+
+def open_cache(cfg: TeacherConfig, identity: str, client: redis.Redis, names: Names, writer_id: str) -> TeacherCache:
+    """The teacher's cache, as every writer must open it.
+
+    Why one function: the namespace (identity + k + top-k dtype), the Redis prefix and the block
+    size decide which entries a reader can see; a warmer that opened the cache any other way would
+    write entries no teacher ever hits.
+    """
+    from cache.keys import cache_namespace
+    from cache.store import TeacherCache
+
+    dtype = topk_storage_dtype(cfg)
+    return TeacherCache(cfg.cache_dir, client, k=cfg.topk, namespace=cache_namespace(identity, cfg.topk, dtype),
+                        topk_dtype=dtype, block_size=cfg.block_size, writer_id=writer_id,
+                        redis_prefix=names.key("cache"))
 
 
 @dataclass
@@ -58,6 +101,107 @@ class FullScores:
     topk_ids_TK: np.ndarray
     topk_logprobs_TK: np.ndarray
     cached_upto: int
+
+
+@dataclass
+class CacheBatchStats:
+    """What one `score_with_cache` call did to the cache (for metrics, logs and warm totals)."""
+
+    bytes_written: int = 0
+    blocks_written: int = 0
+    tokens_written: int = 0
+    lookup_errors: int = 0
+    put_errors: int = 0
+
+    @property
+    def errors(self) -> int:
+        return self.lookup_errors + self.put_errors
+
+
+def _lookup(cache: TeacherCache, seqs: list[np.ndarray], stats: CacheBatchStats) -> list[CacheHit | None]:
+    """Cache hits per sequence; any failure is a miss for the whole batch (see module docs)."""
+    try:
+        return list(cache.lookup_many(seqs))
+    except Exception as exc:
+        stats.lookup_errors += 1
+        log.warning("teacher cache: lookup of %d sequences failed (%s: %s); scoring them in full",
+                    len(seqs), type(exc).__name__, exc)
+        return [None] * len(seqs)
+
+
+PutItem = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]
+
+
+def _put(cache: TeacherCache, items: list[PutItem], stats: CacheBatchStats) -> None:
+    """Store a batch in one `put_many`; a failure is logged and counted, never raised.
+
+    A ValueError means one item's data was refused (e.g. a NaN score): the items are then retried
+    one by one so that one bad sequence does not cost the others their entries. Other failures
+    (Redis, disk) are not retried: they would fail again, once per item.
+    """
+    try:
+        results: list[PutResult] = list(cache.put_many(items))
+    except ValueError as exc:
+        if len(items) == 1:
+            stats.put_errors += 1
+            log.warning("teacher cache: put refused (%s); forwarding the scores uncached", exc)
+            return
+        results = []
+        for item in items:
+            try:
+                results += cache.put_many([item])
+            except Exception as one_exc:
+                stats.put_errors += 1
+                log.warning("teacher cache: put of one sequence (%d tokens) failed (%s: %s); forwarding it uncached",
+                            len(item[0]), type(one_exc).__name__, one_exc)
+    except Exception as exc:
+        stats.put_errors += 1
+        log.warning("teacher cache: put of %d sequences failed (%s: %s); forwarding the scores uncached",
+                    len(items), type(exc).__name__, exc)
+        return
+    for r in results:
+        stats.bytes_written += r.bytes_written
+        stats.blocks_written += r.blocks_written
+        stats.tokens_written += r.tokens_written
+
+
+def score_with_cache(scorer: TeacherScorer, cache: TeacherCache | None, seqs: list[np.ndarray], *, k: int,
+                     topk_dtype: np.dtype) -> tuple[list[FullScores], CacheBatchStats]:
+    """Scores for every position of each sequence: from the cache where it has them, else computed.
+
+    One `lookup_many` for the batch, one scorer call for every sequence not fully cached (each
+    scored from its hit's `prefix_len`, position 0 never), and one `put_many` storing the newly
+    computed blocks (`from_pos` = the hit's `prefix_len`).
+    """
+    stats = CacheBatchStats()
+    hits = _lookup(cache, seqs, stats) if cache is not None else [None] * len(seqs)
+    starts = [max(1, h.prefix_len) if h is not None else 1 for h in hits]
+    todo = [i for i, s in enumerate(seqs) if starts[i] < len(s)]
+    computed: dict[int, Scores] = {}
+    if todo:
+        out = scorer.score([seqs[i] for i in todo], [starts[i] for i in todo], k)
+        computed = dict(zip(todo, out, strict=True))
+    full: list[FullScores] = []
+    to_store: list[PutItem] = []
+    for i, seq in enumerate(seqs):
+        T = len(seq)
+        lp = np.full(T, np.nan, dtype=np.float32)
+        ids = np.zeros((T, k), dtype=np.int32)
+        tlp = np.zeros((T, k), dtype=topk_dtype)
+        h, start = hits[i], starts[i]
+        if h is not None and h.prefix_len > 0:
+            n = h.prefix_len
+            lp[:n], ids[:n], tlp[:n] = h.logprobs_N, h.topk_ids_NK, h.topk_logprobs_NK
+        if i in computed:
+            c = computed[i]
+            lp[start:], ids[start:], tlp[start:] = c.logprobs_R, c.topk_ids_RK, c.topk_logprobs_RK
+            if cache is not None:
+                to_store.append((seq, lp, ids, tlp, h.prefix_len if h is not None else 0))
+        cached_upto = min(h.prefix_len, T) if h is not None else 0
+        full.append(FullScores(lp, ids, tlp, cached_upto))
+    if cache is not None and to_store:
+        _put(cache, to_store, stats)
+    return full, stats
 
 
 class Teacher:
@@ -72,6 +216,10 @@ class Teacher:
         self.client = connect(transport.redis_url)
         self.registry = registry or CollectorRegistry()
         self.metrics: TeacherMetrics = teacher_metrics(self.registry)
+        # TODO(lead): belongs in protocol/telemetry.py (TeacherMetrics); defined here because
+        # protocol/ was not this change's to edit.
+        self.cache_errors = Counter("opd_cache_errors", "Cache lookups or puts that failed (the work went on uncached)",
+                                    ["op"], registry=self.registry)
         self.inbox = StreamQueue(
             self.client, self.names.rollouts, names=self.names, consumer=worker_id, expect=RolloutPrefix,
             max_deliveries=transport.max_deliveries, claim_idle_ms=transport.claim_idle_ms,
@@ -83,49 +231,28 @@ class Teacher:
         self.backpressure_timeout_s = transport.backpressure_timeout_s
         self.scorer = make_scorer(cfg)
         self.params = self.scorer.num_parameters()
-        self.topk_dtype = np.dtype(np.float16 if cfg.topk_dtype == "float16" else np.float32)
-        self.cache = self._open_cache() if cfg.cache_enabled else None
+        self.topk_dtype = topk_storage_dtype(cfg)
+        self.cache = open_cache(cfg, self.scorer.identity, self.client, self.names, worker_id) if cfg.cache_enabled else None
         self.summary = TeacherSummary()
         self.flops_saved = 0
+        self.batch_cache_errors = 0
 
-    def _open_cache(self):  # type: ignore[no-untyped-def]
-        from cache.keys import cache_namespace
-        from cache.store import TeacherCache
-
-        namespace = cache_namespace(self.scorer.identity, self.cfg.topk, self.topk_dtype)
-        return TeacherCache(self.cfg.cache_dir, self.client, k=self.cfg.topk, namespace=namespace,
-                            topk_dtype=self.topk_dtype, block_size=self.cfg.block_size, writer_id=self.worker_id,
-                            redis_prefix=self.names.key("cache"))
+    def close(self) -> None:
+        """Release the cache's writer lock (a restart with the same worker id resumes its shard)."""
+        if self.cache is not None:
+            self.cache.close()
 
     # -- scoring ---------------------------------------------------------------------------------
     def score_full(self, seqs: list[np.ndarray]) -> list[FullScores]:
         """Scores for every position of each sequence, from the cache where it has them."""
-        k = self.cfg.topk
-        hits = [self.cache.lookup(s) if self.cache is not None else None for s in seqs]
-        starts = [max(1, h.prefix_len) if h is not None else 1 for h in hits]
-        todo = [i for i, s in enumerate(seqs) if starts[i] < len(s)]
-        computed: dict[int, Scores] = {}
-        if todo:
-            out = self.scorer.score([seqs[i] for i in todo], [starts[i] for i in todo], k)
-            computed = dict(zip(todo, out, strict=True))
-        full: list[FullScores] = []
-        for i, seq in enumerate(seqs):
-            T = len(seq)
-            lp = np.full(T, np.nan, dtype=np.float32)
-            ids = np.zeros((T, k), dtype=np.int32)
-            tlp = np.zeros((T, k), dtype=self.topk_dtype)
-            h, start = hits[i], starts[i]
-            if h is not None and h.prefix_len > 0:
-                n = h.prefix_len
-                lp[:n], ids[:n], tlp[:n] = h.logprobs_N, h.topk_ids_NK, h.topk_logprobs_NK
-            if i in computed:
-                c = computed[i]
-                lp[start:], ids[start:], tlp[start:] = c.logprobs_R, c.topk_ids_RK, c.topk_logprobs_RK
-                if self.cache is not None:
-                    put = self.cache.put(seq, lp, ids, tlp, from_pos=h.prefix_len if h is not None else 0)
-                    self.metrics.cache_bytes_written.inc(put.bytes_written)
-            cached_upto = min(h.prefix_len, T) if h is not None else 0
-            full.append(FullScores(lp, ids, tlp, cached_upto))
+        full, stats = score_with_cache(self.scorer, self.cache, seqs, k=self.cfg.topk, topk_dtype=self.topk_dtype)
+        self.metrics.cache_bytes_written.inc(stats.bytes_written)
+        if stats.lookup_errors:
+            self.cache_errors.labels(op="lookup").inc(stats.lookup_errors)
+        if stats.put_errors:
+            self.cache_errors.labels(op="put").inc(stats.put_errors)
+        self.summary.cache_errors += stats.errors
+        self.batch_cache_errors += stats.errors
         return full
 
     def process(self, deliveries: list[Delivery]) -> list[tuple[Delivery, Message]]:
@@ -135,23 +262,34 @@ class Teacher:
         full = self.score_full(seqs)
         # Saved = tokens a cache-less teacher would have run forward minus what this one did (the
         # scorer re-reads the context of a partial hit, so only fully cached sequences save compute).
-        avoided = max(0, sum(len(s) for s in seqs) - (self.scorer.tokens_forwarded - forwarded_before))
+        forwarded = self.scorer.tokens_forwarded - forwarded_before
+        avoided = max(0, sum(len(s) for s in seqs) - forwarded)
         flops_saved = 2 * self.params * avoided
-        self.metrics.compute_saved.labels(stage="teacher_cache").inc(flops_saved)
-        self.flops_saved += flops_saved
         done: list[tuple[Delivery, Message]] = []
+        counts: list[tuple[int, int]] = []  # (cached, scored) response tokens per message
         for d, m, seq, f in zip(deliveries, msgs, seqs, full, strict=True):
             P, T = len(m.prompt_ids_P), len(seq)
             R = T - P
             cached = max(0, f.cached_upto - P)
             scored = R - cached
-            done.append((d, ScoredPrefix.from_rollout(
+            result = ScoredPrefix.from_rollout(
                 m, teacher_logprobs_R=f.logprobs_T[P:].copy(), topk_ids_RK=f.topk_ids_TK[P:].copy(),
                 topk_logprobs_RK=f.topk_logprobs_TK[P:].copy(), teacher_id=self.scorer.identity,
                 cached_tokens=cached, scored_tokens=scored,
-            )))
+            )
+            # Checked here, inside step()'s try, so bad scores dead-letter their own message (the
+            # cache put used to catch them; it no longer raises).
+            result.validate()
+            if np.isnan(result.topk_logprobs_RK).any():
+                raise ValueError("teacher top-k logprobs contain NaN")
+            done.append((d, result))
+            counts.append((cached, scored))
+        # Counted only once the whole batch is good: a failed batch is redone one by one.
+        self.metrics.compute_saved.labels(stage="teacher_cache").inc(flops_saved)
+        self.flops_saved += flops_saved
+        for seq, f, (cached, scored) in zip(seqs, full, counts, strict=True):
             self.metrics.cache_hit_tokens.inc(f.cached_upto)
-            self.metrics.cache_miss_tokens.inc(T - f.cached_upto)
+            self.metrics.cache_miss_tokens.inc(len(seq) - f.cached_upto)
             self.metrics.tokens_cached.inc(cached)
             self.metrics.tokens_scored.inc(scored)
             self.summary.tokens_cached += cached
@@ -179,8 +317,10 @@ class Teacher:
         scored = sum(r.scored_tokens for _d, r in done)  # type: ignore[attr-defined]
         cached = sum(r.cached_tokens for _d, r in done)  # type: ignore[attr-defined]
         ledger.add_stats(self.client, self.names, teacher_prefixes=len(done), teacher_tokens_scored=scored,
-                         teacher_tokens_cached=cached, flops_saved_cache=self.flops_saved)
+                         teacher_tokens_cached=cached, flops_saved_cache=self.flops_saved,
+                         teacher_cache_errors=self.batch_cache_errors)
         self.flops_saved = 0
+        self.batch_cache_errors = 0
         self.summary.prefixes += len(done)
         self.metrics.prefixes.inc(len(done))
         self.metrics.queue_depth.labels(stream=self.names.rollouts).set(self.inbox.depth())
@@ -194,9 +334,9 @@ class Teacher:
         while not self.stop.is_set():
             self.step()
         dt = time.perf_counter() - t0
-        log.info("%s: stopped: %d prefixes, %d tokens scored (%.0f tok/s), %d served from cache", self.worker_id,
-                 self.summary.prefixes, self.summary.tokens_scored, self.summary.tokens_scored / max(dt, 1e-9),
-                 self.summary.tokens_cached)
+        log.info("%s: stopped: %d prefixes, %d tokens scored (%.0f tok/s), %d served from cache, %d cache errors",
+                 self.worker_id, self.summary.prefixes, self.summary.tokens_scored,
+                 self.summary.tokens_scored / max(dt, 1e-9), self.summary.tokens_cached, self.summary.cache_errors)
         return self.summary
 
 
@@ -211,3 +351,4 @@ def run_teacher(cfg: TeacherConfig, transport: TransportConfig, *, worker_id: st
         return teacher.run()
     finally:
         server.close()
+        teacher.close()

@@ -59,18 +59,40 @@ def build_parser() -> argparse.ArgumentParser:
                        help="replica index (seeds, ids)")
         p.add_argument("--id", dest="role_id", default=None, help="replica id (default: ROLE-HOSTNAME-PID)")
 
-    cache = sub.add_parser("cache", help="operate the teacher cache")
+    cache = sub.add_parser("cache", help="operate the teacher cache (exit codes: 0 ok, 1 problems found or failed, 2 bad usage)")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
     for name, text in (("stats", "entries, tokens, bytes, bytes per token, hit rate"),
-                       ("verify", "check index against shards and checksums; non-zero exit on problems"),
+                       ("verify", "check index against shards and checksums; exit code 1 on problems"),
                        ("rebuild-index", "rebuild the Redis index from the shards alone"),
                        ("evict", "evict least-recently-hit shards down to teacher.cache_budget_bytes")):
-        p = cache_sub.add_parser(name, help=text)
+        p = cache_sub.add_parser(name, help=text, description=text)
         _common(p, config_required=False)
-    warm = cache_sub.add_parser("warm", help="score a dataset ahead of training (offline teacher caching)")
+        p.add_argument("--json", action="store_true", help="print the report as JSON")
+        if name in ("verify", "rebuild-index"):
+            p.add_argument("--quick", action="store_true", help="check records and index only, not every entry's data")
+        if name == "verify":
+            p.add_argument("--repair", action="store_true",
+                           help="also drop index fields that point at bad data and index good unindexed records")
+        if name == "evict":
+            p.add_argument("--dry-run", action="store_true", help="report what would be evicted, delete nothing")
+    warm = cache_sub.add_parser(
+        "warm", help="score a dataset ahead of training (offline teacher caching)",
+        description="Score token sequences with the teacher and store them in the cache, exactly as a live "
+                    "teacher would. JSONL lines: {\"ids\": [..]} (exact token ids, prompt+response: preferred) or "
+                    "{\"prompt\": \"..\", \"response\"|\"continuation\": \"..\"} (text, tokenized with the teacher's "
+                    "tokenizer the way actors tokenize prompts). A rollout hits the cache only on exactly equal ids.")
     _common(warm, config_required=False)
-    warm.add_argument("--prompts", required=True, help="JSONL with 'prompt' (and optional 'response') strings, or 'ids' lists")
-    warm.add_argument("--model", help="teacher model dir (default: teacher.model_dir)")
+    warm.add_argument("--prompts", required=True, metavar="FILE",
+                      help="JSONL with 'ids' lists, or 'prompt' (and optional 'response'/'continuation') strings")
+    warm.add_argument("--model", metavar="DIR", help="teacher model dir (default: teacher.model_dir)")
+    warm.add_argument("--ids-only", action="store_true", help="refuse text lines: every line must give 'ids'")
+    warm.add_argument("--no-chat-template", action="store_true",
+                      help="text prompts: BOS + plain tokens even if the tokenizer has a chat template")
+    warm.add_argument("--append-eos", action="store_true",
+                      help="text lines: end each sequence with EOS (what a finished rollout ends with)")
+    warm.add_argument("--batch-size", type=int, metavar="N", help="sequences per scoring batch (default: teacher.batch_size)")
+    warm.add_argument("--writer-id", metavar="ID", help="cache writer id (default: warm-HOST-PID); reuse one to resume its shard")
+    warm.add_argument("--json", action="store_true", help="print the totals as JSON")
 
     cfg = sub.add_parser("config", help="print the resolved config or the option reference")
     cfg.add_argument("what", choices=["show", "docs"])
