@@ -9,8 +9,8 @@ tokens, so the ratios are honest for this machine: the teacher row is the baseli
 (ratio = cache tokens/s / teacher tokens/s), the uncompressed payload (4 + k * (4 + topk bytes) per
 token) is the baseline for storage (ratio = bytes on disk / payload).
 
-The teacher is `cache.scorer.HFTeacherScorer` on `opd.tiny.build_tiny_assets` (a 4-layer, 128-wide
-Llama). If either is missing, `teacher_recompute` reports nothing and the table says so; swap in
+The teacher is `cache.scorer.HFTeacherScorer` on `opd.tiny.build_tiny_assets` (a 0.5M-parameter,
+2-layer, 160-wide Llama: a small teacher is the hardest case for a cache, since recomputing is cheap). If either is missing, `teacher_recompute` reports nothing and the table says so; swap in
 another scorer there. Teacher outputs are real model outputs when the teacher is there (so the
 compression numbers are real), random otherwise.
 """

@@ -1,15 +1,24 @@
 """`opd top`: the pipeline's numbers in a terminal, read from Redis and every role's /metrics.
 
 The launcher's live view is the same table, so what a user watches locally is what `opd top`
-shows against a compose deployment.
+shows against a compose deployment. Redis is the source of truth for the run-wide numbers (the
+`stats` hash, the ledger, the learner's state): Prometheus counters die with their process, and a
+replica that restarted would otherwise make the totals go backwards. /metrics adds what only a live
+replica knows (its own throughput) and whether it is still up.
+
+`opd top --once` prints one snapshot; into a pipe or a file it prints plain `what: value` lines
+(no box drawing, no wrapping at 80 columns), so scripts and logs can read the numbers.
 """
 
 from __future__ import annotations
 
 import time
+import urllib.parse
 import urllib.request
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import redis
 from prometheus_client.parser import text_string_to_metric_families
@@ -18,6 +27,9 @@ from opd.config import OPDConfig
 from protocol import ledger
 from protocol.names import Names
 from protocol.runtime import endpoints
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 
 @dataclass
@@ -30,6 +42,8 @@ class Snapshot:
     endpoints: dict[str, str] = field(default_factory=dict)
     dead: int = 0
     stats: dict[str, float] = field(default_factory=dict)
+    down: list[str] = field(default_factory=list)  # registered endpoints that did not answer
+    taken_at: float = field(default_factory=time.monotonic)
 
 
 SUMMED = (
@@ -38,6 +52,8 @@ SUMMED = (
     "opd_cache_miss_tokens_total", "opd_learner_tokens_trained_total", "opd_compute_saved_flops_total",
     "opd_learner_tokens_per_second", "opd_learner_idle_fraction", "opd_dead_letters_total",
 )
+# What one replica has done, by role (the first of these its /metrics exports).
+REPLICA_WORK = ("opd_actor_tokens_generated_total", "opd_teacher_tokens_scored_total", "opd_learner_tokens_trained_total")
 
 
 def scrape(url: str, timeout: float = 2.0) -> dict[str, float]:
@@ -52,17 +68,28 @@ def scrape(url: str, timeout: float = 2.0) -> dict[str, float]:
     return dict(out)
 
 
+def _try_scrape(url: str) -> dict[str, float] | None:
+    try:
+        return scrape(url)
+    except (OSError, ValueError):  # refused, timed out, or not a metrics page
+        return None
+
+
 def snapshot(client: redis.Redis, names: Names) -> Snapshot:
     depths = {s: int(client.xlen(s)) for s in (names.rollouts, names.scored)}
     learner = {k.decode(): v.decode() for k, v in client.hgetall(names.learner_state).items()}
     snap = Snapshot(depths=depths, outcomes=ledger.counts(client, names), learner=learner,
                     endpoints=endpoints(client, names), dead=int(client.xlen(names.dead)),
                     stats=ledger.stats(client, names))
+    # Concurrently: an endpoint of a replica that is gone (its entry stays in Redis) may take the whole
+    # timeout to fail, and the live view refreshes several times a second.
+    items = sorted(snap.endpoints.items())
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(items)))) as pool:
+        results = list(pool.map(_try_scrape, [url for _, url in items]))
     totals: dict[str, float] = defaultdict(float)
-    for role_id, url in snap.endpoints.items():
-        try:
-            values = scrape(url)
-        except OSError:
+    for (role_id, _url), values in zip(items, results, strict=True):
+        if values is None:
+            snap.down.append(role_id)
             continue
         snap.per_role[role_id] = values
         for k, v in values.items():
@@ -71,39 +98,78 @@ def snapshot(client: redis.Redis, names: Names) -> Snapshot:
     return snap
 
 
-def render(snap: Snapshot):  # type: ignore[no-untyped-def]
-    """A rich renderable (imported lazily: rich is only needed when someone looks)."""
-    from rich.table import Table
-
+def rows(snap: Snapshot, previous: Snapshot | None = None) -> list[tuple[str, str]]:
+    """(what, value) pairs: the one definition of what `opd top` and the launcher show."""
     st = snap.stats
     gen = st.get("actor_tokens_generated", 0.0)
     saved = st.get("actor_tokens_saved", 0.0)
     scored = st.get("teacher_tokens_scored", 0.0)
     cached = st.get("teacher_tokens_cached", 0.0)
+    L = snap.learner
+    step = f"{L.get('step', '-')} / {L.get('version', '-')}"
+    if L.get("phase"):
+        step += f" ({L['phase']})"
+    out = [
+        ("learner step / version", step),
+        ("loss / sampled reverse KL", f"{_f(L.get('loss'))} / {_f(L.get('reverse_kl'))}"),
+        ("held-out reverse KL (first -> last)", f"{_f(L.get('eval_kl_first'))} -> {_f(L.get('eval_kl_last'))}"),
+        ("learner tokens/s, idle fraction", f"{_f(L.get('tokens_per_second'), 0)}, {_f(L.get('idle_fraction'), 2)}"),
+    ]
+    out += [(f"queue depth {stream}", str(depth)) for stream, depth in snap.depths.items()]
+    out += [
+        ("student tokens generated / saved by truncation",
+         f"{gen:.0f} / {saved:.0f} ({100 * saved / max(gen + saved, 1):.0f}% of the full budget)"),
+        ("teacher tokens scored / served from cache",
+         f"{scored:.0f} / {cached:.0f} ({100 * cached / max(scored + cached, 1):.0f}% hit)"),
+        ("FLOPs saved (truncation + cache)",
+         f"{st.get('flops_saved_truncation', 0.0):.3g} + {st.get('flops_saved_cache', 0.0):.3g}"),
+    ]
+    if previous is not None and snap.taken_at > previous.taken_at:
+        dt = snap.taken_at - previous.taken_at
+
+        def rate(key: str) -> str:
+            return f"{max(st.get(key, 0.0) - previous.stats.get(key, 0.0), 0.0) / dt:.0f}"
+
+        out.append(("tokens/s now: actors / teachers (scored + cached)",
+                    f"{rate('actor_tokens_generated')} / {rate('teacher_tokens_scored')} + {rate('teacher_tokens_cached')}"))
+    per_replica = []
+    for role_id, values in sorted(snap.per_role.items()):
+        work = next((values[k] for k in REPLICA_WORK if k in values), None)
+        if work is not None:
+            per_replica.append(f"{role_id}: {work:.0f}")
+    out.append(("tokens so far per live replica", ", ".join(per_replica) or "-"))
+    o = snap.outcomes
+    out.append(("prefixes in flight / trained / dropped / dead",
+                f"{o[ledger.PRODUCED]} / {o[ledger.TRAINED]} / {o[ledger.DROPPED]} / {o[ledger.DEAD]}"))
+    out.append(("dead-letter stream length", str(snap.dead)))
+    down = set(snap.down)
+    out.append(("metrics endpoints", "\n".join(f"{k}: {v}{' (down)' if k in down else ''}"
+                                               for k, v in sorted(snap.endpoints.items())) or "-"))
+    return out
+
+
+def render(snap: Snapshot, previous: Snapshot | None = None) -> Table:
+    """A rich table (imported lazily: rich is only needed when someone looks)."""
+    from rich.table import Table
+
     table = Table(title="opd pipeline", show_header=True, header_style="bold")
     table.add_column("what")
     table.add_column("value", justify="right")
-    L = snap.learner
-    table.add_row("learner step / version", f"{L.get('step', '-')} / {L.get('version', '-')}")
-    table.add_row("loss / sampled reverse KL", f"{_f(L.get('loss'))} / {_f(L.get('reverse_kl'))}")
-    table.add_row("held-out reverse KL (first -> last)", f"{_f(L.get('eval_kl_first'))} -> {_f(L.get('eval_kl_last'))}")
-    table.add_row("learner tokens/s, idle fraction", f"{_f(L.get('tokens_per_second'), 0)}, {_f(L.get('idle_fraction'), 2)}")
-    for stream, depth in snap.depths.items():
-        table.add_row(f"queue depth {stream}", str(depth))
-    table.add_row("student tokens generated / saved by truncation",
-                  f"{gen:.0f} / {saved:.0f} ({100 * saved / max(gen + saved, 1):.0f}% of the full budget)")
-    table.add_row("teacher tokens scored / served from cache",
-                  f"{scored:.0f} / {cached:.0f} ({100 * cached / max(scored + cached, 1):.0f}% hit)")
-    table.add_row("FLOPs saved (truncation + cache)",
-                  f"{st.get('flops_saved_truncation', 0.0):.3g} + {st.get('flops_saved_cache', 0.0):.3g}")
-    rates = ", ".join(f"{k}: {v.get('opd_actor_tokens_generated_total', v.get('opd_teacher_tokens_scored_total', 0)):.0f}"
-                      for k, v in sorted(snap.per_role.items()) if not k.startswith("learner"))
-    table.add_row("tokens per live replica", rates or "-")
-    o = snap.outcomes
-    table.add_row("prefixes in flight / trained / dropped / dead",
-                  f"{o['produced']} / {o['trained']} / {o['dropped']} / {o['dead']}")
-    table.add_row("metrics endpoints", "\n".join(f"{k}: {v}" for k, v in sorted(snap.endpoints.items())) or "-")
+    for what, value in rows(snap, previous):
+        table.add_row(what, value)
     return table
+
+
+def render_text(snap: Snapshot, previous: Snapshot | None = None) -> str:
+    """The same rows as plain `what: value` lines (continuation lines indented), for pipes and logs."""
+    pairs = rows(snap, previous)
+    width = max(len(what) for what, _ in pairs)
+    lines = []
+    for what, value in pairs:
+        first, *rest = value.split("\n")
+        lines.append(f"{what + ':':<{width + 1}} {first}")
+        lines += [f"{'':<{width + 1}} {line}" for line in rest]
+    return "\n".join(lines)
 
 
 def _f(value: str | None, digits: int = 4) -> str:
@@ -113,6 +179,18 @@ def _f(value: str | None, digits: int = 4) -> str:
         return f"{float(value):.{digits}f}"
     except ValueError:
         return str(value)
+
+
+def redacted(url: str) -> str:
+    """A Redis URL without its password (it ends up in error messages and terminals)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.hostname or ""
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    user = parts.username or ""
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
 def run_top(cfg: OPDConfig, *, once: bool = False) -> int:
@@ -125,10 +203,19 @@ def run_top(cfg: OPDConfig, *, once: bool = False) -> int:
     client = connect(cfg.transport.redis_url)
     names = Names(cfg.transport.namespace)
     console = Console()
-    if once:
-        console.print(render(snapshot(client, names)))
-        return 0
-    with Live(render(snapshot(client, names)), console=console, refresh_per_second=2) as live:
-        while True:
-            time.sleep(cfg.run.progress_interval_s)
-            live.update(render(snapshot(client, names)))
+    try:
+        snap = snapshot(client, names)
+        if once:
+            if console.is_terminal:
+                console.print(render(snap))
+            else:
+                print(render_text(snap), flush=True)
+            return 0
+        with Live(render(snap), console=console, refresh_per_second=2) as live:
+            while True:
+                time.sleep(cfg.run.progress_interval_s)
+                previous, snap = snap, snapshot(client, names)
+                live.update(render(snap, previous))
+    except redis.RedisError as exc:
+        # The CLI turns ConnectionError into `opd top: error: ...` and exit code 1.
+        raise ConnectionError(f"Redis at {redacted(cfg.transport.redis_url)}: {exc}") from None

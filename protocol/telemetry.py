@@ -17,6 +17,15 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 HORIZON_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 
+# Label values known before anything happens are exported at 0 from the start: a labelled series
+# that does not exist yet makes a dashboard query return nothing ("No data"), which looks the same
+# as a broken query, and `rate()` needs the 0 sample to count the first increment.
+# learner/staleness.py owns the drop reasons (protocol must not import a role); the dashboard test
+# (tests/integration/test_dashboard.py) pins that the two lists agree.
+LEARNER_DROP_REASONS = ("stale", "future_version", "invalid_version")
+ACTOR_COMPUTE_STAGE = "actor_truncation"
+TEACHER_COMPUTE_STAGE = "teacher_cache"
+
 
 @dataclass
 class CommonMetrics:
@@ -45,7 +54,7 @@ class ActorMetrics(CommonMetrics):
 
 def actor_metrics(registry: CollectorRegistry) -> ActorMetrics:
     c = common_metrics(registry)
-    return ActorMetrics(
+    m = ActorMetrics(
         queue_depth=c.queue_depth,
         dead_letters=c.dead_letters,
         prefixes=Counter("opd_actor_prefixes", "Prefixes produced", registry=registry),
@@ -61,6 +70,8 @@ def actor_metrics(registry: CollectorRegistry) -> ActorMetrics:
         admission_wait=Counter("opd_actor_admission_wait_seconds", "Seconds waiting for admission or back-pressure", registry=registry),
         weight_reloads=Counter("opd_actor_weight_reloads", "Weight reloads", registry=registry),
     )
+    m.compute_saved.labels(stage=ACTOR_COMPUTE_STAGE)
+    return m
 
 
 @dataclass
@@ -76,7 +87,7 @@ class TeacherMetrics(CommonMetrics):
 
 def teacher_metrics(registry: CollectorRegistry) -> TeacherMetrics:
     c = common_metrics(registry)
-    return TeacherMetrics(
+    m = TeacherMetrics(
         queue_depth=c.queue_depth,
         dead_letters=c.dead_letters,
         tokens_scored=Counter("opd_teacher_tokens_scored", "Response tokens the teacher computed", registry=registry),
@@ -87,6 +98,8 @@ def teacher_metrics(registry: CollectorRegistry) -> TeacherMetrics:
         compute_saved=Counter("opd_compute_saved_flops", "Estimated FLOPs saved", ["stage"], registry=registry),
         prefixes=Counter("opd_teacher_prefixes", "Prefixes scored and forwarded", registry=registry),
     )
+    m.compute_saved.labels(stage=TEACHER_COMPUTE_STAGE)
+    return m
 
 
 @dataclass
@@ -111,7 +124,7 @@ class LearnerMetrics(CommonMetrics):
 
 def learner_metrics(registry: CollectorRegistry) -> LearnerMetrics:
     c = common_metrics(registry)
-    return LearnerMetrics(
+    m = LearnerMetrics(
         queue_depth=c.queue_depth,
         dead_letters=c.dead_letters,
         steps=Counter("opd_learner_steps", "Optimizer steps", registry=registry),
@@ -131,6 +144,9 @@ def learner_metrics(registry: CollectorRegistry) -> LearnerMetrics:
         publish_bytes=Counter("opd_learner_publish_bytes", "Bytes of weights published", registry=registry),
         eval_reverse_kl=Gauge("opd_learner_eval_reverse_kl", "Full-distribution reverse KL on held-out prompts", registry=registry),
     )
+    for reason in LEARNER_DROP_REASONS:
+        m.dropped.labels(reason=reason)
+    return m
 
 
 class MetricsServer:
