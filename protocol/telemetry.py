@@ -81,6 +81,7 @@ class TeacherMetrics(CommonMetrics):
     cache_hit_tokens: Counter
     cache_miss_tokens: Counter
     cache_bytes_written: Counter
+    cache_errors: Counter
     compute_saved: Counter
     prefixes: Counter
 
@@ -95,6 +96,8 @@ def teacher_metrics(registry: CollectorRegistry) -> TeacherMetrics:
         cache_hit_tokens=Counter("opd_cache_hit_tokens", "Sequence tokens found in the cache", registry=registry),
         cache_miss_tokens=Counter("opd_cache_miss_tokens", "Sequence tokens not found in the cache", registry=registry),
         cache_bytes_written=Counter("opd_cache_bytes_written", "Bytes written to the cache", registry=registry),
+        cache_errors=Counter("opd_cache_errors", "Cache lookups or puts that failed (the work went on uncached)",
+                             ["op"], registry=registry),
         compute_saved=Counter("opd_compute_saved_flops", "Estimated FLOPs saved", ["stage"], registry=registry),
         prefixes=Counter("opd_teacher_prefixes", "Prefixes scored and forwarded", registry=registry),
     )
