@@ -23,7 +23,8 @@ class LearnerConfig(BaseModel):
     model_dir: str = Field("", description="Initial student (Hugging Face format).")
     workdir: str = Field("runs/learner", description="Checkpoints and published weights go under here.")
     steps: int = Field(100, ge=1, description="Optimizer steps to train.")
-    batch_size: int = Field(16, ge=1, description="Prefixes per optimizer step (global batch).")
+    batch_size: int = Field(16, ge=1, description="Prefixes per optimizer step (global batch: under torchrun the "
+                            "ranks share it).")
     micro_batch_tokens: int = Field(4096, ge=16, description="Token budget of one micro-batch (gradient accumulation).")
     loss: Literal["sampled_reverse_kl", "topk_kl", "gkd_jsd"] = Field("sampled_reverse_kl", description="Distillation loss.")
     is_cap: float = Field(2.0, ge=1.0, description="Truncated importance sampling: cap on pi_theta/pi_behaviour.")
@@ -39,12 +40,21 @@ class LearnerConfig(BaseModel):
     max_staleness: int = Field(4, ge=0, description="Drop samples whose policy version lags by more than this.")
     publish_every: int = Field(1, ge=1, description="Publish weights to the actors every N steps.")
     keep_published: int = Field(3, ge=1, description="Published weight directories kept.")
-    checkpoint_every: int = Field(50, ge=1, description="Checkpoint every N steps.")
+    checkpoint_every: int = Field(
+        50, ge=1, description="Checkpoint every N steps. Steps since the last checkpoint are replayed from "
+        "the step journal in Redis after a crash, which holds up to N x batch_size messages.")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept.")
-    read_timeout_s: float = Field(600.0, gt=0, description="Fail loudly if no data arrives for this long.")
+    read_timeout_s: float = Field(
+        600.0, gt=0, description="Fail loudly if no data arrives for this long (also bounds the drain at the end).")
     drain: bool = Field(True, description="After the last step, train on or drop what is still in flight.")
+    fsdp: bool = Field(False, description="Under torchrun: shard the student with FSDP2 (fully_shard) instead of "
+                       "replicating it with DDP, for students that do not fit one device.")
+    dist_timeout_s: float = Field(
+        1800.0, gt=0, description="Under torchrun: longest wait for the other ranks at a collective before "
+        "failing (must exceed read_timeout_s: a rank may wait that long for data).")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N (bf16 autocast on CUDA).")
     seed: int = Field(0, description="Seed of the learner's RNGs.")
-    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus port (0: a free port).")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus port (0: a free port; under torchrun "
+                              "each rank adds its local rank).")
     metrics_host: str = Field("127.0.0.1", description="Bind address of /metrics.")
     eval: EvalConfig = Field(default_factory=EvalConfig)

@@ -1,9 +1,22 @@
-"""The learner: pull scored prefixes, drop the stale, train, publish weights, checkpoint, evaluate.
+"""The learner: pull scored prefixes, drop the stale, train, commit, publish weights, checkpoint, evaluate.
 
-Read top to bottom: `Learner.__init__` (model, optimizer, resume), `next_batch` (staleness filter,
-idle time), `train_step` (token-budget micro-batches, gradient accumulation), `run` (the loop and the
-drain at the end). Samples are acknowledged after the optimizer step that used them, in the same
-transaction that records their outcome in the ledger.
+Read top to bottom: `Learner.__init__` (model, optimizer, resume = newest checkpoint + replay of the step
+journal after it), `next_batch` (staleness filter, idle time), `train_step` (token-budget micro-batches,
+gradient accumulation; with several ranks they agree on the normalizer and the micro-batch count),
+`commit` (acknowledge), `run` (the loop and the drain at the end).
+
+Delivery guarantee (details in ``learner/journal.py``, ``learner/inflight.py`` and ``docs/learner.md``): a
+sample is acknowledged when the step that used it is committed, which journals its payload, acks and
+deletes it from the scored stream and records it ``trained`` in the ledger, in one transaction. A learner
+killed at any point (``SIGKILL`` included) and restarted loads the newest checkpoint, replays the journaled
+steps after it, and takes back at once what it had read but not committed: no acknowledged sample is lost,
+none is trained twice, and unacknowledged ones are trained after the restart (or dropped, or
+dead-lettered after ``transport.max_deliveries`` deliveries).
+
+Policy versions only move forward: the replayed state is the last committed step, which is at least the
+last version announced (a step is committed before its weights are published). Should Redis have lost the
+journal, the learner continues one version above the last announcement, so actors (which load only newer
+versions) follow it and no version number ever names two different sets of weights.
 """
 
 from __future__ import annotations
@@ -16,6 +29,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from prometheus_client import CollectorRegistry
@@ -24,16 +38,21 @@ from learner import losses
 from learner.batching import Sample, collate, gather_response_logprobs, pack_by_tokens
 from learner.checkpoint import latest_checkpoint, load_checkpoint, publish_weights, save_checkpoint
 from learner.config import LearnerConfig
+from learner.distributed import Distributed, TrainModel, allocate, checksum
+from learner.inflight import InFlight, LearnerQueue, consumer_name
+from learner.journal import StepJournal, orphaned_journals
 from learner.staleness import split_by_staleness
 from protocol import ledger
 from protocol.config import TransportConfig
 from protocol.messages import ScoredPrefix, WeightsAnnouncement
 from protocol.names import Names
-from protocol.runtime import StopFlag, announce_weights, register_endpoint, resolve_device
-from protocol.streams import Delivery, StreamQueue, connect
+from protocol.runtime import StopFlag, announce_weights, latest_weights, register_endpoint, resolve_device
+from protocol.streams import Delivery, connect
 from protocol.telemetry import LearnerMetrics, MetricsServer, learner_metrics
 
 log = logging.getLogger(__name__)
+
+_ROUND_S = 0.5  # several ranks: longest a rank waits for data between two agreements on the batch
 
 
 @dataclass
@@ -41,6 +60,7 @@ class StepStats:
     loss: float
     reverse_kl: float
     tokens: int
+    samples: int = 0
     ratio_mean: float = 1.0
     ratio_max: float = 1.0
     clip_fraction: float = 0.0
@@ -52,6 +72,7 @@ class StepStats:
 class LearnerSummary:
     steps: int = 0
     trained: int = 0
+    replayed_steps: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     evals: list[dict[str, float]] = field(default_factory=list)
 
@@ -60,30 +81,39 @@ class Prefetcher:
     """Reads the next deliveries on a thread while the current step trains (I/O overlaps compute).
 
     The buffer hands out the oldest policy version first: replicas finish out of order, and training
-    the oldest samples first keeps them inside the staleness bound.
+    the oldest samples first keeps them inside the staleness bound. Entries this consumer read before a
+    restart come first; everything read is tracked in ``inflight`` and kept claimed until committed.
     """
 
-    def __init__(self, q: StreamQueue, batch_size: int, stop: StopFlag) -> None:
+    def __init__(self, q: LearnerQueue, inflight: InFlight, batch_size: int, stop: StopFlag) -> None:
         self.q = q
-        self.buffer: queue.PriorityQueue[tuple[int, int, Delivery]] = queue.PriorityQueue(maxsize=2 * batch_size)
+        self.inflight = inflight
+        self.capacity = 2 * batch_size
+        self.buffer: queue.PriorityQueue[tuple[int, int, Delivery]] = queue.PriorityQueue()
         self._seq = 0
         self.batch_size = batch_size
         self.stop = stop
         self.error: BaseException | None = None
         self._halt = threading.Event()
+        self._put(q.recover_own())
         self.thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
         self.thread.start()
+
+    def _put(self, deliveries: list[Delivery]) -> None:
+        self.inflight.add([d.entry_id for d in deliveries])
+        for d in deliveries:
+            self._seq += 1
+            self.buffer.put((d.message.policy_version, self._seq, d))  # type: ignore[union-attr]
 
     def _run(self) -> None:
         try:
             while not self._halt.is_set() and not self.stop.is_set():
-                room = self.buffer.maxsize - self.buffer.qsize()
+                self.inflight.refresh_if_due()  # before any read: this thread is the only one reclaiming
+                room = self.capacity - self.buffer.qsize()
                 if room <= 0:
-                    time.sleep(0.005)
+                    self._halt.wait(0.005)
                     continue
-                for d in self.q.read(min(room, self.batch_size), block_ms=200):
-                    self._seq += 1
-                    self.buffer.put((d.message.policy_version, self._seq, d))  # type: ignore[union-attr]
+                self._put(self.q.read(min(room, self.batch_size), block_ms=200))
         except BaseException as exc:  # surfaced in the main thread
             self.error = exc
 
@@ -100,9 +130,44 @@ class Prefetcher:
         self.thread.join(timeout=5)
 
 
+class _Stash:
+    """Receives optimizer/scheduler state from `load_checkpoint` before the real objects exist.
+
+    Why: under FSDP the optimizer must be built on the sharded parameters, and the weights must be loaded
+    before sharding; so the checkpoint is read first and its optimizer state applied afterwards.
+    """
+
+    def __init__(self) -> None:
+        self.state: dict[str, Any] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.state = state_dict
+
+
+class _FullWeights:
+    """An HF model plus its gathered (unsharded) weights, saved as a plain HF directory (FSDP)."""
+
+    def __init__(self, module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+        self.module = module
+        self.weights = weights
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> Any:
+        return self.module.save_pretrained(save_directory, state_dict=self.weights, **kwargs)  # type: ignore[operator]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.weights
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> Any:
+        raise NotImplementedError("gathered weights are written, never loaded")
+
+
 class Learner:
     def __init__(self, cfg: LearnerConfig, transport: TransportConfig, *, learner_id: str = "learner",
-                 stop: StopFlag | None = None, registry: CollectorRegistry | None = None) -> None:
+                 stop: StopFlag | None = None, registry: CollectorRegistry | None = None,
+                 dist: Distributed | None = None) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if not transport.redis_url:
@@ -110,40 +175,99 @@ class Learner:
         self.cfg = cfg
         self.learner_id = learner_id
         self.stop = stop or StopFlag()
-        self.device = torch.device(resolve_device(cfg.device))
+        self.dist = dist or Distributed()
+        if self.dist.enabled and cfg.dist_timeout_s <= cfg.read_timeout_s:
+            raise ValueError(f"learner.dist_timeout_s ({cfg.dist_timeout_s:.0f}) must exceed learner.read_timeout_s "
+                             f"({cfg.read_timeout_s:.0f}): a rank may wait that long for data while the others wait for it")
+        if cfg.batch_size < self.dist.world_size:
+            raise ValueError(f"learner.batch_size ({cfg.batch_size}) is smaller than the number of ranks "
+                             f"({self.dist.world_size}): every rank needs a share of each step")
+        self.device = self.dist.device(resolve_device(cfg.device))
         torch.manual_seed(cfg.seed)
         self.names = Names(transport.namespace)
         self.client = connect(transport.redis_url)
         self.registry = registry or CollectorRegistry()
         self.metrics: LearnerMetrics = learner_metrics(self.registry)
-        self.queue = StreamQueue(
-            self.client, self.names.scored, names=self.names, consumer=learner_id, expect=ScoredPrefix,
-            max_deliveries=transport.max_deliveries, claim_idle_ms=transport.claim_idle_ms,
+        self.queue = LearnerQueue(
+            self.client, self.names.scored, names=self.names, consumer=consumer_name(self.dist.rank),
+            expect=ScoredPrefix, max_deliveries=transport.max_deliveries, claim_idle_ms=transport.claim_idle_ms,
             max_bytes=transport.max_message_bytes,
             on_dead_letter=lambda d: self.metrics.dead_letters.labels(stream=d.stream, reason=d.reason.split(":")[0]).inc(),
         )
+        self.inflight = InFlight(self.queue)
+        self.journal = StepJournal(self.client, self.names, stream=self.names.scored, group=self.queue.group,
+                                   consumer=self.queue.consumer, rank=self.dist.rank,
+                                   max_bytes=transport.max_message_bytes)
+        self.local_batch = self.dist.share(cfg.batch_size)
         self.workdir = Path(cfg.workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_dir)
         self.pad_id = _pad_id(self.tokenizer)
         self.model = AutoModelForCausalLM.from_pretrained(cfg.model_dir, torch_dtype=torch.float32).to(self.device)
         self.model.train()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.step = 0
+        self.version = 0
+        ckpt = latest_checkpoint(self.workdir / "checkpoints")
+        saved_optimizer, saved_scheduler = _Stash(), _Stash()
+        if ckpt is not None:
+            meta = load_checkpoint(ckpt, self.model, saved_optimizer, saved_scheduler)
+            self.step, self.version = int(meta["step"]), int(meta["policy_version"])
+        self.train_model = TrainModel(self.model, self.dist, fsdp=cfg.fsdp)
+        self.optimizer = torch.optim.AdamW(self.train_model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         warmup = cfg.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
         )
-        self.step = 0
-        self.version = 0
-        ckpt = latest_checkpoint(self.workdir / "checkpoints")
         if ckpt is not None:
-            meta = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler)
-            self.step, self.version = int(meta["step"]), int(meta["policy_version"])
+            keys = meta.extra.get("optimizer_keys", "indices")
+            if keys != self.train_model.optimizer_keys:
+                raise ValueError(f"{ckpt}: optimizer state keyed by parameter {keys}, this run needs "
+                                 f"{self.train_model.optimizer_keys} (learner.fsdp differs from the run that wrote it)")
+            self.train_model.load_optimizer_state(self.optimizer, saved_optimizer.state)
+            self.scheduler.load_state_dict(saved_scheduler.state)
             log.info("resumed from %s at step %d, policy v%d", ckpt, self.step, self.version)
         self.summary = LearnerSummary()
+        self._held: list[Delivery] = []  # several ranks: fresh samples held over for the next step
+        self._replay()
+        self._move_version_forward()
         self.publish()
         self.advertise()  # early: actors wait for this before producing (admission control)
-        self.evaluator = _Evaluator.maybe(cfg, self.tokenizer, self.device)
+        on_this_rank = self.dist.is_main or self.train_model.mode == "fsdp"  # FSDP forwards are collective
+        self.evaluator = _Evaluator.maybe(cfg, self.tokenizer, self.device) if on_this_rank else None
+
+    # -- restart -------------------------------------------------------------------------------------
+    def _replay(self) -> None:
+        """Re-run the journaled steps after the restored checkpoint: the state at the last committed step."""
+        after = self.step
+        orphans = orphaned_journals(self.client, self.names, self.dist.world_size)
+        if orphans:
+            raise ValueError(f"the journals of ranks {sorted(orphans)} hold {sum(orphans.values())} committed samples that "
+                             f"only those ranks can replay: restart with {max(orphans) + 1} ranks (this run has "
+                             f"{self.dist.world_size})")
+        steps = self.journal.load(after_step=after)
+        last, version = (steps[-1].step, steps[-1].version) if steps else (after, self.version)
+        if self.dist.enabled:  # ranks may differ by the step one of them was killed before committing
+            last, version = (int(v) for v in self.dist.max([last, version]))
+        by_step = {js.step: js for js in steps}
+        for s in range(after + 1, last + 1):
+            js = by_step.get(s)
+            self.train_step(js.messages if js is not None else [])
+            if js is None:  # this rank died before committing its share: it is still pending, trained later
+                self.journal.commit(self.step, self.version, [])
+            self._lineage([m.id for m in js.messages] if js is not None else [], replayed=True)
+            self.summary.replayed_steps += 1
+        if last > after:
+            self.version = max(self.version, version)
+            log.info("replayed %d journaled steps after the checkpoint: now at step %d, policy v%d",
+                     last - after, self.step, self.version)
+
+    def _move_version_forward(self) -> None:
+        ann = latest_weights(self.client, self.names)
+        if ann is not None and ann.version > self.version:
+            log.warning("weights v%d were announced but the restored state is v%d (the journal was lost?): "
+                        "continuing as v%d so actors, which load only newer versions, follow", ann.version,
+                        self.version, ann.version + 1)
+            self.version = ann.version + 1
 
     # -- data ----------------------------------------------------------------------------------
     def next_batch(self, prefetch: Prefetcher, want: int, *, deadline_s: float) -> tuple[list[Delivery], float]:
@@ -159,38 +283,93 @@ class Learner:
                 if self.stop.is_set() or time.monotonic() - start > deadline_s:
                     break
                 continue
-            split = split_by_staleness([d.message], learner_version=self.version, max_staleness=self.cfg.max_staleness)
-            lag = self.version - d.message.policy_version
-            self.metrics.staleness.observe(max(lag, 0))
-            if split.kept:
+            if self._fresh(d):
                 kept.append(d)
-            else:
-                reason = split.dropped[0].reason
-                log.debug("dropped %s: v%d at learner v%d (%s)", d.message.id, d.message.policy_version, self.version, reason)
-                self.queue.ack([d.entry_id], ledger={d.message.id: ledger.DROPPED})
-                self.metrics.dropped.labels(reason=reason).inc()
-                self.summary.dropped[reason] = self.summary.dropped.get(reason, 0) + 1
         return kept, waited
+
+    def _fresh(self, d: Delivery) -> bool:
+        """Within the staleness bound at the current version; otherwise acked as dropped, with its reason."""
+        split = split_by_staleness([d.message], learner_version=self.version, max_staleness=self.cfg.max_staleness)
+        lag = self.version - d.message.policy_version  # type: ignore[union-attr]
+        self.metrics.staleness.observe(max(lag, 0))
+        if split.kept:
+            return True
+        reason = split.dropped[0].reason
+        log.debug("dropped %s: v%d at learner v%d (%s)", d.message.id, d.message.policy_version, self.version, reason)  # type: ignore[union-attr]
+        self.queue.ack([d.entry_id], ledger={d.message.id: ledger.DROPPED})  # type: ignore[union-attr]
+        self.inflight.discard([d.entry_id])
+        self.metrics.dropped.labels(reason=reason).inc()
+        self.summary.dropped[reason] = self.summary.dropped.get(reason, 0) + 1
+        return False
+
+    def _collect(self, prefetch: Prefetcher, *, deadline_s: float, draining: bool) -> tuple[list[Delivery], float, int, bool, bool]:
+        """This rank's batch for the next step: ``(batch, seconds waited, samples over all ranks, stop, drained)``.
+
+        One process: wait for ``batch_size`` fresh samples or the deadline. Several ranks: rounds of at most
+        `_ROUND_S` in which each rank waits for its share and takes whatever else is already buffered, then
+        the ranks gather their counts and step as soon as they hold a global batch together (or a rank's
+        deadline passed, or one is stopping); `allocate` splits the batch, and surplus samples stay held
+        (still claimed) for the next step.
+        """
+        if not self.dist.enabled:
+            batch, waited = self.next_batch(prefetch, self.cfg.batch_size, deadline_s=deadline_s)
+            return batch, waited, len(batch), self.stop.is_set(), draining and not batch and self._drained()
+        target = self.cfg.batch_size
+        held = [d for d in self._held if self._fresh(d)]  # one version later: re-check the bound
+        waited, start = 0.0, time.monotonic()
+        while True:
+            if len(held) < self.local_batch:
+                got, w = self.next_batch(prefetch, self.local_batch - len(held), deadline_s=_ROUND_S)
+                held += got
+                waited += w
+            while len(held) < target and (d := prefetch.get(timeout=0)) is not None:
+                if self._fresh(d):
+                    held.append(d)
+            late = time.monotonic() - start > deadline_s
+            drained = draining and not held and self._drained()
+            counts = self.dist.gather(len(held))
+            stop_any, late_any, undrained_any = self.dist.max([float(self.stop.is_set()), float(late), float(not drained)])
+            total = sum(counts)
+            if stop_any or total >= target or late_any or (draining and not undrained_any):
+                take = allocate(counts, target, self.dist.shares(target))[self.dist.rank]
+                self._held = held[take:]
+                return held[:take], waited, min(total, target), bool(stop_any), not bool(undrained_any)
 
     # -- math ----------------------------------------------------------------------------------
     def train_step(self, messages: list[ScoredPrefix]) -> StepStats:
+        """One optimizer step on this rank's share (possibly empty when several ranks train).
+
+        Every rank runs the same number of micro-batches (padding with a zero-loss one) so the collectives
+        inside the forward (FSDP) and the one gradient all-reduce per step (DDP) line up; the loss is
+        normalised by all ranks' response tokens so the step is the token mean over the global batch.
+        """
         t0 = time.perf_counter()
         cfg = self.cfg
         samples = [Sample.from_record(m) for m in messages]
         lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
-        groups = pack_by_tokens(lengths, cfg.micro_batch_tokens)
-        total_tokens = sum(len(s.response_ids) for s in samples)
+        groups = pack_by_tokens(lengths, cfg.micro_batch_tokens) if samples else []
+        local_tokens = sum(len(s.response_ids) for s in samples)
+        total_tokens, total_samples, n_micro = local_tokens, len(samples), len(groups)
+        if self.dist.enabled:
+            total_tokens, total_samples = (int(v) for v in self.dist.sum([local_tokens, len(samples)]))
+            n_micro = int(self.dist.max([len(groups)])[0])
+        # DDP and FSDP average gradients over ranks, hence the division by the world size.
+        normalizer = max(total_tokens, 1) / self.dist.world_size
         self.optimizer.zero_grad(set_to_none=True)
-        acc = {"loss": 0.0, "kl": 0.0, "rmean": 0.0, "rmax": 0.0, "clip": 0.0, "pad": 0.0, "slots": 0}
+        acc = {"loss": 0.0, "kl": 0.0, "rmean": 0.0, "rmax": 0.0, "clip": 0.0, "pad": 0.0, "slots": 0.0}
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
-        for group in groups:
-            batch = collate([samples[i] for i in group], self.pad_id).to(self.device)
-            with autocast:
-                logits_BTV = self.model(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).logits
-            out = self._loss(batch, logits_BTV, normalizer=float(total_tokens))
-            out.loss.backward()
+        for i in range(n_micro):
+            with self.train_model.grad_sync(i == n_micro - 1):
+                if i >= len(groups):
+                    self._empty_micro_batch(autocast)
+                    continue
+                batch = collate([samples[j] for j in groups[i]], self.pad_id).to(self.device)
+                with autocast:
+                    logits_BTV = self.train_model(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).logits
+                out = self._loss(batch, logits_BTV, normalizer=normalizer)
+                out.loss.backward()
             n = float(out.tokens)
-            acc["loss"] += float(out.loss)
+            acc["loss"] += float(out.loss.detach())
             acc["kl"] += float(out.reverse_kl) * n
             if out.ratio_mean is not None:
                 acc["rmean"] += float(out.ratio_mean) * n
@@ -199,18 +378,31 @@ class Learner:
             slots = batch.attention_mask_BT.numel()
             acc["pad"] += batch.padding_fraction * slots
             acc["slots"] += slots
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(self.train_model.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
         self.version += 1
+        if self.dist.enabled:
+            keys = ("loss", "kl", "rmean", "clip", "pad", "slots")
+            for key, value in zip(keys, self.dist.sum([acc[k] for k in keys]), strict=True):
+                acc[key] = value
+            acc["loss"] /= self.dist.world_size
+            acc["rmax"] = self.dist.max([acc["rmax"]])[0]
         denom = max(total_tokens, 1)
         return StepStats(
-            loss=acc["loss"], reverse_kl=acc["kl"] / denom, tokens=total_tokens,
+            loss=acc["loss"], reverse_kl=acc["kl"] / denom, tokens=total_tokens, samples=total_samples,
             ratio_mean=acc["rmean"] / denom if acc["rmean"] else 1.0, ratio_max=acc["rmax"] or 1.0,
             clip_fraction=acc["clip"] / denom, padding_fraction=acc["pad"] / max(acc["slots"], 1),
             seconds=time.perf_counter() - t0,
         )
+
+    def _empty_micro_batch(self, autocast: contextlib.AbstractContextManager[Any]) -> None:
+        """A forward/backward that changes nothing, for a rank with fewer micro-batches than the others."""
+        ids_BT = torch.full((1, 1), self.pad_id, dtype=torch.long, device=self.device)
+        with autocast:
+            logits_BTV = self.train_model(input_ids=ids_BT, attention_mask=torch.ones_like(ids_BT)).logits
+        (logits_BTV.float().sum() * 0.0).backward()
 
     def _loss(self, batch, logits_BTV: torch.Tensor, *, normalizer: float) -> losses.LossOutput:  # type: ignore[no-untyped-def]
         cfg = self.cfg
@@ -238,16 +430,41 @@ class Learner:
         return losses.gkd_jsd_loss(*args, beta=cfg.gkd_beta, tail=cfg.topk_tail, weights_BT=w, normalizer=normalizer)
 
     # -- side effects ----------------------------------------------------------------------------
+    def commit(self, batch: list[Delivery]) -> None:
+        """Acknowledge the step just taken: journal, ack and ledger ``trained`` in one transaction."""
+        self.journal.commit(self.step, self.version, batch)
+        self.inflight.discard([d.entry_id for d in batch])
+        self._lineage([d.message.id for d in batch], replayed=False)  # type: ignore[union-attr]
+
+    def _lineage(self, ids: list[str], *, replayed: bool) -> None:
+        """Which samples made which step (per rank): the audit trail of what the weights were trained on."""
+        name = "trained_ids.jsonl" if self.dist.is_main else f"trained_ids.rank{self.dist.rank}.jsonl"
+        with open(self.workdir / name, "a") as f:
+            f.write(json.dumps({"step": self.step, "version": self.version, "ids": ids, "replayed": replayed}) + "\n")
+
     def advertise(self, **extra: float | str) -> None:
         """Learner state in Redis: actors' admission control and `opd top` read it."""
+        if not self.dist.is_main:
+            return
         self.client.hset(self.names.learner_state, mapping={
             "version": self.version, "step": self.step, "batch_size": self.cfg.batch_size,
-            "max_staleness": self.cfg.max_staleness, **{k: str(v) for k, v in extra.items()},
+            "max_staleness": self.cfg.max_staleness, "ranks": self.dist.world_size,
+            **{k: str(v) for k, v in extra.items()},
         })
 
+    def _saveable(self) -> Any:
+        """What checkpoint/publish write: the model itself, or (FSDP, a collective) its gathered weights."""
+        if self.train_model.mode != "fsdp":
+            return self.model
+        return _FullWeights(self.model, self.train_model.full_state_dict())
+
     def publish(self) -> None:
+        """Write the weights as an HF dir and announce the version (rank 0; every rank gathers under FSDP)."""
         t0 = time.perf_counter()
-        path, nbytes = publish_weights(self.model, self.workdir / "weights", self.version, self.cfg.keep_published,
+        model = self._saveable()
+        if not self.dist.is_main:
+            return
+        path, nbytes = publish_weights(model, self.workdir / "weights", self.version, self.cfg.keep_published,
                                        tokenizer=self.tokenizer)
         announce_weights(self.client, self.names, WeightsAnnouncement(
             version=self.version, path=str(Path(path).resolve()), step=self.step, nbytes=nbytes))
@@ -257,14 +474,26 @@ class Learner:
         self.metrics.policy_version.set(self.version)
 
     def checkpoint(self) -> None:
-        save_checkpoint(self.workdir / "checkpoints", self.model, self.optimizer, self.scheduler,
-                        policy_version=self.version, step=self.step, keep_last=self.cfg.keep_checkpoints,
-                        extra={"stream": self.names.scored, "group": self.queue.group})
+        """Durable checkpoint (rank 0 writes), then every rank forgets the journaled steps it contains."""
+        model = self._saveable()
+        optimizer: Any = self.optimizer
+        if self.train_model.mode == "fsdp":
+            optimizer = _Stash()
+            optimizer.load_state_dict(self.train_model.full_optimizer_state(self.optimizer))
+        if self.dist.is_main:
+            save_checkpoint(self.workdir / "checkpoints", model, optimizer, self.scheduler,
+                            policy_version=self.version, step=self.step, keep_last=self.cfg.keep_checkpoints,
+                            extra={"stream": self.names.scored, "group": self.queue.group, "ranks": self.dist.world_size,
+                                   "optimizer_keys": self.train_model.optimizer_keys})
+        self.dist.barrier()  # no rank drops journal entries before the checkpoint holding them is on disk
+        self.journal.forget_through(self.step)
 
     def evaluate(self) -> None:
         if self.evaluator is None:
             return
         result = self.evaluator.run(self.model)
+        if not self.dist.is_main:
+            return
         row = {"step": self.step, "version": self.version, "reverse_kl": result.reverse_kl,
                "tokens": result.tokens, "mean_response_len": result.mean_response_len, "time": time.time()}
         self.summary.evals.append(row)
@@ -275,59 +504,96 @@ class Learner:
         self.advertise(eval_kl_first=first, eval_kl_last=result.reverse_kl)
         log.info("eval at step %d: held-out reverse KL %.4f (%d tokens)", self.step, result.reverse_kl, result.tokens)
 
+    def check_replicas(self) -> str:
+        """Parameter checksum of this rank, stored in Redis; under DDP every rank must hold the same one.
+
+        Why: DDP keeps replicas equal only if every rank applied every all-reduced step; a divergence (a
+        rank that skipped a step, non-deterministic kernels) would silently train different models.
+        """
+        digest = checksum(self.model)
+        self.client.hset(self.names.key("learner:replicas"), str(self.dist.rank), f"{self.step}:{digest}")
+        if self.train_model.mode == "ddp":
+            head = float(int(digest[:12], 16))  # 48 bits: exact in float64
+            high, neg_low = self.dist.max([head, -head])
+            if high != -neg_low:
+                raise RuntimeError(f"DDP replicas diverged at step {self.step}: rank {self.dist.rank} holds {digest[:12]}")
+        return digest
+
     # -- the loop ----------------------------------------------------------------------------------
     def run(self) -> LearnerSummary:
         cfg = self.cfg
         self.evaluate()
-        prefetch = Prefetcher(self.queue, cfg.batch_size, self.stop)
-        history = open(self.workdir / "history.jsonl", "a")  # noqa: SIM115 (closed below)
+        prefetch = Prefetcher(self.queue, self.inflight, self.local_batch, self.stop)
+        history = open(self.workdir / "history.jsonl", "a") if self.dist.is_main else None  # noqa: SIM115 (closed below)
         wall0, idle = time.perf_counter(), 0.0
         draining = False
+        quiet_since: float | None = None
+        drain_error: TimeoutError | None = None
         try:
-            while not self.stop.is_set():
+            while True:
                 if self.step >= cfg.steps and not draining:
                     if not cfg.drain:
                         break
                     draining = True
-                    self.client.hset(self.names.control, "stop_producing", "1")
+                    if self.dist.is_main:
+                        self.client.hset(self.names.control, "stop_producing", "1")
                     log.info("reached %d steps: draining in-flight prefixes", cfg.steps)
                 deadline = 2.0 if draining else cfg.read_timeout_s
-                batch, waited = self.next_batch(prefetch, cfg.batch_size, deadline_s=deadline)
+                batch, waited, total, stopping, drained = self._collect(prefetch, deadline_s=deadline, draining=draining)
                 idle += waited
-                if not batch:
-                    if draining and self._drained():
+                if stopping:
+                    break  # what was read and not trained stays pending: taken back at the next start
+                if total == 0:
+                    if not draining:
+                        raise TimeoutError(f"no scored prefixes for {cfg.read_timeout_s:g}s: are teachers and actors running?")
+                    if drained:
                         break
-                    if not draining and not self.stop.is_set():
-                        raise TimeoutError(f"no scored prefixes for {cfg.read_timeout_s:.0f}s: are teachers and actors running?")
+                    quiet_since = quiet_since or time.monotonic()
+                    if time.monotonic() - quiet_since > cfg.read_timeout_s:
+                        drain_error = TimeoutError(self._drain_report())
+                        break
                     continue
+                quiet_since = None
                 stats = self.train_step([d.message for d in batch])  # type: ignore[misc]
-                self.queue.ack([d.entry_id for d in batch], ledger={d.message.id: ledger.TRAINED for d in batch})
+                self.commit(batch)
                 self.summary.steps += 1
                 self.summary.trained += len(batch)
                 if self.step % cfg.publish_every == 0:
                     self.publish()  # before advertising the new version, so admitted work samples it
-                self._record(stats, history, idle / max(time.perf_counter() - wall0, 1e-9))
+                self._record(stats, history, idle / max(time.perf_counter() - wall0, 1e-9), waited)
                 if self.step % cfg.checkpoint_every == 0:
                     self.checkpoint()
                 if cfg.eval.every and self.step % cfg.eval.every == 0:
                     self.evaluate()
         finally:
             prefetch.close()
-            history.close()
+            if history is not None:
+                history.close()
         self.checkpoint()
         self.publish()
         if not cfg.eval.every or self.step % cfg.eval.every != 0:
             self.evaluate()
         self.advertise(phase="done")
+        if self.dist.enabled:
+            self.check_replicas()
         log.info("learner done: %d steps, %d samples trained, dropped %s", self.step, self.summary.trained,
                  self.summary.dropped or "none")
+        if drain_error is not None:
+            raise drain_error
         return self.summary
 
     def _drained(self) -> bool:
         """Nothing in flight and no actor still producing: the run's books are closed."""
         return int(self.client.scard(self.names.key("actors"))) == 0 and ledger.counts(self.client, self.names)[ledger.PRODUCED] == 0
 
-    def _record(self, s: StepStats, history, idle_fraction: float) -> None:  # type: ignore[no-untyped-def]
+    def _drain_report(self) -> str:
+        actors = sorted(a.decode() for a in self.client.smembers(self.names.key("actors")))
+        produced = ledger.counts(self.client, self.names)[ledger.PRODUCED]
+        return (f"draining: no scored prefix for {self.cfg.read_timeout_s:g}s while {produced} prefixes are still "
+                f"in flight (ledger 'produced') and actors {actors or 'none'} are registered; trained steps are "
+                "checkpointed and published, the rest was not accounted for")
+
+    def _record(self, s: StepStats, history: Any, idle_fraction: float, waited_s: float) -> None:
         m = self.metrics
         tps = s.tokens / max(s.seconds, 1e-9)
         m.steps.inc()
@@ -342,10 +608,13 @@ class Learner:
         m.clip_fraction.set(s.clip_fraction)
         m.padding_fraction.set(s.padding_fraction)
         m.queue_depth.labels(stream=self.names.scored).set(self.queue.depth())
+        if history is None:
+            return
         row = {"step": self.step, "version": self.version, "loss": s.loss, "reverse_kl": s.reverse_kl, "tokens": s.tokens,
-               "tokens_per_second": tps, "idle_fraction": idle_fraction, "ratio_mean": s.ratio_mean,
-               "ratio_max": s.ratio_max, "clip_fraction": s.clip_fraction, "padding_fraction": s.padding_fraction,
-               "time": time.time()}
+               "samples": s.samples, "seconds": s.seconds, "waited_s": waited_s, "tokens_per_second": tps,
+               "idle_fraction": idle_fraction,
+               "ratio_mean": s.ratio_mean, "ratio_max": s.ratio_max, "clip_fraction": s.clip_fraction,
+               "padding_fraction": s.padding_fraction, "time": time.time()}
         history.write(json.dumps(row) + "\n")
         history.flush()
         self.advertise(loss=f"{s.loss:.5f}", reverse_kl=f"{s.reverse_kl:.5f}", tokens_per_second=f"{tps:.0f}",
@@ -391,12 +660,19 @@ def _pad_id(tokenizer) -> int:  # type: ignore[no-untyped-def]
 
 def run_learner(cfg: LearnerConfig, transport: TransportConfig, *, learner_id: str = "learner",
                 stop: StopFlag | None = None) -> LearnerSummary:
-    """Entry point of `opd learner`."""
-    learner = Learner(cfg, transport, learner_id=learner_id, stop=stop)
-    server = MetricsServer(learner.registry, host=cfg.metrics_host, port=cfg.metrics_port)
-    register_endpoint(learner.client, learner.names, learner_id, server.url)
-    log.info("%s: metrics at %s, device %s", learner_id, server.url, learner.device)
+    """Entry point of `opd learner` (one process, or one rank under ``torchrun``)."""
+    dist = Distributed.from_env(resolve_device(cfg.device), timeout_s=cfg.dist_timeout_s)
     try:
-        return learner.run()
+        learner = Learner(cfg, transport, learner_id=learner_id, stop=stop, dist=dist)
+        port = cfg.metrics_port + dist.local_rank if cfg.metrics_port else 0  # one port per rank on a host
+        server = MetricsServer(learner.registry, host=cfg.metrics_host, port=port)
+        role_id = learner_id if dist.is_main else f"{learner_id}-rank{dist.rank}"
+        register_endpoint(learner.client, learner.names, role_id, server.url)
+        log.info("%s: metrics at %s, device %s, rank %d/%d", role_id, server.url, learner.device, dist.rank,
+                 dist.world_size)
+        try:
+            return learner.run()
+        finally:
+            server.close()
     finally:
-        server.close()
+        dist.close()

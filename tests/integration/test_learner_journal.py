@@ -1,0 +1,159 @@
+"""The learner's delivery machinery on a real Redis: step journal, commit, keeping entries claimed, take-back.
+
+Pins:
+- `StepJournal.commit` moves a batch from the scored stream into the journal, acks and deletes it and
+  records it `trained`, all at once; if an entry is no longer this consumer's it raises `CommitError`
+  and changes nothing in either stream;
+- `load` returns the journaled steps after a checkpoint (with their messages, in order), deletes the older
+  ones, and refuses a journal with a gap; `forget_through` deletes what a checkpoint now holds;
+- `keep_claimed` stops `XAUTOCLAIM` (another consumer, or this process's own prefetch thread) from taking
+  entries a live learner holds, without counting a delivery;
+- `recover_own` re-delivers this consumer's pending entries at once, counts the delivery, and
+  dead-letters an entry past `max_deliveries`;
+- `orphaned_journals` finds journals of ranks a restarted run does not have (and ignores emptied ones).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import redis
+
+from learner.inflight import InFlight, LearnerQueue
+from learner.journal import CommitError, StepJournal, orphaned_journals
+from protocol import ledger
+from protocol.messages import ScoredPrefix
+from protocol.names import Names
+from protocol.streams import StreamQueue, read_dead_letters
+
+pytestmark = pytest.mark.integration
+
+
+def _message(i: int) -> ScoredPrefix:
+    R, K = 3, 2
+    return ScoredPrefix(
+        prompt_ids_P=np.array([1, 4 + i], np.int32), response_ids_R=np.array([5, 6, 7], np.int32),
+        behaviour_logprobs_R=np.full(R, -1.0, np.float32), prompt_index=i, horizon=R, max_new_tokens=R,
+        finished=False, policy_version=0, actor_id="a", teacher_logprobs_R=np.full(R, -0.5, np.float32),
+        topk_ids_RK=np.tile(np.arange(K, dtype=np.int32), (R, 1)), topk_logprobs_RK=np.full((R, K), -1.0, np.float32),
+    )
+
+
+def _setup(redis_url: str, n: int, *, consumer: str = "learner-0", claim_idle_ms: int = 60_000,
+           max_deliveries: int = 3) -> tuple[redis.Redis, Names, LearnerQueue, list[ScoredPrefix]]:
+    client = redis.Redis.from_url(redis_url)
+    names = Names("jt")
+    messages = [_message(i) for i in range(n)]
+    producer = StreamQueue(client, names.scored, names=names)
+    for m in messages:
+        producer.publish(m, ledger_outcome=ledger.PRODUCED)
+    q = LearnerQueue(client, names.scored, names=names, consumer=consumer, expect=ScoredPrefix,
+                     claim_idle_ms=claim_idle_ms, max_deliveries=max_deliveries)
+    return client, names, q, messages
+
+
+def _journal(client: redis.Redis, names: Names, q: LearnerQueue) -> StepJournal:
+    return StepJournal(client, names, stream=q.stream, group=q.group, consumer=q.consumer, rank=0, max_bytes=q.max_bytes)
+
+
+def test_commit_moves_the_batch_into_the_journal_atomically(redis_url: str) -> None:
+    client, names, q, messages = _setup(redis_url, 4)
+    batch = q.read(4, block_ms=100)
+    journal = _journal(client, names, q)
+    journal.commit(1, 1, batch[:3])
+    assert client.xlen(names.scored) == 1 and int(client.xpending(names.scored, q.group)["pending"]) == 1
+    assert client.xlen(journal.key) == 3
+    assert [ledger.outcome_of(client, names, m.id) for m in messages] == [ledger.TRAINED] * 3 + [ledger.PRODUCED]
+
+    # A restart after a checkpoint at step 0 replays step 1 with the same messages, in order.
+    steps = _journal(client, names, q).load(after_step=0)
+    assert [(s.step, s.version) for s in steps] == [(1, 1)]
+    assert [m.id for m in steps[0].messages] == [m.id for m in messages[:3]]
+    np.testing.assert_array_equal(steps[0].messages[1].topk_ids_RK, messages[1].topk_ids_RK)
+
+    # The checkpoint at step 1 holds it: forgotten.
+    journal.forget_through(1)
+    assert client.xlen(journal.key) == 0
+
+
+def test_commit_of_an_entry_taken_over_changes_nothing(redis_url: str) -> None:
+    client, names, q, _ = _setup(redis_url, 2)
+    batch = q.read(2, block_ms=100)
+    client.xclaim(names.scored, q.group, "learner-1", 0, [batch[1].entry_id])  # another rank took it
+    journal = _journal(client, names, q)
+    with pytest.raises(CommitError, match="no longer pending for consumer learner-0"):
+        journal.commit(1, 1, batch)
+    assert client.xlen(names.scored) == 2 and client.xlen(journal.key) == 0
+    assert int(client.xpending(names.scored, q.group)["pending"]) == 2
+
+
+def test_load_skips_checkpointed_steps_and_refuses_gaps(redis_url: str) -> None:
+    client, names, q, _ = _setup(redis_url, 6)
+    batch = q.read(6, block_ms=100)
+    journal = _journal(client, names, q)
+    for step in (1, 2, 3):
+        journal.commit(step, step, batch[2 * (step - 1): 2 * step])
+    steps = _journal(client, names, q).load(after_step=1)
+    assert [s.step for s in steps] == [2, 3]
+    assert client.xlen(journal.key) == 4  # step 1's entries were deleted: the checkpoint holds them
+    with pytest.raises(ValueError, match="different runs"):
+        _journal(client, names, q).load(after_step=0)  # step 1 is gone: 2, 3 do not follow a checkpoint at 0
+
+
+def test_empty_share_journals_a_marker(redis_url: str) -> None:
+    client, names, q, _ = _setup(redis_url, 1)
+    journal = _journal(client, names, q)
+    journal.commit(1, 1, [])
+    steps = _journal(client, names, q).load(after_step=0)
+    assert [(s.step, s.messages) for s in steps] == [(1, [])]
+
+
+def test_keep_claimed_stops_autoclaim(redis_url: str) -> None:
+    client, names, q, _ = _setup(redis_url, 2, claim_idle_ms=100)
+    batch = q.read(2, block_ms=100)
+    held = [d.entry_id for d in batch]
+    time.sleep(0.6)  # both are now idle past the other consumer's claim_idle_ms
+    q.keep_claimed(held[:1])  # idle time back to 0: 500 ms of margin before it could be taken again
+    other = LearnerQueue(client, names.scored, names=names, consumer="learner-1", expect=ScoredPrefix,
+                         claim_idle_ms=500)
+    taken = other.read(10, block_ms=10)
+    assert [d.entry_id for d in taken] == held[1:]  # only the entry that was not kept claimed
+    pending = {p["message_id"].decode(): p for p in client.xpending_range(names.scored, q.group, "-", "+", 10)}
+    assert pending[held[0]]["consumer"] == b"learner-0" and pending[held[0]]["times_delivered"] == 1
+
+    inflight = InFlight(q)
+    assert inflight.refresh_s == pytest.approx(0.025)
+    inflight.add(held)
+    inflight.discard(held[1:])
+    assert len(inflight) == 1
+
+
+def test_recover_own_takes_back_at_once_and_dead_letters_past_the_limit(redis_url: str) -> None:
+    client, names, q, messages = _setup(redis_url, 3, max_deliveries=2)
+    first = q.read(3, block_ms=100)
+    assert len(first) == 3
+    restarted = LearnerQueue(client, names.scored, names=names, consumer="learner-0", expect=ScoredPrefix,
+                             claim_idle_ms=600_000, max_deliveries=2)
+    again = restarted.recover_own()
+    assert [d.entry_id for d in again] == [d.entry_id for d in first]
+    assert [d.deliveries for d in again] == [2, 2, 2]
+    assert LearnerQueue(client, names.scored, names=names, consumer="learner-1", expect=ScoredPrefix).recover_own() == []
+
+    assert restarted.recover_own() == []  # a third delivery is past max_deliveries=2
+    dead = read_dead_letters(client, names)
+    assert sorted(d.message_id for d in dead) == sorted(m.id for m in messages)
+    assert all("delivered 3 times" in d.reason for d in dead)
+    assert client.xlen(names.scored) == 0
+
+
+def test_orphaned_journals_are_found(redis_url: str) -> None:
+    client, names, q, _ = _setup(redis_url, 2)
+    batch = q.read(2, block_ms=100)
+    rank3 = StepJournal(client, names, stream=q.stream, group=q.group, consumer=q.consumer, rank=3, max_bytes=q.max_bytes)
+    rank3.commit(1, 1, batch)
+    assert orphaned_journals(client, names, 2) == {3: 2}
+    assert orphaned_journals(client, names, 4) == {}
+    rank3.forget_through(1)  # checkpointed: nothing left to replay, nothing to refuse
+    assert orphaned_journals(client, names, 2) == {}

@@ -1,0 +1,89 @@
+"""The learner loop in-process on the tiny student: weight sync and bounded waits.
+
+Pins:
+- the weights the learner announces in Redis are a plain HF directory: a fresh
+  `AutoModelForCausalLM.from_pretrained(path)` holds exactly the learner's parameters, the announcement
+  carries the version, step and size on disk, and the publish metrics are exported;
+- no data for `read_timeout_s` fails the run with an error saying what to check;
+- a drain that never completes (an actor registered, prefixes in flight that never arrive) ends after
+  `read_timeout_s` with an error naming what is missing, after checkpointing and publishing what was trained.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import redis
+import torch
+from learner_streams import publish, scored_messages
+from transformers import AutoModelForCausalLM
+
+from learner.checkpoint import latest_checkpoint, read_meta
+from learner.config import LearnerConfig
+from learner.loop import Learner
+from opd.tiny import asset_paths
+from protocol import ledger
+from protocol.config import TransportConfig
+from protocol.names import Names
+from protocol.runtime import latest_weights
+
+pytestmark = pytest.mark.integration
+
+
+def _learner(redis_url: str, tiny_assets: Path, workdir: Path, **cfg: object) -> Learner:
+    config = LearnerConfig(model_dir=str(asset_paths(tiny_assets).student_dir), workdir=str(workdir), device="cpu",
+                           batch_size=4, micro_batch_tokens=64, max_staleness=10, **cfg)  # type: ignore[arg-type]
+    return Learner(config, TransportConfig(redis_url=redis_url, namespace="loop"), learner_id="learner-test")
+
+
+def test_announced_weights_load_in_transformers_and_equal_the_learner(redis_url: str, tiny_assets: Path,
+                                                                       tmp_path: Path) -> None:
+    client = redis.Redis.from_url(redis_url)
+    names = Names("loop")
+    publish(client, names, scored_messages(tiny_assets, 8))
+    learner = _learner(redis_url, tiny_assets, tmp_path / "learner", steps=2)
+    first = latest_weights(client, names)
+    assert first is not None and (first.version, first.step) == (0, 0)  # announced at start, before training
+    summary = learner.run()
+    assert summary.steps == 2 and summary.trained == 8
+
+    ann = latest_weights(client, names)
+    assert ann is not None and (ann.version, ann.step) == (2, 2) == (learner.version, learner.step)
+    path = Path(ann.path)
+    assert path.is_absolute() and ann.nbytes == sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    assert not list(path.glob("*.bin")) and not list(path.glob("*.pt"))  # safetensors only, never pickle
+    fresh = AutoModelForCausalLM.from_pretrained(path)
+    mine = learner.model.state_dict()
+    theirs = fresh.state_dict()
+    assert theirs.keys() == mine.keys()
+    for key, value in mine.items():
+        assert torch.equal(theirs[key], value), key
+    assert not torch.equal(theirs["lm_head.weight"], AutoModelForCausalLM.from_pretrained(
+        asset_paths(tiny_assets).student_dir).state_dict()["lm_head.weight"])  # it did train
+
+    registry = learner.registry
+    assert registry.get_sample_value("opd_learner_publish_bytes_total") >= ann.nbytes
+    assert registry.get_sample_value("opd_learner_publish_seconds") is not None
+
+
+def test_no_data_fails_after_read_timeout(redis_url: str, tiny_assets: Path, tmp_path: Path) -> None:
+    learner = _learner(redis_url, tiny_assets, tmp_path / "learner", steps=2, read_timeout_s=0.5)
+    with pytest.raises(TimeoutError, match=r"no scored prefixes for 0\.5s: are teachers and actors running"):
+        learner.run()
+
+
+def test_a_drain_that_never_completes_is_bounded(redis_url: str, tiny_assets: Path, tmp_path: Path) -> None:
+    client = redis.Redis.from_url(redis_url)
+    names = Names("loop")
+    publish(client, names, scored_messages(tiny_assets, 4))
+    client.sadd(names.key("actors"), "actor-gone")  # an actor that died without deregistering
+    ledger.record(client, names, {"lost-in-flight": ledger.PRODUCED})
+    workdir = tmp_path / "learner"
+    learner = _learner(redis_url, tiny_assets, workdir, steps=1, read_timeout_s=1.0)
+    with pytest.raises(TimeoutError, match=r"1 prefixes are still in flight.*actor-gone"):
+        learner.run()
+    ckpt = latest_checkpoint(workdir / "checkpoints")
+    assert ckpt is not None and read_meta(ckpt).step == 1
+    ann = latest_weights(client, names)
+    assert ann is not None and ann.version == 1
