@@ -101,8 +101,14 @@ class Admission:
             return None  # no learner yet: wait for it rather than flood the queue with soon-stale work
         batch = int(state.get(b"batch_size", b"1"))
         max_staleness = int(state.get(b"max_staleness", b"0"))
-        outcomes = ledger.counts(self.client, self.names)
-        return (max_staleness + 1) * batch + sum(outcomes[o] for o in ledger.TERMINAL)
+        # The learner's own count, taken after it published the weights of its version (not the live
+        # ledger): a slot its last step freed must go to work sampled with that step's weights.
+        if b"retired" in state:
+            retired = int(state[b"retired"])
+        else:
+            outcomes = ledger.counts(self.client, self.names)
+            retired = sum(outcomes[o] for o in ledger.TERMINAL)
+        return (max_staleness + 1) * batch + retired
 
     def acquire(self, want: int, stop: StopFlag, should_stop: Callable[[], bool]) -> int:
         """Block until slots are free; returns how many were reserved (0 when stopping).

@@ -231,6 +231,8 @@ class Learner:
         self._replay()
         self._move_version_forward()
         self.publish()
+        if self.dist.is_main and self.step < cfg.steps:  # a restarted run with steps to go wants rollouts again
+            self.client.hdel(self.names.control, "stop_producing")
         self.advertise()  # early: actors wait for this before producing (admission control)
         on_this_rank = self.dist.is_main or self.train_model.mode == "fsdp"  # FSDP forwards are collective
         self.evaluator = _Evaluator.maybe(cfg, self.tokenizer, self.device) if on_this_rank else None
@@ -446,9 +448,12 @@ class Learner:
         """Learner state in Redis: actors' admission control and `opd top` read it."""
         if not self.dist.is_main:
             return
+        # `retired` is read now, after the weights of `version` are published: actors admit new work
+        # against it, so a slot freed by this step is only taken by work sampled with this step's weights.
+        retired = sum(ledger.counts(self.client, self.names)[o] for o in ledger.TERMINAL)
         self.client.hset(self.names.learner_state, mapping={
             "version": self.version, "step": self.step, "batch_size": self.cfg.batch_size,
-            "max_staleness": self.cfg.max_staleness, "ranks": self.dist.world_size,
+            "max_staleness": self.cfg.max_staleness, "ranks": self.dist.world_size, "retired": retired,
             **{k: str(v) for k, v in extra.items()},
         })
 
