@@ -105,6 +105,8 @@ def _env() -> dict[str, str]:
     # Each role is one process among several on a small machine: do not oversubscribe the cores.
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Roles log rates themselves; per-file load/save progress bars would bury those lines.
+    env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     return env
 
 
