@@ -26,19 +26,10 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
 from actors.engine import Generation
+from protocol.runtime import resolve_dtype
 
 # Config keys that differ between checkpoints of the same architecture without changing the weights' layout.
 _VOLATILE_CONFIG_KEYS = frozenset({"transformers_version", "dtype", "torch_dtype"})
-
-
-def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    """Accept a torch dtype or its name ("bfloat16") so configs can stay plain strings."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    resolved = getattr(torch, str(dtype), None)
-    if not isinstance(resolved, torch.dtype):
-        raise ValueError(f"dtype: {dtype!r} is not a torch dtype name (e.g. 'float32', 'bfloat16')")
-    return resolved
 
 
 def layout_config(config: dict[str, object]) -> dict[str, object]:

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from protocol.runtime import resolve_dtype
+
 _HASH_CHUNK_BYTES = 8 << 20
 
 
@@ -40,16 +42,6 @@ class TeacherScorer(Protocol):
     def score(self, sequences: list[np.ndarray], starts: list[int], k: int) -> list[Scores]: ...
 
     def num_parameters(self) -> int: ...
-
-
-def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    """Accept a torch dtype or its name ("bfloat16") so configs can stay plain strings."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    resolved = getattr(torch, str(dtype), None)
-    if not isinstance(resolved, torch.dtype):
-        raise ValueError(f"dtype: {dtype!r} is not a torch dtype name (e.g. 'float32', 'bfloat16')")
-    return resolved
 
 
 def file_sha256(path: Path) -> str:

@@ -10,6 +10,7 @@ import signal
 import threading
 import time
 from types import FrameType
+from typing import Any
 
 import redis
 
@@ -33,6 +34,18 @@ def resolve_device(name: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: Any) -> Any:
+    """A torch dtype from itself or its name ("bfloat16"), so configs can stay plain strings."""
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"dtype: {dtype!r} is not a torch dtype name (e.g. 'float32', 'bfloat16')")
+    return resolved
 
 
 class StopFlag:
