@@ -1,4 +1,4 @@
-"""A PNG of a run: loss and sampled reverse KL per step, held-out reverse KL at each evaluation."""
+"""A PNG of a run: what the student learned and what truncation did, per learner step."""
 
 from __future__ import annotations
 
@@ -7,23 +7,31 @@ from typing import Any
 
 
 def plot_run(history: list[dict[str, Any]], evals: list[dict[str, Any]], out: Path) -> Path:
+    """Three panels: train-batch reverse KL, tokens per prefix (the horizon at work), held-out KL.
+
+    The loss itself is not plotted: the policy-gradient surrogate's value is not a divergence (it
+    scales with log pi), so the sampled reverse KL is the number to watch.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     steps = [r["step"] for r in history]
-    axes[0].plot(steps, [r["reverse_kl"] for r in history], label="sampled reverse KL (train batch)")
-    axes[0].plot(steps, [r["loss"] for r in history], label="loss", alpha=0.6)
-    axes[0].set_xlabel("learner step")
-    axes[0].legend()
-    axes[0].set_title("training")
+    axes[0].plot(steps, [r["reverse_kl"] for r in history])
+    axes[0].set_title("sampled reverse KL on training prefixes")
+    axes[0].set_ylabel("nats / token")
+    per_prefix = [r["tokens"] / r["samples"] if r.get("samples") else None for r in history]
+    axes[1].plot(steps, per_prefix)
+    axes[1].set_title("response tokens per trained prefix")
     if evals:
-        axes[1].plot([r["step"] for r in evals], [r["reverse_kl"] for r in evals], marker="o")
-    axes[1].set_xlabel("learner step")
-    axes[1].set_ylabel("nats / token")
-    axes[1].set_title("held-out full-length reverse KL(student || teacher)")
+        axes[2].plot([r["step"] for r in evals], [r["reverse_kl"] for r in evals], marker="o")
+    axes[2].set_title("held-out full-length reverse KL(student || teacher)")
+    axes[2].set_ylabel("nats / token")
+    for ax in axes:
+        ax.set_xlabel("learner step")
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

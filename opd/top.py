@@ -143,7 +143,8 @@ def rows(snap: Snapshot, previous: Snapshot | None = None) -> list[tuple[str, st
                 f"{o[ledger.PRODUCED]} / {o[ledger.TRAINED]} / {o[ledger.DROPPED]} / {o[ledger.DEAD]}"))
     out.append(("dead-letter stream length", str(snap.dead)))
     down = set(snap.down)
-    out.append(("metrics endpoints", "\n".join(f"{k}: {v}{' (down)' if k in down else ''}"
+    gone = " (stopped)" if snap.learner.get("phase") == "done" else " (down)"  # after a run, exited is normal
+    out.append(("metrics endpoints", "\n".join(f"{k}: {v}{gone if k in down else ''}"
                                                for k, v in sorted(snap.endpoints.items())) or "-"))
     return out
 
