@@ -39,14 +39,18 @@ import contextlib
 import json
 import logging
 from collections.abc import Sequence
-from typing import Any, Unpack
+from typing import Any
+
+import requests
 
 from actors.engine import Generation
 
 # The wire contract shared with `cache/sglang_scorer.py`; re-exported from here (`SGLangError`,
 # `count_safetensors_parameters`, `http_json`, the endpoint constants) for existing importers.
 from protocol.sglang_http import (
+    CONNECT_TIMEOUT_S,
     CONTINUE,
+    CONTROL_TIMEOUT_S,
     GENERATE,
     HEALTH,
     MODEL_INFO,
@@ -54,7 +58,6 @@ from protocol.sglang_http import (
     PAUSE_MODES,
     UPDATE_FROM_DISK,
     SGLangClient,
-    SGLangClientOptions,
     SGLangError,
     count_safetensors_parameters,
     error_message,
@@ -185,7 +188,7 @@ def _finished(meta: dict[str, Any], i: int) -> bool:
 # --------------------------------------------------------------------------- HTTP
 
 
-class SGLangRolloutEngine(SGLangClient):
+class SGLangRolloutEngine:
     """`RolloutEngine` over SGLang's native API. One instance per actor; not shared across threads.
 
     Args:
@@ -200,8 +203,8 @@ class SGLangRolloutEngine(SGLangClient):
         model_dir: a local copy of the initial student checkpoint, for `num_parameters()`.
         session: the `requests.Session` to call through.
 
-    `connect_timeout_s`, `control_timeout_s`, `num_parameters`, `model_dir` and `session` are
-    `SGLangClient`'s options (`protocol/sglang_http.py`), with its defaults.
+    The connection (`base_url`, the two timeouts, `session`) is an `SGLangClient`
+    (`protocol/sglang_http.py`), held as `self.http`.
     """
 
     def __init__(
@@ -211,15 +214,27 @@ class SGLangRolloutEngine(SGLangClient):
         *,
         load_timeout_s: float = 900.0,
         pause_mode: str = "abort",
-        **options: Unpack[SGLangClientOptions],
+        connect_timeout_s: float = CONNECT_TIMEOUT_S,
+        control_timeout_s: float = CONTROL_TIMEOUT_S,
+        num_parameters: int | None = None,
+        model_dir: str | None = None,
+        session: requests.Session | None = None,
     ) -> None:
         if pause_mode not in PAUSE_MODES:
             raise ValueError(f"pause_mode {pause_mode!r} not in {PAUSE_MODES}")
-        super().__init__(base_url, **options)
+        self.http = SGLangClient(
+            base_url, connect_timeout_s=connect_timeout_s, control_timeout_s=control_timeout_s, session=session
+        )
         self.timeout_s = timeout_s
         self.load_timeout_s = load_timeout_s
         self.pause_mode = pause_mode
         self.loaded_version: int | None = None
+        self._num_parameters = num_parameters
+        self._model_dir = model_dir
+
+    @property
+    def base_url(self) -> str:
+        return self.http.base_url
 
     # ---- RolloutEngine
 
@@ -243,7 +258,7 @@ class SGLangRolloutEngine(SGLangClient):
         request = build_generate_request(
             [prompts[i] for i in live], budgets, temperature=temperature, top_p=top_p, seed=seed
         )
-        body = self._call("POST", GENERATE, request, self.timeout_s)
+        body = self.http.call("POST", GENERATE, request, self.timeout_s)
         for i, generation in zip(live, parse_generate_response(body, budgets), strict=True):
             out[i] = generation
         return out
@@ -261,10 +276,10 @@ class SGLangRolloutEngine(SGLangClient):
                 return
         except SGLangError as exc:
             log.warning("cannot read the server's weight version, reloading anyway: %s", exc)
-        self._call("POST", PAUSE, {"mode": self.pause_mode}, self.control_timeout_s)
+        self.http.control("POST", PAUSE, {"mode": self.pause_mode})
         failure: BaseException | None = None
         try:
-            body = self._call(
+            body = self.http.call(
                 "POST",
                 UPDATE_FROM_DISK,
                 {"model_path": str(path), "weight_version": str(version)},
@@ -277,7 +292,7 @@ class SGLangRolloutEngine(SGLangClient):
             raise
         finally:
             try:
-                self._call("POST", CONTINUE, {}, self.control_timeout_s)
+                self.http.control("POST", CONTINUE, {})
             except SGLangError as exc:
                 if failure is None:
                     raise
@@ -302,12 +317,12 @@ class SGLangRolloutEngine(SGLangClient):
 
     def model_info(self) -> dict[str, Any]:
         """`/get_model_info`: `model_path`, `tokenizer_path`, `weight_version`, ..."""
-        return self._get_model_info()
+        return self.http.model_info()
 
     def health(self) -> bool:
         """True when `/health` answers 200."""
         try:
-            self._call("GET", HEALTH, None, self.control_timeout_s)
+            self.http.control("GET", HEALTH, None)
         except SGLangError:
             return False
         return True

@@ -25,19 +25,21 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from typing import Any, Unpack
+from typing import Any
 
 import numpy as np
+import requests
 
 from cache.scorer import Scores, empty_scores
 
 # The wire contract shared with `actors/sglang_engine.py`; `SGLangError`, `GENERATE` and `MODEL_INFO`
 # stay importable from here.
 from protocol.sglang_http import (
+    CONNECT_TIMEOUT_S,
+    CONTROL_TIMEOUT_S,
     GENERATE,
     MODEL_INFO,
     SGLangClient,
-    SGLangClientOptions,
     SGLangError,
     error_message,
     field_error,
@@ -146,7 +148,7 @@ def _check_id(got: int, sent: int, where: str, item: Any) -> None:
 # --------------------------------------------------------------------------- HTTP
 
 
-class SGLangTeacherScorer(SGLangClient):
+class SGLangTeacherScorer:
     """`TeacherScorer` over SGLang's native API.
 
     Args:
@@ -160,8 +162,8 @@ class SGLangTeacherScorer(SGLangClient):
             names the weights by the server's `model_path` only.
         num_parameters / model_dir: the parameter count, or a local checkpoint to count it from;
             otherwise it is counted from the server's `model_path` when that is a local directory.
-        connect_timeout_s, control_timeout_s, session: `SGLangClient`'s connection options
-            (`protocol/sglang_http.py`), with its defaults.
+        connect_timeout_s, control_timeout_s, session: the connection, an `SGLangClient`
+            (`protocol/sglang_http.py`) held as `self.http`.
 
     `tokens_forwarded` counts every token sent for scoring (prompt + response of each sequence).
     """
@@ -175,7 +177,11 @@ class SGLangTeacherScorer(SGLangClient):
         temperature: float = 1.0,
         dtype: str = "auto",
         revision: str | None = None,
-        **options: Unpack[SGLangClientOptions],
+        num_parameters: int | None = None,
+        model_dir: str | None = None,
+        connect_timeout_s: float = CONNECT_TIMEOUT_S,
+        control_timeout_s: float = CONTROL_TIMEOUT_S,
+        session: requests.Session | None = None,
     ) -> None:
         if temperature != 1.0:
             raise ValueError(
@@ -184,7 +190,9 @@ class SGLangTeacherScorer(SGLangClient):
             )
         if max_tokens_per_request < 1:
             raise ValueError(f"max_tokens_per_request must be >= 1, got {max_tokens_per_request}")
-        super().__init__(base_url, **options)
+        self.http = SGLangClient(
+            base_url, connect_timeout_s=connect_timeout_s, control_timeout_s=control_timeout_s, session=session
+        )
         self.timeout_s = timeout_s
         self.max_tokens_per_request = max_tokens_per_request
         self.temperature = float(temperature)
@@ -194,6 +202,12 @@ class SGLangTeacherScorer(SGLangClient):
         self._model_info: dict[str, Any] | None = None
         self.identity_fields: dict[str, str] = {}
         self.tokens_forwarded = 0
+        self._num_parameters = num_parameters
+        self._model_dir = model_dir
+
+    @property
+    def base_url(self) -> str:
+        return self.http.base_url
 
     @property
     def identity(self) -> str:
@@ -221,7 +235,7 @@ class SGLangTeacherScorer(SGLangClient):
 
     def model_info(self) -> dict[str, Any]:
         if self._model_info is None:
-            self._model_info = self._get_model_info()
+            self._model_info = self.http.model_info()
         return self._model_info
 
     def score(self, sequences: list[np.ndarray], starts: list[int], k: int) -> list[Scores]:
@@ -243,7 +257,7 @@ class SGLangTeacherScorer(SGLangClient):
             index = todo[lo:hi]
             seqs, sts = [sequences[i] for i in index], [starts[i] for i in index]
             request = build_score_request(seqs, sts, k)
-            body = self._call("POST", GENERATE, request, self.timeout_s)
+            body = self.http.call("POST", GENERATE, request, self.timeout_s)
             self.tokens_forwarded += sum(len(s) for s in seqs)
             for i, scores in zip(index, parse_score_response(body, seqs, sts, k), strict=True):
                 out[i] = scores

@@ -19,8 +19,8 @@ Names and shapes follow SGLang's own sources, not guesses:
   header length, then a JSON header listing every tensor's shape): a file format, not an SGLang shape.
 
 Every failure surfaces as `SGLangError`, whose message names the endpoint, the HTTP status and a body
-excerpt. `SGLangClient` is the connection both roles build on (base URL, timeouts, session, one JSON
-call, `/get_model_info`); what each sends over it stays in its role.
+excerpt. `SGLangClient` is the connection each role holds (base URL, timeouts, session, one JSON call,
+`/get_model_info`); what each sends over it stays in its role.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import json
 import struct
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any
 
 import requests
 
@@ -41,6 +41,8 @@ MODEL_INFO = "/get_model_info"
 HEALTH = "/health"
 
 PAUSE_MODES = ("abort", "retract", "in_place")
+CONNECT_TIMEOUT_S = 5.0  # default TCP connect timeout of every call
+CONTROL_TIMEOUT_S = 60.0  # default read timeout of the small control calls
 _EXCERPT = 300
 
 
@@ -179,25 +181,15 @@ def http_json(
         raise SGLangError(endpoint, "response is not JSON", status=response.status_code, body=text) from exc
 
 
-class SGLangClientOptions(TypedDict, total=False):
-    """The keyword options every `SGLangClient` takes (see there), for `**options: Unpack[...]`."""
-
-    connect_timeout_s: float
-    control_timeout_s: float
-    num_parameters: int | None
-    model_dir: str | None
-    session: requests.Session | None
-
-
 class SGLangClient:
     """One SGLang server, over its native HTTP API; not shared across threads.
+
+    Held (not inherited) by the rollout engine and the teacher scorer, which say what to send.
 
     Args:
         base_url: the server, e.g. `http://student-sglang:30000` (a trailing `/` is dropped).
         connect_timeout_s: TCP connect timeout of every call.
         control_timeout_s: read timeout of the small control calls (`/get_model_info`, ...).
-        num_parameters: the served model's parameter count, if known (`_num_parameters`).
-        model_dir: a local copy of the served checkpoint, to count the parameters from (`_model_dir`).
         session: the `requests.Session` to call through (a new one by default).
     """
 
@@ -205,25 +197,26 @@ class SGLangClient:
         self,
         base_url: str,
         *,
-        connect_timeout_s: float = 5.0,
-        control_timeout_s: float = 60.0,
-        num_parameters: int | None = None,
-        model_dir: str | None = None,
+        connect_timeout_s: float = CONNECT_TIMEOUT_S,
+        control_timeout_s: float = CONTROL_TIMEOUT_S,
         session: requests.Session | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.connect_timeout_s = connect_timeout_s
         self.control_timeout_s = control_timeout_s
-        self._num_parameters = num_parameters
-        self._model_dir = model_dir
-        self._session = session or requests.Session()
+        self.session = session or requests.Session()
 
-    def _call(self, method: str, endpoint: str, payload: Any, read_timeout_s: float) -> Any:
-        return http_json(self._session, method, self.base_url, endpoint, payload, (self.connect_timeout_s, read_timeout_s))
+    def call(self, method: str, endpoint: str, payload: Any, read_timeout_s: float) -> Any:
+        """`http_json` against this server, with this connect timeout and `read_timeout_s`."""
+        return http_json(self.session, method, self.base_url, endpoint, payload, (self.connect_timeout_s, read_timeout_s))
 
-    def _get_model_info(self) -> dict[str, Any]:
+    def control(self, method: str, endpoint: str, payload: Any) -> Any:
+        """A small control call (`/pause_generation`, `/health`, ...), under `control_timeout_s`."""
+        return self.call(method, endpoint, payload, self.control_timeout_s)
+
+    def model_info(self) -> dict[str, Any]:
         """`/get_model_info` (uncached): `model_path`, `tokenizer_path`, `weight_version`, ..."""
-        body = self._call("GET", MODEL_INFO, None, self.control_timeout_s)
+        body = self.control("GET", MODEL_INFO, None)
         if not isinstance(body, dict):
             raise SGLangError(MODEL_INFO, f"expected an object, got {type(body).__name__}")
         return body
