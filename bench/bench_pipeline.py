@@ -250,7 +250,7 @@ def main() -> int:
         for scenario in scenarios:
             run_dir = work / scenario
             overrides = [
-                f"run.workdir={run_dir}", "run.tiny_assets=null", f"actor.model_dir={paths.student_dir}",
+                f"run.workdir={run_dir}", "run.tiny_assets=null", "run.warm_cache=null", f"actor.model_dir={paths.student_dir}",
                 f"actor.prompts_file={paths.prompts_file}", f"teacher.model_dir={paths.teacher_dir}",
                 f"teacher.cache_dir={run_dir / 'cache'}", f"learner.model_dir={paths.student_dir}",
                 f"learner.workdir={run_dir / 'learner'}", "learner.eval.heldout_file=",

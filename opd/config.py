@@ -26,6 +26,9 @@ class RunConfig(BaseModel):
     actors: int = Field(1, ge=1, description="Actor processes `opd up` starts.")
     teachers: int = Field(1, ge=1, description="Teacher processes `opd up` starts.")
     tiny_assets: str | None = Field(None, description="Build tiny demo models and prompts into this dir before starting.")
+    warm_cache: str | None = Field(
+        None, description="JSONL of prompts with reference responses to score into the teacher cache before starting."
+    )
     fresh: bool = Field(False, description="Delete the learner's work dir and the teacher cache before starting.")
     log_level: str = Field("INFO", description="Python logging level of every role.")
     progress_interval_s: float = Field(1.0, gt=0, description="Refresh period of the live progress view.")

@@ -149,6 +149,8 @@ def run_pipeline(cfg: OPDConfig, *, progress: bool = True) -> int:
         if not cfg.transport.redis_url:
             redis_proc, cfg.transport.redis_url = start_redis(workdir)
             log.info("started redis-server at %s (AOF on, data in %s)", cfg.transport.redis_url, workdir / "redis")
+        if cfg.run.warm_cache:
+            _warm_cache(cfg)
         config_path = workdir / "config.yaml"
         config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         for i in range(cfg.run.teachers):
@@ -174,6 +176,21 @@ def run_pipeline(cfg: OPDConfig, *, progress: bool = True) -> int:
                 redis_proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 redis_proc.kill()
+
+
+def _warm_cache(cfg: OPDConfig) -> None:
+    """Offline teacher caching before the run: rollouts that match a reference pay no teacher forward."""
+    import argparse
+
+    from cache import cli as cache_cli
+
+    t0 = time.perf_counter()
+    args = argparse.Namespace(prompts=cfg.run.warm_cache, model=None, append_eos=True, ids_only=False,
+                              no_chat_template=cfg.actor.use_chat_template is False, batch_size=None,
+                              writer_id=None, json=False)
+    if cache_cli.run("warm", cfg.teacher, cfg.transport, args) != 0:
+        raise ValueError(f"run.warm_cache: scoring {cfg.run.warm_cache} into the teacher cache failed (see above)")
+    log.info("warmed the teacher cache from %s in %.1fs", cfg.run.warm_cache, time.perf_counter() - t0)
 
 
 def _check_inputs(cfg: OPDConfig) -> None:

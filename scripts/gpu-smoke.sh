@@ -94,7 +94,7 @@ if [ -z "$STUDENT$TEACHER$PROMPTS" ] && [ "$ENGINE" = hf ]; then
   ASSETS="$WORKDIR/assets"
   STUDENT="$ASSETS/student"; TEACHER="$ASSETS/teacher"; PROMPTS="$ASSETS/prompts.jsonl"
   CONFIG=${CONFIG:-configs/demo-cpu.yaml}
-  SETS+=(--set "run.tiny_assets=$ASSETS" --set "learner.eval.heldout_file=$ASSETS/heldout.jsonl"
+  SETS+=(--set "run.tiny_assets=$ASSETS" --set "run.warm_cache=$ASSETS/prompts.jsonl" --set "learner.eval.heldout_file=$ASSETS/heldout.jsonl"
          --set "learner.eval.teacher_dir=$TEACHER")
   echo "==> tiny models built in code (set OPD_STUDENT_DIR, OPD_TEACHER_DIR, OPD_PROMPTS for your own)"
 else
@@ -103,7 +103,7 @@ else
     [ -e "${!var}" ] || die "$var=${!var} does not exist"
   done
   CONFIG=${CONFIG:-configs/compose.yaml}
-  SETS+=(--set "run.tiny_assets=null" --set "learner.eval.heldout_file=${OPD_HELDOUT:-}"
+  SETS+=(--set "run.tiny_assets=null" --set "run.warm_cache=null" --set "learner.eval.heldout_file=${OPD_HELDOUT:-}"
          --set "learner.eval.teacher_dir=$TEACHER")
 fi
 [ -f "$CONFIG" ] || die "config $CONFIG does not exist"

@@ -66,7 +66,7 @@ def publish(client: redis.Redis, names: Names, messages: list[ScoredPrefix]) -> 
 
 
 def learner_overrides(redis_url: str, namespace: str, root: Path, workdir: Path, **learner: object) -> list[str]:
-    base = [f"transport.redis_url={redis_url}", f"transport.namespace={namespace}", "run.tiny_assets=null",
+    base = [f"transport.redis_url={redis_url}", f"transport.namespace={namespace}", "run.tiny_assets=null", "run.warm_cache=null",
             f"learner.model_dir={asset_paths(root).student_dir}", f"learner.workdir={workdir}", "learner.device=cpu"]
     return base + [f"learner.{k}={v}" for k, v in learner.items()]
 

@@ -256,7 +256,7 @@ def scraped_run(redis_server: str, tiny_assets: Path, tmp_path_factory: pytest.T
     workdir = tmp / "run"
     overrides = [
         f"transport.redis_url={redis_server}", f"transport.namespace={ns}", f"run.workdir={workdir}",
-        "run.tiny_assets=null", f"run.actors={REPLICAS['actor']}", f"run.teachers={REPLICAS['teacher']}",
+        "run.tiny_assets=null", "run.warm_cache=null", f"run.actors={REPLICAS['actor']}", f"run.teachers={REPLICAS['teacher']}",
         f"actor.model_dir={tiny_assets / 'student'}", f"actor.prompts_file={tiny_assets / 'prompts.jsonl'}",
         f"teacher.model_dir={tiny_assets / 'teacher'}", f"teacher.cache_dir={tmp / 'cache'}",
         f"learner.model_dir={tiny_assets / 'student'}", f"learner.workdir={workdir / 'learner'}",

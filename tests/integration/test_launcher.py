@@ -39,7 +39,7 @@ def test_ctrl_c_stops_every_process(tiny_assets: Path, tmp_path: Path) -> None:
     workdir = tmp_path / "ctrlc-run"
     cmd = [sys.executable, "-m", "opd.cli", "up", "--config", str(REPO / "configs" / "demo-cpu.yaml"),
            "--no-progress", "--steps", "100000",
-           "--set", "transport.redis_url=null", "--set", f"run.workdir={workdir}", "--set", "run.tiny_assets=null",
+           "--set", "transport.redis_url=null", "--set", f"run.workdir={workdir}", "--set", "run.tiny_assets=null", "--set", "run.warm_cache=null",
            "--set", f"actor.model_dir={tiny_assets / 'student'}", "--set", f"actor.prompts_file={tiny_assets / 'prompts.jsonl'}",
            "--set", f"teacher.model_dir={tiny_assets / 'teacher'}", "--set", f"teacher.cache_dir={workdir / 'cache'}",
            "--set", f"learner.model_dir={tiny_assets / 'student'}", "--set", f"learner.workdir={workdir / 'learner'}",

@@ -6,7 +6,8 @@ Pins:
 - a malformed message injected into a stream lands in the dead-letter stream with its reason, and the
   pipeline keeps going;
 - every role's /metrics endpoint exposes the documented metric names;
-- truncation saved student tokens, and the teacher scored tokens.
+- truncation saved student tokens, and the teacher scored tokens;
+- `run.warm_cache` scores the reference answers into the teacher cache before the run starts.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def test_pipeline_end_to_end(redis_url: str, tiny_assets: Path, tmp_path: Path) 
     workdir = tmp_path / "run"
     overrides = [
         f"transport.redis_url={redis_url}", f"transport.namespace={ns}", f"run.workdir={workdir}",
-        "run.tiny_assets=null", "run.actors=2", "run.teachers=1",
+        "run.tiny_assets=null", "run.actors=2", "run.teachers=1", f"run.warm_cache={tiny_assets / 'prompts.jsonl'}",
         f"actor.model_dir={tiny_assets / 'student'}", f"actor.prompts_file={tiny_assets / 'prompts.jsonl'}",
         f"teacher.model_dir={tiny_assets / 'teacher'}", f"teacher.cache_dir={tmp_path / 'cache'}",
         f"learner.model_dir={tiny_assets / 'student'}", f"learner.workdir={workdir / 'learner'}",
@@ -102,6 +103,7 @@ def test_pipeline_end_to_end(redis_url: str, tiny_assets: Path, tmp_path: Path) 
     assert client.xlen(names.rollouts) == 0 and client.xlen(names.scored) == 0
 
     assert "held-out reverse KL" in output
+    assert "warmed the teacher cache" in output  # run.warm_cache: offline teacher caching before the run
     assert (workdir / "summary.png").exists()
 
 
