@@ -10,6 +10,15 @@ need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 if [ "${OPD_WITH_PROMETHEUS:-0}" = "1" ]; then command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus); fi
 if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" != "0" ] && [ -z "$SUDO" ]; then
+    echo "setup: need ${need_apt[*]} from apt, but this user is not root and has no sudo;" >&2
+    echo "       install them (apt-get install ${need_apt[*]}) and run this again" >&2
+    exit 1
+  fi
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "setup: need ${need_apt[*]} but apt-get is not available: install them with your package manager" >&2
+    exit 1
+  fi
   echo "==> apt-get install ${need_apt[*]}"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
