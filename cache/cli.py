@@ -69,7 +69,7 @@ def run(command: str, cfg: TeacherConfig, transport: TransportConfig, args: argp
     if handler is None:
         _error(command, f"unknown cache command {command!r} (known: {', '.join(handlers)})")
         return 2
-    from cache.store import CacheError
+    from cache.shards import CacheError
 
     try:
         return handler(cfg, transport, args)
@@ -125,7 +125,7 @@ def _redis(command: str, transport: TransportConfig) -> redis.Redis:
 
 def _existing_root(cfg: TeacherConfig) -> str:
     """teacher.cache_dir, checked to hold a teacher cache (commands other than warm never create one)."""
-    from cache.store import CacheRoot
+    from cache.shards import CacheRoot
 
     try:
         CacheRoot(cfg.cache_dir, create=False)
@@ -409,7 +409,7 @@ def _warm(cfg: TeacherConfig, transport: TransportConfig, args: argparse.Namespa
     if cfg.engine == "sglang" and not cfg.sglang_url:
         raise UsageError("teacher.engine is 'sglang' but teacher.sglang_url is not set")
     writer_id = getattr(args, "writer_id", None) or default_writer_id()
-    from cache.store import validate_writer_id
+    from cache.shards import validate_writer_id
 
     try:
         validate_writer_id(writer_id)

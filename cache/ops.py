@@ -4,7 +4,7 @@ These take the cache root and Redis rather than a `TeacherCache`, so an operator
 any process (`opd cache ...`) while teachers keep reading and writing.
 
 Eviction, and why it works on whole shards: a writer appends to one *active* shard and, after
-`shard_rows` rows, seals it and starts the next (see `cache.store`). Sealed shards are immutable, so
+`shard_rows` rows, seals it and starts the next (see `cache.shards`). Sealed shards are immutable, so
 deleting one never races a writer. Each lookup records, per shard it served from, the time of that
 hit in a Redis sorted set (`<prefix>:shard_hits`; a new shard starts at its creation time). `evict`
 sums the shards' bytes on disk and, while the total is over budget, removes the least-recently-hit
@@ -33,23 +33,19 @@ import msgpack
 import numpy as np
 import redis as redis_lib
 
-from cache.store import (
-    DEFAULT_REDIS_PREFIX,
+from cache.index import DEFAULT_REDIS_PREFIX, IndexEntry, RedisNames, connect_redis, delete_index_if_equal
+from cache.shards import (
     LOGPROBS,
     TOPK_IDS,
     TOPK_LOGPROBS,
     CacheError,
     CacheRoot,
-    IndexEntry,
     RecordScan,
-    RedisNames,
     Shard,
     ShardIncomplete,
     ShardRecord,
     ShardUnavailable,
     WriterLock,
-    connect_redis,
-    delete_index_if_equal,
     entry_checksum,
 )
 

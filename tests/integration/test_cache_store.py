@@ -20,18 +20,10 @@ import pytest
 import redis
 
 from cache import ops
+from cache.index import IndexEntry, RedisNames
 from cache.keys import block_keys, cache_namespace
-from cache.store import (
-    LOGPROBS,
-    TOPK_IDS,
-    CacheError,
-    IndexEntry,
-    RedisNames,
-    Shard,
-    TeacherCache,
-    entry_checksum,
-    pack_records,
-)
+from cache.shards import LOGPROBS, TOPK_IDS, CacheError, Shard, entry_checksum, pack_records
+from cache.store import TeacherCache
 
 pytestmark = pytest.mark.integration
 
