@@ -8,7 +8,8 @@ not there.
 Pins:
 - into a pipe, `--once` prints plain `what: value` lines with the learner's step, version and phase,
   loss, queue depth per stream, token totals and percentages, ledger outcomes, dead letters, and every
-  registered /metrics endpoint, marking one that does not answer `(down)`;
+  registered /metrics endpoint, marking one that does not answer `(down)` while the run goes on and
+  `(stopped)` once the learner says it is done;
 - the per-replica row comes from the live replica's own /metrics;
 - the rich table (what a terminal and the launcher show) has the same rows; the live view adds
   tokens/s per stage from two consecutive snapshots;
@@ -117,9 +118,18 @@ def test_top_once_prints_the_key_numbers(pipeline_state: redis.Redis, redis_url:
     assert shown["tokens so far per live replica"] == ["actor-0: 321"]
     endpoints = shown["metrics endpoints"]
     assert len(endpoints) == 2
-    assert endpoints[0].startswith("actor-0: http://127.0.0.1:") and not endpoints[0].endswith("(down)")
-    assert endpoints[1].startswith("teacher-0: http://127.0.0.1:") and endpoints[1].endswith("(down)")
+    assert endpoints[0].startswith("actor-0: http://127.0.0.1:") and not endpoints[0].endswith(")")
+    # The learner says the run is done, so a replica that no longer answers has stopped, not failed.
+    assert endpoints[1].startswith("teacher-0: http://127.0.0.1:") and endpoints[1].endswith("(stopped)")
 
+
+
+def test_a_silent_replica_of_a_running_pipeline_is_down(redis_url: str, pipeline_state: redis.Redis) -> None:
+    pipeline_state.hset(Names(NS).learner_state, "phase", "training")
+    result = _top(redis_url)
+    assert result.returncode == 0, result.stderr
+    endpoints = _parse(result.stdout)["metrics endpoints"]
+    assert endpoints[1].startswith("teacher-0: ") and endpoints[1].endswith("(down)")
 
 def test_the_table_has_the_same_rows(pipeline_state: redis.Redis) -> None:
     from rich.console import Console
