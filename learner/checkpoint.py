@@ -214,9 +214,13 @@ def _tree_nbytes(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
 
-def _commit(tmp: Path, final: Path) -> None:
-    """Atomically move a finished ``tmp`` dir to ``final``; an existing ``final`` is replaced."""
-    _fsync_tree(tmp)
+def _commit(tmp: Path, final: Path, *, durable: bool = True) -> None:
+    """Atomically move a finished ``tmp`` dir to ``final``; an existing ``final`` is replaced.
+
+    ``durable`` fsyncs the files first, so the rename never exposes data a power loss could tear.
+    """
+    if durable:
+        _fsync_tree(tmp)
     if final.exists():
         # os.replace can't overwrite a non-empty dir: move the old one aside first (rename is atomic).
         trash = final.with_name(f".trash-{final.name}-{os.getpid()}-{time.monotonic_ns()}")
@@ -490,8 +494,14 @@ def publish_weights(
     keep_last: int,
     *,
     tokenizer: SavesPretrained | None = None,
+    durable: bool = False,
 ) -> tuple[Path, int]:
     """Write ``model`` as an HF dir ``root/v{version:06d}`` atomically; returns ``(path, nbytes)``.
+
+    Not fsynced by default (``durable``): published weights are derived data, rewritten every step,
+    and fsync was half of a small model's publication time. The rename still makes them atomic for
+    readers, which is all a process crash needs; after a power loss the restarted learner re-publishes
+    its version from the (fsynced) checkpoint before announcing anything.
 
     Actors ``from_pretrained`` the path after the announcement. Keeps this version and the
     ``keep_last - 1`` newest older ones; use ``keep_last >= 2`` so an actor still loading the previous
@@ -513,7 +523,7 @@ def publish_weights(
             tokenizer.save_pretrained(str(tmp))
         nbytes = _tree_nbytes(tmp)
         final = root / name
-        _commit(tmp, final)
+        _commit(tmp, final, durable=durable)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -88,6 +88,7 @@ class StreamQueue:
         self.max_bytes = max_bytes
         self.on_dead_letter = on_dead_letter
         self._group_ready = False
+        self._next_reclaim = 0.0
 
     # -- producer side -------------------------------------------------------------------------
     def wait_for_room(self, *, timeout_s: float, should_stop: Callable[[], bool] = lambda: False) -> float:
@@ -132,7 +133,13 @@ class StreamQueue:
     def read(self, count: int, *, block_ms: int = 1000) -> list[Delivery]:
         """Up to `count` valid deliveries: reclaimed ones first, then new ones. Bad ones are dead-lettered here."""
         self.ensure_group()
-        out = self._reclaim(count)
+        out: list[Delivery] = []
+        now = time.monotonic()
+        if now >= self._next_reclaim:
+            # A dead consumer's entries are only claimable after claim_idle_ms, so looking a few times
+            # per idle period is enough; every read would double the Redis round trips of a busy consumer.
+            out = self._reclaim(count)
+            self._next_reclaim = now if out else now + min(self.claim_idle_ms / 4000, 5.0)
         if len(out) < count:
             resp = self.client.xreadgroup(
                 self.group, self.consumer, {self.stream: ">"}, count=count - len(out), block=block_ms if not out else None
