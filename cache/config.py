@@ -21,7 +21,10 @@ class TeacherConfig(BaseModel):
     cache_enabled: bool = Field(True, description="Use the Zarr logprob cache.")
     cache_dir: str = Field("runs/cache", description="Zarr cache root (local path or fsspec URL).")
     block_size: int = Field(16, ge=1, description="Tokens per content-addressed cache block.")
-    cache_budget_bytes: int | None = Field(None, ge=1, description="Evict least-recently-hit shards above this size.")
+    cache_budget_bytes: int | None = Field(
+        None, ge=1, description="Teachers evict least-recently-hit shards above this size (also `opd cache evict`)."
+    )
+    cache_evict_interval_s: float = Field(300.0, gt=0, description="How often a teacher checks the cache budget.")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N.")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus port (0: a free port).")
     metrics_host: str = Field("127.0.0.1", description="Bind address of /metrics.")

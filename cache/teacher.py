@@ -231,6 +231,7 @@ class Teacher:
         self.cache = open_cache(cfg, self.scorer.identity, self.client, self.names, worker_id) if cfg.cache_enabled else None
         self.summary = TeacherSummary()
         self.flops_saved = 0
+        self.next_evict = 0.0
         self.batch_cache_errors = 0
 
     def close(self) -> None:
@@ -292,7 +293,33 @@ class Teacher:
             self.summary.tokens_scored += scored
         return done
 
+    def maybe_evict(self) -> None:
+        """Keep the cache within teacher.cache_budget_bytes, from whichever teacher holds the lock.
+
+        One evictor at a time (a Redis lock with a TTL, so a teacher that dies holding it does not block
+        eviction for long); `ops.evict` never removes a shard a live writer is appending to.
+        """
+        if self.cache is None or self.cfg.cache_budget_bytes is None or time.monotonic() < self.next_evict:
+            return
+        self.next_evict = time.monotonic() + self.cfg.cache_evict_interval_s
+        lock = self.names.key("cache:evict-lock")
+        if not self.client.set(lock, self.worker_id, nx=True, ex=max(60, int(self.cfg.cache_evict_interval_s))):
+            return
+        try:
+            from cache import ops
+
+            report = ops.evict(self.cfg.cache_dir, self.client, self.cfg.cache_budget_bytes,
+                               redis_prefix=self.names.key("cache"))
+            if report.removed:
+                log.info("%s: evicted %d shards (%d -> %d bytes, budget %d)", self.worker_id, len(report.removed),
+                         report.bytes_before, report.bytes_after, report.budget_bytes)
+        except Exception as exc:  # eviction is housekeeping: never stop scoring for it
+            log.warning("%s: cache eviction failed: %s", self.worker_id, exc)
+        finally:
+            self.client.delete(lock)
+
     def step(self) -> int:
+        self.maybe_evict()
         self.outbox.wait_for_room(timeout_s=self.backpressure_timeout_s, should_stop=self.stop.is_set)
         deliveries = self.inbox.read(self.cfg.batch_size, block_ms=500)
         if not deliveries:

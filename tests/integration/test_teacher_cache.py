@@ -490,3 +490,29 @@ def test_cache_failures_cost_compute_never_the_work(
     finally:
         monkeypatch.undo()
         teacher.close()
+
+
+def test_teacher_keeps_the_cache_within_its_budget(tiny_assets: Path, tmp_path: Path, redis_url: str) -> None:
+    """teacher.cache_budget_bytes: a running teacher evicts old sealed shards (not its own active one)."""
+    t, tr = configs(tiny_assets, tmp_path, redis_url, cache_budget_bytes=1, cache_evict_interval_s=0.01)
+    client = redis.Redis.from_url(redis_url)
+    rng = np.random.default_rng(0)
+    old = TeacherCache(t.cache_dir, client, k=K, teacher_identity="an-old-teacher", block_size=BLOCK, writer_id="old",
+                       shard_rows=64, redis_prefix=Names(NS).key("cache"))
+    for _ in range(6):  # 6 x 48 rows through 64-row shards: several sealed shards
+        ids = rng.integers(4, vocab(tiny_assets), size=48, dtype=np.int32)
+        lp = np.concatenate([[np.nan], -rng.random(47)]).astype(np.float32)
+        old.put(ids, lp, np.zeros((48, K), np.int32), np.full((48, K), -1.0, np.float32), from_pos=0)
+    old.close()
+    old_dir = Path(t.cache_dir) / "shards" / "old"
+    before = len(list(old_dir.iterdir()))
+    assert before >= 3
+    teacher = Teacher(t, tr, worker_id="teacher-evict")
+    try:
+        seq = rng.integers(4, vocab(tiny_assets), size=40, dtype=np.int32)
+        score_one(teacher, client, rollout(seq, 8))
+    finally:
+        teacher.close()
+    after = list(old_dir.iterdir()) if old_dir.exists() else []
+    assert len(after) < before, "the budget was exceeded and nothing was evicted"
+    assert client.get(Names(NS).key("cache:evict-lock")) is None
