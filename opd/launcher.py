@@ -279,7 +279,7 @@ def _summary(cfg: OPDConfig, workdir: Path) -> None:
         from opd.plots import plot_run
 
         png = plot_run(rows, eval_rows, workdir / "summary.png")
-        log.info("plot of loss and reverse KL: %s", png)
+        log.info("plot of the run (reverse KL, tokens per prefix, held-out KL): %s", png)
     except Exception as exc:  # plotting must never fail a finished run
         log.warning("could not plot the run: %s", exc)
     if eval_rows:
