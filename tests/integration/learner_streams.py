@@ -129,6 +129,20 @@ def announcement(client: redis.Redis, names: Names) -> WeightsAnnouncement | Non
     return latest_weights(client, names)
 
 
+def wait_for_new_announcement(client: redis.Redis, names: Names, before: WeightsAnnouncement, what: str,
+                              proc: subprocess.Popen[bytes], log_path: Path) -> WeightsAnnouncement:
+    """Poll until a weights announcement newer than `before` appears (a restarted learner's); return it."""
+
+    def newer() -> bool:
+        ann = announcement(client, names)
+        return ann is not None and ann.created_at > before.created_at
+
+    wait_for(what, newer, proc, log_path)
+    after = announcement(client, names)
+    assert after is not None
+    return after
+
+
 def pending_entries(client: redis.Redis, names: Names) -> list[dict[str, object]]:
     if not client.exists(names.scored):
         return []

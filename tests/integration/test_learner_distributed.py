@@ -32,6 +32,7 @@ from learner_streams import (
     scored_messages,
     start,
     wait_for,
+    wait_for_new_announcement,
 )
 
 from learner.checkpoint import latest_checkpoint, read_meta
@@ -118,13 +119,8 @@ def test_fsdp2_sigkill_and_resume(redis_url: str, tiny_assets: Path, tmp_path: P
 
     proc = start(cmd, log_path)
     try:
-        def announced_again() -> bool:
-            ann = announcement(client, names)
-            return ann is not None and ann.created_at > before.created_at
-
-        wait_for("the restarted ranks' announcement", announced_again, proc, log_path)
-        after = announcement(client, names)
-        assert after is not None and (after.version, after.step) == (3, 3)
+        after = wait_for_new_announcement(client, names, before, "the restarted ranks' announcement", proc, log_path)
+        assert (after.version, after.step) == (3, 3)
         publish(client, names, messages[12:])
         assert proc.wait(timeout=240) == 0, log_path.read_text()[-6000:]
     finally:

@@ -29,6 +29,7 @@ from learner_streams import (
     scored_messages,
     start,
     wait_for,
+    wait_for_new_announcement,
 )
 
 from learner.checkpoint import latest_checkpoint, read_meta
@@ -78,13 +79,8 @@ def test_sigkill_restart_resumes_at_the_last_committed_step(redis_url: str, tiny
     # Second life: resumes at step 4 / v4 with the same weights, takes back the 2 held entries at once.
     proc = start(cmd, log_path)
     try:
-        def announced_again() -> bool:
-            ann = announcement(client, names)
-            return ann is not None and ann.created_at > before.created_at
-
-        wait_for("the restarted learner's announcement", announced_again, proc, log_path)
-        after = announcement(client, names)
-        assert after is not None and (after.version, after.step) == (4, 4)
+        after = wait_for_new_announcement(client, names, before, "the restarted learner's announcement", proc, log_path)
+        assert (after.version, after.step) == (4, 4)
         assert _weights_sha(after.path) == sha_before
         wait_for("the held entries taken back", lambda: [p["times_delivered"] for p in pending_entries(client, names)]
                  == [2, 2], proc, log_path)
