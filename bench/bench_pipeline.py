@@ -49,8 +49,8 @@ from actors.actor import schedule_from_config
 from actors.hf_engine import HFRolloutEngine
 from actors.prompts import load_prompts
 from cache.scorer import HFTeacherScorer
-from learner import losses
-from learner.batching import Sample, collate, gather_response_logprobs, pack_by_tokens
+from learner.batching import Sample, collate, pack_by_tokens
+from learner.losses import Loss
 from opd.config import OPDConfig, load_config
 from opd.tiny import asset_paths, build_tiny_assets
 
@@ -160,7 +160,7 @@ def run_sync(cfg: OPDConfig, steps: int, warmup: int, *, threads: int) -> Result
                           teacher_logprobs=s.logprobs_R, topk_ids=s.topk_ids_RK, topk_logprobs=s.topk_logprobs_RK,
                           policy_version=step)
                    for j, (i, g, s) in enumerate(zip(idx, gens, scores, strict=True))]
-        tokens = train_step(student, optimizer, samples, pad_id, lc.micro_batch_tokens, lc.is_cap, lc.grad_clip)
+        tokens = train_step(student, optimizer, samples, pad_id, lc.micro_batch_tokens, lc.loss.build(), lc.grad_clip)
         engine.model.load_state_dict(student.state_dict())  # on-policy: the next batch samples the new weights
         t2 = time.perf_counter()
         rows.append({"step": step + 1, "tokens": tokens, "waited_s": t1 - t0, "seconds": t2 - t1, "time": time.time()})
@@ -171,17 +171,15 @@ def run_sync(cfg: OPDConfig, steps: int, warmup: int, *, threads: int) -> Result
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, samples: list[Sample], pad_id: int,
-               micro_batch_tokens: int, is_cap: float, grad_clip: float) -> int:
-    """The learner's default step (`learner.loop.Learner.train_step`, single process, sampled reverse KL)."""
+               micro_batch_tokens: int, loss: Loss, grad_clip: float) -> int:
+    """The learner's step (`learner.loop.Learner.train_step`, single process, the configured `learner.loss`)."""
     lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
     total = sum(len(s.response_ids) for s in samples)
     optimizer.zero_grad(set_to_none=True)
     for group in pack_by_tokens(lengths, micro_batch_tokens):
         batch = collate([samples[i] for i in group], pad_id)
         logits_BTV = model(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).logits
-        logprobs_BT = gather_response_logprobs(logits_BTV, batch.input_ids_BT)
-        out = losses.sampled_reverse_kl_loss(logprobs_BT, batch.behaviour_logprobs_BT, batch.teacher_logprobs_BT,
-                                             batch.response_mask_BT, is_cap=is_cap, normalizer=float(max(total, 1)))
+        out = loss(batch, logits_BTV, weights_BT=None, normalizer=float(max(total, 1)))
         out.loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
@@ -272,7 +270,7 @@ def main() -> int:
     section = "\n".join([
         f"### Pipeline: async vs sync ({time.strftime('%Y-%m-%d')})", "",
         f"Command: `{command}` on {machine()}, {time.perf_counter() - started:.0f}s in all. "
-        f"`configs/demo-cpu.yaml` ({cfg.learner.loss}, lr {cfg.learner.lr}); {args.steps} steps per run, "
+        f"`configs/demo-cpu.yaml` ({cfg.learner.loss.kind}, lr {cfg.learner.lr}); {args.steps} steps per run, "
         f"the first {args.warmup} left out.", "",
         table(rows), "", *notes, "",
     ])

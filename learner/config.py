@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, Field
+
+from learner.losses import LossConfig, SampledReverseKLConfig
 
 
 class EvalConfig(BaseModel):
@@ -15,6 +15,11 @@ class EvalConfig(BaseModel):
     every: int = Field(0, ge=0, description="Evaluate every N steps (0: only at start and end).")
     num_prompts: int = Field(32, ge=1, description="Held-out prompts per evaluation.")
     max_new_tokens: int = Field(64, ge=1, description="Full-length generation budget at evaluation.")
+    use_chat_template: bool | None = Field(
+        None, description="Set from actor.use_chat_template by the composed config: held-out prompts are encoded "
+        "exactly as training prompts (a different value is an error).")
+    add_bos: bool | None = Field(
+        None, description="Set from actor.add_bos by the composed config (a different value is an error).")
 
 
 class LearnerConfig(BaseModel):
@@ -26,11 +31,8 @@ class LearnerConfig(BaseModel):
     batch_size: int = Field(16, ge=1, description="Prefixes per optimizer step (global batch: under torchrun the "
                             "ranks share it).")
     micro_batch_tokens: int = Field(4096, ge=16, description="Token budget of one micro-batch (gradient accumulation).")
-    loss: Literal["sampled_reverse_kl", "topk_kl", "gkd_jsd"] = Field("sampled_reverse_kl", description="Distillation loss.")
-    is_cap: float = Field(2.0, ge=1.0, description="Truncated importance sampling: cap on pi_theta/pi_behaviour.")
-    topk_direction: Literal["forward", "reverse"] = Field("reverse", description="topk_kl: KL direction.")
-    topk_tail: Literal["renormalize", "bucket"] = Field("bucket", description="topk losses: missing mass handling.")
-    gkd_beta: float = Field(0.5, ge=0, le=1, description="gkd_jsd: 0 forward KL, 1 reverse KL.")
+    loss: LossConfig = Field(default_factory=SampledReverseKLConfig, description="Distillation loss (one file each in "
+                             "learner/losses/); a bare name such as `topk_kl` means that loss with its defaults.")
     position_gamma: float = Field(0.0, ge=0, description="Position-weighted OPD strength (0: off).")
     horizon_discount: float = Field(1.0, gt=0, le=1, description="Per-position discount (1: off).")
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")

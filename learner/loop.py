@@ -34,13 +34,13 @@ from typing import Any
 import torch
 from prometheus_client import CollectorRegistry
 
-from learner import losses
-from learner.batching import Sample, collate, gather_response_logprobs, pack_by_tokens
+from learner.batching import Batch, Sample, collate, pack_by_tokens
 from learner.checkpoint import latest_checkpoint, load_checkpoint, publish_weights, save_checkpoint
 from learner.config import LearnerConfig
 from learner.distributed import Distributed, TrainModel, allocate, checksum
 from learner.inflight import InFlight, LearnerQueue, consumer_name
 from learner.journal import StepJournal, orphaned_journals
+from learner.losses import LossOutput, token_weights
 from learner.staleness import split_by_staleness
 from protocol import ledger
 from protocol.config import TransportConfig
@@ -199,6 +199,7 @@ class Learner:
                                    consumer=self.queue.consumer, rank=self.dist.rank,
                                    max_bytes=transport.max_message_bytes)
         self.local_batch = self.dist.share(cfg.batch_size)
+        self.loss = cfg.loss.build()
         self.workdir = Path(cfg.workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_dir)
@@ -406,30 +407,11 @@ class Learner:
             logits_BTV = self.train_model(input_ids=ids_BT, attention_mask=torch.ones_like(ids_BT)).logits
         (logits_BTV.float().sum() * 0.0).backward()
 
-    def _loss(self, batch, logits_BTV: torch.Tensor, *, normalizer: float) -> losses.LossOutput:  # type: ignore[no-untyped-def]
-        cfg = self.cfg
-        mask_BT = batch.response_mask_BT
-        weights_BT = None
-        if cfg.position_gamma > 0:
-            adv = losses.opd_advantages(batch.behaviour_logprobs_BT, batch.teacher_logprobs_BT)
-            weights_BT = losses.position_weights(adv, mask_BT, gamma=cfg.position_gamma)
-        if cfg.horizon_discount < 1.0:
-            disc = losses.horizon_discount(mask_BT, discount=cfg.horizon_discount)
-            weights_BT = disc if weights_BT is None else weights_BT * disc
-        if cfg.loss == "sampled_reverse_kl":
-            logprobs_BT = gather_response_logprobs(logits_BTV, batch.input_ids_BT)
-            return losses.sampled_reverse_kl_loss(
-                logprobs_BT, batch.behaviour_logprobs_BT, batch.teacher_logprobs_BT, mask_BT,
-                is_cap=cfg.is_cap, weights_BT=weights_BT, normalizer=normalizer,
-            )
-        w = weights_BT[:, 1:] if weights_BT is not None else None
-        args = (logits_BTV[:, :-1], batch.topk_ids_BTK[:, 1:], batch.topk_logprobs_BTK[:, 1:], mask_BT[:, 1:])
-        if batch.topk_ids_BTK.shape[-1] == 0:
-            raise ValueError(f"learner.loss={cfg.loss} needs teacher top-k: set teacher.topk > 0")
-        if cfg.loss == "topk_kl":
-            return losses.topk_kl_loss(*args, direction=cfg.topk_direction, tail=cfg.topk_tail,
-                                       weights_BT=w, normalizer=normalizer)
-        return losses.gkd_jsd_loss(*args, beta=cfg.gkd_beta, tail=cfg.topk_tail, weights_BT=w, normalizer=normalizer)
+    def _loss(self, batch: Batch, logits_BTV: torch.Tensor, *, normalizer: float) -> LossOutput:
+        """The configured loss component (``learner.loss``), with the per-token weights the config asks for."""
+        weights_BT = token_weights(batch, position_gamma=self.cfg.position_gamma,
+                                   horizon_discount_factor=self.cfg.horizon_discount)
+        return self.loss(batch, logits_BTV, weights_BT=weights_BT, normalizer=normalizer)
 
     # -- side effects ----------------------------------------------------------------------------
     def commit(self, batch: list[Delivery]) -> None:

@@ -6,11 +6,12 @@ only composes them. Every model forbids unknown keys, so a typo fails at start w
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from actors.config import ActorConfig
 from cache.config import TeacherConfig
@@ -42,6 +43,25 @@ class OPDConfig(BaseModel):
     actor: ActorConfig = Field(default_factory=ActorConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
+
+    @model_validator(mode="after")
+    def _evaluation_encodes_like_the_actors(self) -> OPDConfig:
+        """Held-out prompts are encoded as training prompts: learner.eval takes the actor's prompt format."""
+        for name in ("use_chat_template", "add_bos"):
+            mine, actors = getattr(self.learner.eval, name), getattr(self.actor, name)
+            if name in self.learner.eval.model_fields_set and mine != actors:
+                raise ValueError(f"learner.eval.{name}={mine} differs from actor.{name}={actors}: held-out "
+                                 f"prompts must be encoded as training prompts are; leave learner.eval.{name} unset")
+            setattr(self.learner.eval, name, actors)
+        return self
+
+    @model_validator(mode="after")
+    def _sections_agree(self) -> OPDConfig:
+        """Rules that span sections, checked at start-up rather than discovered mid-run."""
+        if self.learner.loss.needs_teacher_topk and self.teacher.topk == 0:
+            raise ValueError(f"learner.loss.kind={self.learner.loss.kind} trains on the teacher's top-k, but "
+                             "teacher.topk is 0: set teacher.topk > 0 or use learner.loss.kind=sampled_reverse_kl")
+        return self
 
 
 class ConfigError(ValueError):
@@ -89,15 +109,58 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            key = ".".join(str(x) for x in err["loc"]) or "(top level)"
-            got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
-            problems.append(f"  {key}: {err['msg']}{got}")
+            problems.append("  " + _problem(err))
         source = f" in {path}" if path else ""
         raise ConfigError(f"invalid config{source}:\n" + "\n".join(problems)) from None
 
 
+def _config_path(loc: tuple[Any, ...]) -> list[str]:
+    """The key path of an error location, without the variant tag pydantic inserts after a component union
+    (`learner.loss.gkd_jsd.beta` is the key `learner.loss.beta`)."""
+    out: list[str] = []
+    model: Any = OPDConfig
+    skip_tag = False
+    for part in loc:
+        if skip_tag:
+            skip_tag = False
+            variants = {v.model_fields["kind"].default: v for v in _variants(model)}
+            if part in variants:
+                model = variants[part]
+                continue
+        out.append(str(part))
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        model = field.annotation if field is not None else None
+        skip_tag = bool(_variants(model))
+    return out
+
+
+def _problem(err: Any) -> str:
+    """One validation error as `dotted.key: what is wrong (got value)`.
+
+    A model validator (a rule between fields, such as a schedule that must fit `actor.max_new_tokens`)
+    reports at its model's path and names the field it blames at the start of its message
+    (`schedule.tokens: ...`); the two are joined so the full key leads.
+    """
+    loc = ".".join(_config_path(err["loc"]))
+    msg = str(err["msg"])
+    if err.get("type") == "value_error":
+        msg = msg.removeprefix("Value error, ")
+        head, sep, rest = msg.partition(": ")
+        if sep and head and " " not in head and "=" not in head:
+            return f"{loc + '.' if loc else ''}{head}: {rest}"
+        return f"{loc}: {msg}" if loc else msg
+    if err.get("type") == "union_tag_invalid":  # a component's `kind` that no variant has
+        return f"{loc}.kind: {msg}"
+    got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+    return f"{loc or '(top level)'}: {msg}{got}"
+
+
 def describe(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str]]:
-    """(key, default, description) for every option, for `--help` and docs/config.md."""
+    """(key, default, description) for every option, for `--help` and docs/config.md.
+
+    A component union (e.g. `learner.loss`) lists its `kind`, then each variant's own options tagged
+    with the kind they belong to.
+    """
     rows: list[tuple[str, str, str]] = []
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
@@ -106,5 +169,22 @@ def describe(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, s
             rows.extend(describe(ann, key + "."))
             continue
         default = field.get_default(call_default_factory=True)
+        variants = _variants(ann)
+        if variants:
+            kinds = [v.model_fields["kind"].default for v in variants]
+            rows.append((f"{key}.kind", repr(default.kind), f"{field.description or ''} One of: "
+                         + ", ".join(f"`{k}`" for k in kinds) + "."))
+            for kind, variant in zip(kinds, variants, strict=True):
+                rows.extend((k, d, f"({kind}) {text}") for k, d, text in describe(variant, key + ".")
+                            if k != f"{key}.kind")
+            continue
         rows.append((key, repr(default), field.description or ""))
     return rows
+
+
+def _variants(annotation: object) -> tuple[type[BaseModel], ...]:
+    """The members of a union of config models discriminated by `kind`, or () for any other annotation."""
+    args = typing.get_args(annotation)
+    if args and all(isinstance(a, type) and issubclass(a, BaseModel) and "kind" in a.model_fields for a in args):
+        return args
+    return ()

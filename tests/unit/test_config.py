@@ -101,3 +101,21 @@ def test_schedule_config_maps_fractions_to_tokens() -> None:
 def test_schedule_config_rejects_inverted_random_bounds() -> None:
     with pytest.raises(ConfigError, match="min_fraction"):
         load_config(None, ["actor.schedule.min_fraction=0.9", "actor.schedule.max_fraction=0.2"])
+
+
+@pytest.mark.parametrize("loss", ["topk_kl", "gkd_jsd"])
+def test_top_k_losses_need_teacher_top_k_at_start(loss: str) -> None:
+    """A rule across sections (learner.loss needs teacher.topk) fails at load, naming both keys."""
+    with pytest.raises(ConfigError, match=rf"learner\.loss\.kind={loss}.*teacher\.topk"):
+        load_config(None, [f"learner.loss.kind={loss}", "teacher.topk=0"])
+    assert load_config(None, ["learner.loss.kind=sampled_reverse_kl", "teacher.topk=0"]).teacher.topk == 0
+
+
+def test_component_options_are_named_by_their_key() -> None:
+    """Errors inside a component union name `learner.loss.beta`, not pydantic's `learner.loss.gkd_jsd.beta`."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["learner.loss.kind=gkd_jsd", "learner.loss.beta=3"])
+    assert "learner.loss.beta:" in str(err.value) and "gkd_jsd.beta" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"learner\.loss\.kind:"):
+        load_config(None, ["learner.loss.kind=forward_kl"])
+    assert load_config(None, ["learner.loss=topk_kl"]).learner.loss.kind == "topk_kl"

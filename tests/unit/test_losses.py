@@ -1,4 +1,4 @@
-"""Tests for learner/losses.py.
+"""Tests for the learner/losses/ package (one file per loss, the union in __init__.py).
 
 Behaviours pinned:
 - opd_advantages is log p_T - log mu (minus the sampled reverse KL), detached.
@@ -25,8 +25,9 @@ import numpy as np
 import pytest
 import torch
 
+from learner.batching import Batch, Sample, collate, gather_response_logprobs
+from learner.config import LearnerConfig
 from learner.losses import (
-    LOSSES,
     gkd_jsd_loss,
     horizon_discount,
     opd_advantages,
@@ -404,9 +405,65 @@ def test_horizon_discount_counts_from_first_response_token():
 # validation
 
 
-def test_registry_names():
-    expected = {"sampled_reverse_kl": sampled_reverse_kl_loss, "topk_kl": topk_kl_loss, "gkd_jsd": gkd_jsd_loss}
-    assert expected == LOSSES
+def _batch(K: int = 3, V: int = 7, seed: int = 0) -> tuple[Batch, torch.Tensor]:
+    """Two collated samples (prompt of 2 tokens; responses of 4 and 3) and float64 student logits over them."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for R in (4, 3):
+        top_RV = np.log(rng.dirichlet(np.ones(V), size=R))
+        ids_RK = np.argsort(-top_RV, axis=-1)[:, :K]
+        samples.append(Sample(
+            prompt_ids=rng.integers(0, V, 2), response_ids=rng.integers(0, V, R),
+            behaviour_logprobs=-rng.random(R).astype(np.float32), teacher_logprobs=-rng.random(R).astype(np.float32),
+            topk_ids=ids_RK.astype(np.int32), topk_logprobs=np.take_along_axis(top_RV, ids_RK, -1).astype(np.float32),
+            policy_version=0,
+        ))
+    batch = collate(samples, pad_id=0)
+    logits_BTV = torch.from_numpy(rng.standard_normal((*batch.input_ids_BT.shape, V)))
+    return batch, logits_BTV
+
+
+@pytest.mark.parametrize(
+    ("loss", "reference"),
+    [
+        ({"kind": "sampled_reverse_kl", "is_cap": 1.5},
+         lambda b, lg, w, n: sampled_reverse_kl_loss(
+             gather_response_logprobs(lg, b.input_ids_BT), b.behaviour_logprobs_BT, b.teacher_logprobs_BT, b.response_mask_BT, is_cap=1.5, weights_BT=w, normalizer=n)),
+        ({"kind": "topk_kl", "direction": "forward", "tail": "renormalize"},
+         lambda b, lg, w, n: topk_kl_loss(lg[:, :-1], b.topk_ids_BTK[:, 1:], b.topk_logprobs_BTK[:, 1:],
+                                          b.response_mask_BT[:, 1:], direction="forward", tail="renormalize",
+                                          weights_BT=w[:, 1:], normalizer=n)),
+        ({"kind": "gkd_jsd", "beta": 0.3},
+         lambda b, lg, w, n: gkd_jsd_loss(lg[:, :-1], b.topk_ids_BTK[:, 1:], b.topk_logprobs_BTK[:, 1:],
+                                          b.response_mask_BT[:, 1:], beta=0.3, weights_BT=w[:, 1:], normalizer=n)),
+    ],
+    ids=lambda x: x["kind"] if isinstance(x, dict) else "",
+)
+def test_built_loss_is_the_function_on_aligned_views(loss, reference):
+    """`cfg.loss.build()` (what the learner calls) computes exactly its pure function on the shifted views."""
+    batch, logits_BTV = _batch()
+    weights_BT = torch.rand(batch.response_mask_BT.shape, dtype=torch.float64)
+    built = LearnerConfig.model_validate({"loss": loss}).loss.build()
+    out = built(batch, logits_BTV, weights_BT=weights_BT, normalizer=9.0)
+    expected = reference(batch, logits_BTV, weights_BT, 9.0)
+    torch.testing.assert_close(out.loss, expected.loss, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.reverse_kl, expected.reverse_kl, rtol=0, atol=1e-12)
+
+
+def test_loss_union_kinds_and_shorthand():
+    """Each union member is selected by its kind; a bare name means that loss with its defaults."""
+    assert LearnerConfig().loss.kind == "sampled_reverse_kl"
+    assert LearnerConfig.model_validate({"loss": "gkd_jsd"}).loss.beta == 0.5
+    assert LearnerConfig.model_validate({"loss": {"is_cap": 3}}).loss.kind == "sampled_reverse_kl"
+    with pytest.raises(ValueError, match="does not match any of the expected tags"):
+        LearnerConfig.model_validate({"loss": {"kind": "forward_kl"}})
+
+
+def test_top_k_losses_refuse_a_batch_without_top_k():
+    empty, logits_BTV = _batch(K=0)  # what a teacher with teacher.topk: 0 sends
+    for kind in ("topk_kl", "gkd_jsd"):
+        with pytest.raises(ValueError, match=rf"learner.loss.kind={kind} needs teacher top-k"):
+            LearnerConfig.model_validate({"loss": kind}).loss.build()(empty, logits_BTV, weights_BT=None, normalizer=1.0)
 
 
 def test_sampled_reverse_kl_rejects_bad_inputs():

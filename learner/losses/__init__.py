@@ -1,0 +1,68 @@
+"""Distillation losses: one file per loss (its function, config variant and ``build()``), the union here.
+
+``LossConfig`` is what ``learner.loss`` holds: a pydantic union discriminated by ``kind``. The learner
+calls ``cfg.loss.build()`` once and then the built ``Loss`` per micro-batch; it never branches on a
+loss name. Adding a loss is one new file in this package plus one member of ``LossConfig``
+(docs/architecture.md, "Adding a component").
+
+With raw HF logits (logits at ``t`` predict token ``t + 1``) the pure functions take views, not copies::
+
+    loss = topk_kl_loss(logits_BTV[:, :-1], batch.topk_ids_BTK[:, 1:], batch.topk_logprobs_BTK[:, 1:],
+                        batch.response_mask_BT[:, 1:], direction="forward")
+
+which is what each built loss does for the learner.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Union
+
+from pydantic import BeforeValidator, Field
+
+from learner.losses.common import (
+    Loss,
+    LossOutput,
+    horizon_discount,
+    opd_advantages,
+    position_weights,
+    token_weights,
+)
+from learner.losses.gkd_jsd import GKDJSDConfig, gkd_jsd_loss
+from learner.losses.sampled_reverse_kl import SampledReverseKLConfig, sampled_reverse_kl_loss
+from learner.losses.support import LOG_FLOOR
+from learner.losses.topk_kl import TopKKLConfig, topk_kl_loss
+
+
+def _kind_shorthand(value: Any) -> Any:
+    """``learner.loss: topk_kl`` (or ``--set learner.loss=topk_kl``) means that loss with its defaults, and
+    options without a kind (``--set learner.loss.is_cap=3``) belong to the default loss."""
+    if isinstance(value, str):
+        return {"kind": value}
+    if isinstance(value, dict) and "kind" not in value:
+        return {"kind": SampledReverseKLConfig.model_fields["kind"].default, **value}
+    return value
+
+
+LossConfig = Annotated[
+    Union[SampledReverseKLConfig, TopKKLConfig, GKDJSDConfig],  # noqa: UP007 (a discriminated union, built at runtime)
+    Field(discriminator="kind"),
+    BeforeValidator(_kind_shorthand),
+]
+"""``learner.loss``: one variant per loss, chosen by ``kind``."""
+
+__all__ = [
+    "LOG_FLOOR",
+    "GKDJSDConfig",
+    "Loss",
+    "LossConfig",
+    "LossOutput",
+    "SampledReverseKLConfig",
+    "TopKKLConfig",
+    "gkd_jsd_loss",
+    "horizon_discount",
+    "opd_advantages",
+    "position_weights",
+    "sampled_reverse_kl_loss",
+    "token_weights",
+    "topk_kl_loss",
+]
