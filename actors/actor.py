@@ -162,7 +162,8 @@ class Actor:
         self.engine = make_engine(cfg)
         self.params = self.engine.num_parameters()
         tokenizer = AutoTokenizer.from_pretrained(cfg.model_dir)
-        self.prompts = load_prompts(cfg.prompts_file, tokenizer, use_chat_template=cfg.use_chat_template)
+        self.prompts = load_prompts(cfg.prompts_file, tokenizer, use_chat_template=cfg.use_chat_template,
+                                    add_bos=cfg.add_bos)
         if not self.prompts:
             raise ValueError(f"actor.prompts_file {cfg.prompts_file} holds no prompts")
         self.schedule: TruncationSchedule = schedule_from_config(cfg.schedule, cfg.max_new_tokens)

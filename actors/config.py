@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from protocol.files import UserPath
+
 
 class ScheduleConfig(BaseModel):
     """Truncation schedule: how many tokens each prefix may have (its horizon)."""
@@ -32,9 +34,12 @@ class ScheduleConfig(BaseModel):
 class ActorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model_dir: str = Field("", description="Student model directory (Hugging Face format).")
-    prompts_file: str = Field("", description="JSONL file, one {\"prompt\": str} per line.")
+    model_dir: UserPath = Field("", description="Student model directory (Hugging Face format).")
+    prompts_file: UserPath = Field("", description="JSONL file, one {\"prompt\": str} per line.")
     use_chat_template: bool | None = Field(None, description="Apply the student's chat template (None: when it has one).")
+    add_bos: bool | None = Field(
+        None, description="Start every prompt with the BOS token (None: as the tokenizer does, i.e. `tokenizer(text)`; "
+        "also how `opd cache warm` and held-out evaluation encode prompts).")
     engine: Literal["hf", "sglang"] = Field("hf", description="Rollout engine: embedded transformers or an SGLang server.")
     sglang_url: str | None = Field(None, description="SGLang server base URL (engine=sglang).")
     sglang_timeout_s: float = Field(120.0, gt=0, description="Timeout of each SGLang request.")

@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
 from actors.engine import Generation
+from protocol.files import check_model_dir
 from protocol.runtime import resolve_dtype
 
 # Config keys that differ between checkpoints of the same architecture without changing the weights' layout.
@@ -62,9 +63,7 @@ class HFRolloutEngine:
         `eos_token_ids` overrides the stop tokens; by default they come from the generation config
         (falling back to the model config), as a chat model may have several.
         """
-        self.model_dir = Path(model_dir)
-        if not self.model_dir.is_dir():
-            raise ValueError(f"model_dir: {self.model_dir} is not a directory")
+        self.model_dir = check_model_dir(model_dir, "model_dir")
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype)
         self.version = 0
@@ -89,9 +88,7 @@ class HFRolloutEngine:
         """
         if version < 0:
             raise ValueError(f"version must be >= 0, got {version}")
-        weights_dir = Path(path)
-        if not weights_dir.is_dir():
-            raise ValueError(f"path: {weights_dir} is not a directory")
+        weights_dir = check_model_dir(path, f"published weights v{version}")
         # Compare against the live model's config: the directory it came from may be deleted by now.
         same_layout = layout_config(AutoConfig.from_pretrained(weights_dir).to_dict()) == layout_config(
             self.model.config.to_dict()

@@ -16,12 +16,11 @@ prefix and block size, so a warmed entry is indistinguishable from one a teacher
 - `{"ids": [1, 17, ...]}`: the exact token ids (prompt + response). Preferred: cache keys are
   token blocks, and only equal ids hit.
 - `{"prompt": "...", "response": "..."}` (or `"continuation"`, as the tiny prompt files have):
-  text, tokenized with the teacher's tokenizer the way actors tokenize prompts (chat template as
-  one user turn when the tokenizer has one, unless `--no-chat-template`; otherwise BOS + plain
-  tokens), response appended as plain tokens (+ EOS with `--append-eos`). This replicates
-  `actors/prompts.py` rather than importing it (a role never imports another role). Prompt blocks
-  always match what actors send; a text response hits only where the student's sampled ids equal
-  this tokenization. `--ids-only` refuses text lines.
+  text, the prompt encoded by `protocol.prompts.encode_prompt`, the very function the actors use,
+  with the actor's settings (`actor.use_chat_template`, `actor.add_bos`; `--no-chat-template`
+  forces plain text), then the response appended as plain tokens (+ EOS with `--append-eos`).
+  Prompt blocks therefore match what actors send; a text response hits only where the student's
+  sampled ids equal this tokenization. `--ids-only` refuses text lines.
 
 The whole file is read and checked before the model loads, so a bad line costs seconds, not a
 model load; sequences are held in memory as int32 (4 bytes per token).
@@ -49,6 +48,7 @@ import redis
 from cache.config import TeacherConfig
 from protocol.config import TransportConfig
 from protocol.names import Names
+from protocol.prompts import PromptFormat, encode_prompt
 from protocol.streams import connect
 
 MAX_REPORTED_LINE_ERRORS = 10
@@ -365,18 +365,13 @@ def _parse_ids(value: object) -> np.ndarray:
     return np.asarray(value, dtype=np.int32)
 
 
-def encode_text(tokenizer: Any, line: WarmLine, *, chat_template: bool, append_eos: bool) -> np.ndarray:
-    """Ids of a text line, the way actors encode prompts (see module docs), response appended."""
+def encode_text(tokenizer: Any, line: WarmLine, fmt: PromptFormat, *, append_eos: bool) -> np.ndarray:
+    """Ids of a text line: the prompt exactly as actors encode it (see module docs), response appended."""
     assert line.prompt is not None
-    templated = chat_template and bool(getattr(tokenizer, "chat_template", None))
-    if templated:
-        encoded = tokenizer.apply_chat_template(
-            [{"role": "user", "content": line.prompt}], add_generation_prompt=True, tokenize=True, return_dict=True
-        )
-        ids = [int(t) for t in encoded["input_ids"]]
-    else:
-        bos = getattr(tokenizer, "bos_token_id", None)
-        ids = ([int(bos)] if bos is not None else []) + [int(t) for t in tokenizer.encode(line.prompt, add_special_tokens=False)]
+    try:
+        ids = encode_prompt(tokenizer, line.prompt, fmt)
+    except ValueError as exc:  # a chat template or BOS asked for that this tokenizer lacks
+        raise UsageError(str(exc)) from None
     if line.response:
         ids += [int(t) for t in tokenizer.encode(line.response, add_special_tokens=False)]
     if append_eos:
@@ -418,8 +413,7 @@ def _warm(cfg: TeacherConfig, transport: TransportConfig, args: argparse.Namespa
     if not transport.redis_url:  # before reading a large file: the cheapest thing to get wrong
         _redis("warm", transport)
     lines = parse_warm_file(Path(args.prompts), ids_only=getattr(args, "ids_only", False))
-    seqs = _to_ids(cfg, lines, chat_template=not getattr(args, "no_chat_template", False),
-                   append_eos=getattr(args, "append_eos", False))
+    seqs = _to_ids(cfg, lines, warm_prompt_format(args), append_eos=getattr(args, "append_eos", False))
     vocab = _config_vocab_size(cfg)
     if vocab is not None:  # before the (possibly long) model load
         _check_vocab(lines, seqs, vocab, Path(args.prompts))
@@ -493,7 +487,16 @@ def _warm(cfg: TeacherConfig, transport: TransportConfig, args: argparse.Namespa
     return 0
 
 
-def _to_ids(cfg: TeacherConfig, lines: list[WarmLine], *, chat_template: bool, append_eos: bool) -> list[np.ndarray]:
+def warm_prompt_format(args: argparse.Namespace) -> PromptFormat:
+    """The actors' prompt format (`args.prompt_format`, set from the actor section by `opd`), with
+    `--no-chat-template` forcing plain text."""
+    fmt = getattr(args, "prompt_format", None) or PromptFormat()
+    if getattr(args, "no_chat_template", False):
+        fmt = PromptFormat(use_chat_template=False, add_bos=fmt.add_bos)
+    return fmt
+
+
+def _to_ids(cfg: TeacherConfig, lines: list[WarmLine], fmt: PromptFormat, *, append_eos: bool) -> list[np.ndarray]:
     """Token ids of every line; text lines need the teacher's tokenizer (teacher.model_dir or --model)."""
     if all(line.ids is not None for line in lines):
         return [line.ids for line in lines if line.ids is not None]
@@ -506,8 +509,7 @@ def _to_ids(cfg: TeacherConfig, lines: list[WarmLine], *, chat_template: bool, a
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_dir, **kwargs)
     out: list[np.ndarray] = []
     for line in lines:
-        ids = line.ids if line.ids is not None else encode_text(tokenizer, line, chat_template=chat_template,
-                                                                 append_eos=append_eos)
+        ids = line.ids if line.ids is not None else encode_text(tokenizer, line, fmt, append_eos=append_eos)
         if not len(ids):
             raise UsageError(f"line {line.lineno}: the text tokenizes to no tokens")
         out.append(ids)

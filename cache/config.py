@@ -6,11 +6,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from protocol.files import UserPath
+
 
 class TeacherConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model_dir: str = Field("", description="Teacher model directory (Hugging Face format); must share the student's tokenizer.")
+    model_dir: UserPath = Field("", description="Teacher model directory (Hugging Face format); must share the student's tokenizer.")
     revision: str | None = Field(None, description="Teacher revision tag; part of the cache key (change it when weights change in place).")
     engine: Literal["hf", "sglang"] = Field("hf", description="Scorer: embedded transformers or an SGLang server.")
     sglang_url: str | None = Field(None, description="SGLang server base URL (engine=sglang).")
@@ -19,7 +21,7 @@ class TeacherConfig(BaseModel):
     temperature: float = Field(1.0, gt=0, description="Scoring temperature (part of the cache key).")
     batch_size: int = Field(16, ge=1, description="Prefixes scored in one forward.")
     cache_enabled: bool = Field(True, description="Use the Zarr logprob cache.")
-    cache_dir: str = Field("runs/cache", description="Zarr cache root (local path or fsspec URL).")
+    cache_dir: UserPath = Field("runs/cache", description="Zarr cache root (local path or fsspec URL).")
     block_size: int = Field(16, ge=1, description="Tokens per content-addressed cache block.")
     cache_budget_bytes: int | None = Field(
         None, ge=1, description="Teachers evict least-recently-hit shards above this size (also `opd cache evict`)."

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from protocol.files import check_model_dir
 from protocol.runtime import resolve_dtype
 
 _HASH_CHUNK_BYTES = 8 << 20
@@ -106,9 +107,7 @@ class HFTeacherScorer:
 
         `max_batch_tokens` bounds padded tokens per forward (memory), not what gets scored.
         """
-        self.model_dir = Path(model_dir)
-        if not self.model_dir.is_dir():
-            raise ValueError(f"model_dir: {self.model_dir} is not a directory")
+        self.model_dir = check_model_dir(model_dir, "model_dir")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if max_batch_tokens < 1:

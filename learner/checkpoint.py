@@ -20,7 +20,9 @@ Atomicity: everything is written into ``root/.tmp-step-000123-XXXX``, fsynced, t
 state or a ``.tmp-*`` directory, which ``latest_checkpoint`` ignores (it also requires ``COMPLETE``) and
 the next save removes. One writer per root is assumed (the single learner).
 
-Published weights (``root/v000123/``) are a bare HF dir, written the same way (tmp + rename).
+Published weights (``root/v000123/``) are a bare HF dir, written the same way (tmp + rename). Both get
+the modes a plain write would have (``0666 & ~umask`` files, ``0777 & ~umask`` dirs), not the 0600/0700
+of the temporary files they are written through.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from protocol.files import apply_default_modes
 
 FORMAT_VERSION = 1
 MODEL_DIR = "model"
@@ -217,8 +221,11 @@ def _tree_nbytes(root: Path) -> int:
 def _commit(tmp: Path, final: Path, *, durable: bool = True) -> None:
     """Atomically move a finished ``tmp`` dir to ``final``; an existing ``final`` is replaced.
 
-    ``durable`` fsyncs the files first, so the rename never exposes data a power loss could tear.
+    ``durable`` fsyncs the files first, so the rename never exposes data a power loss could tear. The
+    tree first gets the umask's modes (``mkdtemp`` makes ``tmp`` 0700 and safetensors writes 0600), so
+    actors, SGLang servers and other users can read what is published (``protocol/files.py``).
     """
+    apply_default_modes(tmp)
     if durable:
         _fsync_tree(tmp)
     if final.exists():

@@ -5,13 +5,14 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from learner.losses import LossConfig, SampledReverseKLConfig
+from protocol.files import UserPath
 
 
 class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    heldout_file: str = Field("", description="JSONL held-out prompts; empty disables evaluation.")
-    teacher_dir: str = Field("", description="Teacher used to measure the held-out reverse KL.")
+    heldout_file: UserPath = Field("", description="JSONL held-out prompts; empty disables evaluation.")
+    teacher_dir: UserPath = Field("", description="Teacher used to measure the held-out reverse KL.")
     every: int = Field(0, ge=0, description="Evaluate every N steps (0: only at start and end).")
     num_prompts: int = Field(32, ge=1, description="Held-out prompts per evaluation.")
     max_new_tokens: int = Field(64, ge=1, description="Full-length generation budget at evaluation.")
@@ -25,8 +26,8 @@ class EvalConfig(BaseModel):
 class LearnerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model_dir: str = Field("", description="Initial student (Hugging Face format).")
-    workdir: str = Field("runs/learner", description="Checkpoints and published weights go under here.")
+    model_dir: UserPath = Field("", description="Initial student (Hugging Face format).")
+    workdir: UserPath = Field("runs/learner", description="Checkpoints and published weights go under here.")
     steps: int = Field(100, ge=1, description="Optimizer steps to train.")
     batch_size: int = Field(16, ge=1, description="Prefixes per optimizer step (global batch: under torchrun the "
                             "ranks share it).")

@@ -4,16 +4,27 @@ Why full-distribution KL and full length: training sees truncated prefixes score
 token each; the question a user asks is whether the student got closer to the teacher on complete
 responses. So we sample full-length responses from the student (same prompts and seed every time,
 to keep the comparison paired) and average the exact per-token KL over the vocabulary.
+
+Why "the vocabulary" is the shared tokenizer's: checkpoints pad their embedding matrices to
+different widths (Qwen2.5 0.5B: 151936 rows, 7B: 152064, one 151665-token tokenizer), so the two
+models' logits are sliced to the tokenizer's ids before sampling and before the KL
+(`protocol/vocab.py`). Held-out prompts are encoded exactly as the actors encode training prompts
+(`protocol/prompts.py`, with the actor's `use_chat_template` / `add_bos`, which the composed config
+copies into `learner.eval`).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from learner.config import LearnerConfig
+from protocol.files import check_model_dir
+from protocol.prompts import PromptFormat, load_prompts
+from protocol.vocab import check_model_covers, compare_tokenizers, load_tokenizer, shared_vocab_size
 
 
 @dataclass
@@ -23,72 +34,115 @@ class EvalResult:
     mean_response_len: float
 
 
-def load_heldout(path: str, tokenizer, limit: int) -> list[list[int]]:  # type: ignore[no-untyped-def]
-    """Held-out prompts as token ids (the same JSONL format as training prompts)."""
-    out: list[list[int]] = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
+def load_heldout(path: str, tokenizer: Any, limit: int, fmt: PromptFormat | None = None) -> list[list[int]]:
+    """Held-out prompts as token ids, encoded as training prompts are (same JSONL format and encoder)."""
+    return load_prompts(path, tokenizer, fmt or PromptFormat(), limit=limit)
+
+
+class HeldoutEvaluator:
+    """Held-out reverse KL against a teacher loaded once (only when evaluation is configured).
+
+    Checked at construction, before any evaluation runs: the teacher directory is readable, its
+    tokenizer is the student's, and its logits cover every id of that tokenizer.
+    """
+
+    def __init__(self, cfg: LearnerConfig, tokenizer: Any, device: torch.device) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.cfg = cfg
+        teacher_dir = cfg.eval.teacher_dir
+        check_model_dir(teacher_dir, "learner.eval.teacher_dir")
         try:
-            prompt = json.loads(line)["prompt"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ValueError(f"{path}:{n}: expected a JSON object with a 'prompt' string ({exc})") from None
-        ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        out.append(list(ids))
-        if len(out) >= limit:
-            break
-    if not out:
-        raise ValueError(f"{path}: no held-out prompts")
-    return out
+            compare_tokenizers(tokenizer, load_tokenizer(teacher_dir), ("learner.model_dir", "learner.eval.teacher_dir"))
+        except ValueError as exc:
+            raise ValueError(f"learner.eval.teacher_dir ({teacher_dir}) must share the student's tokenizer: {exc}") from None
+        self.teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).to(device)
+        self.teacher.eval()
+        check_model_covers(int(self.teacher.config.vocab_size), tokenizer, f"learner.eval.teacher_dir ({teacher_dir})")
+        self.vocab_size = shared_vocab_size(tokenizer)
+        fmt = PromptFormat(use_chat_template=cfg.eval.use_chat_template, add_bos=cfg.eval.add_bos)
+        self.prompts = load_heldout(cfg.eval.heldout_file, tokenizer, cfg.eval.num_prompts, fmt)
+        self.pad_id = next(int(i) for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+        self.eos_id = tokenizer.eos_token_id
+
+    @classmethod
+    def maybe(cls, cfg: LearnerConfig, tokenizer: Any, device: torch.device) -> HeldoutEvaluator | None:
+        if not cfg.eval.heldout_file:
+            return None
+        if not cfg.eval.teacher_dir:
+            raise ValueError("learner.eval.teacher_dir is required when learner.eval.heldout_file is set")
+        return cls(cfg, tokenizer, device)
+
+    def run(self, model: torch.nn.Module) -> EvalResult:
+        return heldout_reverse_kl(model, self.teacher, self.prompts, max_new_tokens=self.cfg.eval.max_new_tokens,
+                                  pad_id=self.pad_id, eos_id=self.eos_id, seed=self.cfg.seed + 1234,
+                                  vocab_size=self.vocab_size)
 
 
 @torch.no_grad()
 def heldout_reverse_kl(
     student: torch.nn.Module, teacher: torch.nn.Module, prompts: list[list[int]], *, max_new_tokens: int,
-    pad_id: int, eos_id: int | None, seed: int = 1234, batch_size: int = 16,
+    pad_id: int, eos_id: int | None, vocab_size: int, seed: int = 1234, batch_size: int = 16,
 ) -> EvalResult:
-    device = next(student.parameters()).device
+    """Mean per-token KL(student || teacher) over `[0, vocab_size)` on full-length student samples."""
     was_training = student.training
     student.eval()
-    total_kl, total_tokens, total_len = 0.0, 0, 0
+    total_kl, total_tokens = 0.0, 0
     gen = torch.Generator(device="cpu").manual_seed(seed)
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        P = max(len(p) for p in chunk)
-        ids_BP = torch.full((len(chunk), P), pad_id, dtype=torch.long)
-        attn_BP = torch.zeros((len(chunk), P), dtype=torch.long)
-        for i, p in enumerate(chunk):  # left padding, so every row continues at the same position
-            ids_BP[i, P - len(p):] = torch.tensor(p)
-            attn_BP[i, P - len(p):] = 1
-        ids_BT, attn_BT = ids_BP.to(device), attn_BP.to(device)
-        resp_mask_list = []
-        done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
-        for _ in range(max_new_tokens):
-            logits = student(input_ids=ids_BT, attention_mask=attn_BT, position_ids=_positions(attn_BT)).logits[:, -1].float()
-            probs = torch.softmax(logits, dim=-1).cpu()
-            nxt = torch.multinomial(probs, 1, generator=gen).to(device).squeeze(1)
-            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-            resp_mask_list.append(~done)
-            ids_BT = torch.cat([ids_BT, nxt[:, None]], dim=1)
-            attn_BT = torch.cat([attn_BT, (~done).long()[:, None]], dim=1)
-            if eos_id is not None:
-                done = done | (nxt == eos_id)
-            if done.all():
-                break
-        resp_mask_BR = torch.stack(resp_mask_list, dim=1)
+        ids_BT, attn_BT, resp_mask_BR, P = _sample(student, prompts[start:start + batch_size], max_new_tokens,
+                                                   pad_id=pad_id, eos_id=eos_id, vocab_size=vocab_size, gen=gen)
         R = resp_mask_BR.shape[1]
         # logits at position t predict token t+1: response positions are P-1 .. P+R-2
         pos_BT = _positions(attn_BT)
-        s_logits = student(input_ids=ids_BT, attention_mask=attn_BT, position_ids=pos_BT).logits[:, P - 1:P - 1 + R].float()
-        t_logits = teacher(input_ids=ids_BT, attention_mask=attn_BT, position_ids=pos_BT).logits[:, P - 1:P - 1 + R].float()
-        s_logp, t_logp = F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1)
+        s_logits_BRV = _logits(student, ids_BT, attn_BT, pos_BT, vocab_size)[:, P - 1:P - 1 + R]
+        t_logits_BRV = _logits(teacher, ids_BT, attn_BT, pos_BT, vocab_size)[:, P - 1:P - 1 + R]
+        s_logp, t_logp = F.log_softmax(s_logits_BRV, -1), F.log_softmax(t_logits_BRV, -1)
         kl_BR = (s_logp.exp() * (s_logp - t_logp)).sum(-1)
         total_kl += float((kl_BR * resp_mask_BR).sum())
         total_tokens += int(resp_mask_BR.sum())
-        total_len += int(resp_mask_BR.sum())
     student.train(was_training)
     return EvalResult(reverse_kl=total_kl / max(total_tokens, 1), tokens=total_tokens,
-                      mean_response_len=total_len / len(prompts))
+                      mean_response_len=total_tokens / len(prompts))
+
+
+def _sample(
+    student: torch.nn.Module, chunk: list[list[int]], max_new_tokens: int, *, pad_id: int, eos_id: int | None,
+    vocab_size: int, gen: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Left-pad `chunk`, sample up to `max_new_tokens` from the student; (ids, attention, response mask, P)."""
+    device = next(student.parameters()).device
+    P = max(len(p) for p in chunk)
+    ids_BT = torch.full((len(chunk), P), pad_id, dtype=torch.long)
+    attn_BT = torch.zeros((len(chunk), P), dtype=torch.long)
+    for i, p in enumerate(chunk):  # left padding, so every row continues at the same position
+        ids_BT[i, P - len(p):] = torch.tensor(p)
+        attn_BT[i, P - len(p):] = 1
+    ids_BT, attn_BT = ids_BT.to(device), attn_BT.to(device)
+    resp_mask_list = []
+    done_B = torch.zeros(len(chunk), dtype=torch.bool, device=device)
+    for _ in range(max_new_tokens):
+        logits_BV = _logits(student, ids_BT, attn_BT, _positions(attn_BT), vocab_size)[:, -1]
+        nxt_B = torch.multinomial(torch.softmax(logits_BV, dim=-1).cpu(), 1, generator=gen).to(device).squeeze(1)
+        nxt_B = torch.where(done_B, torch.full_like(nxt_B, pad_id), nxt_B)
+        resp_mask_list.append(~done_B)
+        ids_BT = torch.cat([ids_BT, nxt_B[:, None]], dim=1)
+        attn_BT = torch.cat([attn_BT, (~done_B).long()[:, None]], dim=1)
+        if eos_id is not None:
+            done_B = done_B | (nxt_B == eos_id)
+        if done_B.all():
+            break
+    return ids_BT, attn_BT, torch.stack(resp_mask_list, dim=1), P
+
+
+def _logits(model: torch.nn.Module, ids_BT: torch.Tensor, attn_BT: torch.Tensor, pos_BT: torch.Tensor,
+            vocab_size: int) -> torch.Tensor:
+    """float32 logits over the shared tokenizer's ids only (a padded embedding's extra rows dropped)."""
+    logits_BTV = model(input_ids=ids_BT, attention_mask=attn_BT, position_ids=pos_BT).logits
+    if logits_BTV.shape[-1] < vocab_size:
+        raise ValueError(f"the model's logits have {logits_BTV.shape[-1]} entries, fewer than the tokenizer's "
+                         f"{vocab_size} ids")
+    return logits_BTV[..., :vocab_size].float()
 
 
 def _positions(attn_BT: torch.Tensor) -> torch.Tensor:

@@ -38,12 +38,14 @@ from learner.batching import Batch, Sample, collate, pack_by_tokens
 from learner.checkpoint import latest_checkpoint, load_checkpoint, publish_weights, save_checkpoint
 from learner.config import LearnerConfig
 from learner.distributed import Distributed, TrainModel, allocate, checksum
+from learner.evaluate import HeldoutEvaluator
 from learner.inflight import InFlight, LearnerQueue, consumer_name
 from learner.journal import StepJournal, orphaned_journals
 from learner.losses import LossOutput, token_weights
 from learner.staleness import split_by_staleness
 from protocol import ledger
 from protocol.config import TransportConfig
+from protocol.files import check_model_dir
 from protocol.messages import ScoredPrefix, WeightsAnnouncement
 from protocol.names import Names
 from protocol.runtime import StopFlag, announce_weights, latest_weights, register_endpoint, resolve_device
@@ -202,9 +204,10 @@ class Learner:
         self.loss = cfg.loss.build()
         self.workdir = Path(cfg.workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        check_model_dir(cfg.model_dir, "learner.model_dir")  # an unreadable file is named, not "No such file"
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_dir)
         self.pad_id = _pad_id(self.tokenizer)
-        self.model = AutoModelForCausalLM.from_pretrained(cfg.model_dir, torch_dtype=torch.float32).to(self.device)
+        self.model = AutoModelForCausalLM.from_pretrained(cfg.model_dir, dtype=torch.float32).to(self.device)
         self.model.train()
         self.step = 0
         self.version = 0
@@ -236,7 +239,7 @@ class Learner:
             self.client.hdel(self.names.control, "stop_producing")
         self.advertise()  # early: actors wait for this before producing (admission control)
         on_this_rank = self.dist.is_main or self.train_model.mode == "fsdp"  # FSDP forwards are collective
-        self.evaluator = _Evaluator.maybe(cfg, self.tokenizer, self.device) if on_this_rank else None
+        self.evaluator = HeldoutEvaluator.maybe(cfg, self.tokenizer, self.device) if on_this_rank else None
 
     # -- restart -------------------------------------------------------------------------------------
     def _replay(self) -> None:
@@ -606,36 +609,6 @@ class Learner:
         history.flush()
         self.advertise(loss=f"{s.loss:.5f}", reverse_kl=f"{s.reverse_kl:.5f}", tokens_per_second=f"{tps:.0f}",
                        idle_fraction=f"{idle_fraction:.3f}")
-
-
-class _Evaluator:
-    """Held-out reverse KL with the teacher loaded once (only when evaluation is configured)."""
-
-    def __init__(self, cfg: LearnerConfig, tokenizer, device: torch.device) -> None:  # type: ignore[no-untyped-def]
-        from transformers import AutoModelForCausalLM
-
-        from learner.evaluate import load_heldout
-
-        self.cfg = cfg
-        self.teacher = AutoModelForCausalLM.from_pretrained(cfg.eval.teacher_dir, torch_dtype=torch.float32).to(device)
-        self.teacher.eval()
-        self.prompts = load_heldout(cfg.eval.heldout_file, tokenizer, cfg.eval.num_prompts)
-        self.pad_id = _pad_id(tokenizer)
-        self.eos_id = tokenizer.eos_token_id
-
-    @classmethod
-    def maybe(cls, cfg: LearnerConfig, tokenizer, device: torch.device) -> _Evaluator | None:  # type: ignore[no-untyped-def]
-        if not cfg.eval.heldout_file:
-            return None
-        if not cfg.eval.teacher_dir:
-            raise ValueError("learner.eval.teacher_dir is required when learner.eval.heldout_file is set")
-        return cls(cfg, tokenizer, device)
-
-    def run(self, model: torch.nn.Module):  # type: ignore[no-untyped-def]
-        from learner.evaluate import heldout_reverse_kl
-
-        return heldout_reverse_kl(model, self.teacher, self.prompts, max_new_tokens=self.cfg.eval.max_new_tokens,
-                                  pad_id=self.pad_id, eos_id=self.eos_id, seed=self.cfg.seed + 1234)
 
 
 def _pad_id(tokenizer) -> int:  # type: ignore[no-untyped-def]

@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         return commands.dispatch(args, cfg)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileNotFoundError, ConnectionError, TimeoutError) as exc:
+    except (ValueError, OSError) as exc:  # OSError: a missing or unreadable file, named with the real cause
         print(f"opd {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

@@ -79,7 +79,10 @@ def _run_role(role: str, args: argparse.Namespace, cfg: OPDConfig) -> int:
 
 def _cache(args: argparse.Namespace, cfg: OPDConfig) -> int:
     from cache import cli as cache_cli
+    from protocol.prompts import PromptFormat
 
+    # `warm` encodes text prompts exactly as the actors will (a drift would make every entry a miss)
+    args.prompt_format = PromptFormat(use_chat_template=cfg.actor.use_chat_template, add_bos=cfg.actor.add_bos)
     return cache_cli.run(args.cache_command, cfg.teacher, cfg.transport, args)
 
 

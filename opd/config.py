@@ -17,17 +17,18 @@ from actors.config import ActorConfig
 from cache.config import TeacherConfig
 from learner.config import LearnerConfig
 from protocol.config import TransportConfig
+from protocol.files import UserPath
 
 
 class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field("opd", description="Run name (used in the work dir).")
-    workdir: str = Field("runs/opd", description="Where Redis data, logs and outputs of `opd up` go.")
+    workdir: UserPath = Field("runs/opd", description="Where Redis data, logs and outputs of `opd up` go.")
     actors: int = Field(1, ge=1, description="Actor processes `opd up` starts.")
     teachers: int = Field(1, ge=1, description="Teacher processes `opd up` starts.")
-    tiny_assets: str | None = Field(None, description="Build tiny demo models and prompts into this dir before starting.")
-    warm_cache: str | None = Field(
+    tiny_assets: UserPath | None = Field(None, description="Build tiny demo models and prompts into this dir before starting.")
+    warm_cache: UserPath | None = Field(
         None, description="JSONL of prompts with reference responses to score into the teacher cache before starting."
     )
     fresh: bool = Field(False, description="Delete the learner's work dir and the teacher cache before starting.")

@@ -183,11 +183,12 @@ def _warm_cache(cfg: OPDConfig) -> None:
     import argparse
 
     from cache import cli as cache_cli
+    from protocol.prompts import PromptFormat
 
     t0 = time.perf_counter()
+    fmt = PromptFormat(use_chat_template=cfg.actor.use_chat_template, add_bos=cfg.actor.add_bos)
     args = argparse.Namespace(prompts=cfg.run.warm_cache, model=None, append_eos=True, ids_only=False,
-                              no_chat_template=cfg.actor.use_chat_template is False, batch_size=None,
-                              writer_id=None, json=False)
+                              no_chat_template=False, prompt_format=fmt, batch_size=None, writer_id=None, json=False)
     if cache_cli.run("warm", cfg.teacher, cfg.transport, args) != 0:
         raise ValueError(f"run.warm_cache: scoring {cfg.run.warm_cache} into the teacher cache failed (see above)")
     log.info("warmed the teacher cache from %s in %.1fs", cfg.run.warm_cache, time.perf_counter() - t0)
@@ -195,16 +196,28 @@ def _warm_cache(cfg: OPDConfig) -> None:
 
 def _check_inputs(cfg: OPDConfig) -> None:
     """Fail before starting anything when what the user brings is missing or does not match."""
-    for key, value in (("actor.model_dir", cfg.actor.model_dir), ("teacher.model_dir", cfg.teacher.model_dir),
-                       ("learner.model_dir", cfg.learner.model_dir), ("actor.prompts_file", cfg.actor.prompts_file)):
+    from protocol.files import check_model_dir
+    from protocol.vocab import check_model_dirs, check_served_tokenizer
+
+    models = {"actor.model_dir": cfg.actor.model_dir, "teacher.model_dir": cfg.teacher.model_dir,
+              "learner.model_dir": cfg.learner.model_dir}
+    for key, value in [*models.items(), ("actor.prompts_file", cfg.actor.prompts_file)]:
         if not value:
             raise ValueError(f"{key} is not set")
         if not Path(value).exists():
             raise FileNotFoundError(f"{key}: {value} does not exist")
-    if cfg.teacher.engine == "hf" and cfg.actor.engine == "hf":
-        from actors.prompts import check_same_tokenizer
-
-        check_same_tokenizer(cfg.actor.model_dir, cfg.teacher.model_dir)
+    for key, value in models.items():
+        check_model_dir(value, key)
+    if cfg.learner.eval.heldout_file and cfg.learner.eval.teacher_dir:
+        check_model_dir(cfg.learner.eval.teacher_dir, "learner.eval.teacher_dir")
+        models["learner.eval.teacher_dir"] = cfg.learner.eval.teacher_dir
+    check_model_dirs(models)  # whatever the engines: the local tokenizers agree and each model covers them
+    for engine, url, key, local_key in (
+        (cfg.actor.engine, cfg.actor.sglang_url, "actor.sglang_url", "actor.model_dir"),
+        (cfg.teacher.engine, cfg.teacher.sglang_url, "teacher.sglang_url", "teacher.model_dir"),
+    ):
+        if engine == "sglang" and url:  # and what a server serves agrees with them, where it can be read
+            log.info("%s", check_served_tokenizer(url, models[local_key], key, local_key))
 
 
 def _watch(cfg: OPDConfig, children: list[Child], learner: Child, *, progress: bool) -> int:

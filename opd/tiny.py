@@ -32,6 +32,8 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
+from protocol.files import apply_default_modes
+
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<bos>", "<eos>", "<unk>")
 ALPHABET: str = string.digits + string.ascii_lowercase + " .,:;!?-+=()"
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
@@ -332,6 +334,7 @@ def build_tiny_assets(
             model.generation_config.pad_token_id = PAD_ID
             model.save_pretrained(d)  # transformers 5 always writes safetensors
             tokenizer.save_pretrained(d)
+            apply_default_modes(d)  # safetensors writes 0600: other users and servers must read the demo's models
             steps, loss = results[name]
             info[name] = {
                 "parameters": sum(p.numel() for p in model.parameters()),

@@ -17,9 +17,10 @@ from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from actors.hf_engine import HFRolloutEngine
-from actors.prompts import check_same_tokenizer, load_prompts
+from actors.prompts import load_prompts
 from cache.scorer import HFTeacherScorer
 from opd.tiny import COMPLETE_MARKER, EOS_ID, TinyAssets, asset_paths, build_tiny_assets
+from protocol.vocab import check_same_tokenizer
 
 pytestmark = pytest.mark.integration
 

@@ -149,13 +149,18 @@ def test_parse_warm_file_accepts_ids_and_text(tmp_path: Path) -> None:
 
 
 def test_encode_text_matches_the_actor_prompt_encoding() -> None:
-    """No chat template: BOS + the prompt's plain tokens, then the response's, then EOS if asked."""
+    """No chat template: the prompt as actors encode it (this tokenizer adds BOS), the response's
+    plain tokens, then EOS if asked; `actor.add_bos=false` drops the BOS here as it does for actors."""
+    from protocol.prompts import PromptFormat, encode_prompt
+
     tok = build_tokenizer()
     line = cache_cli.WarmLine(1, prompt="up 1 2:", response=" 3 4")
-    ids = cache_cli.encode_text(tok, line, chat_template=True, append_eos=True).tolist()
+    ids = cache_cli.encode_text(tok, line, PromptFormat(), append_eos=True).tolist()
     expected = [BOS_ID, *tok.encode("up 1 2:", add_special_tokens=False), *tok.encode(" 3 4", add_special_tokens=False)]
     assert ids == [*expected, EOS_ID]
-    assert cache_cli.encode_text(tok, line, chat_template=False, append_eos=False).tolist() == expected
+    no_bos = PromptFormat(add_bos=False)
+    assert cache_cli.encode_text(tok, line, no_bos, append_eos=False).tolist() == expected[1:]
+    assert expected[1:1 + 7] == encode_prompt(tok, "up 1 2:", no_bos)
 
 
 def test_redact_url() -> None:

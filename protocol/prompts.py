@@ -1,0 +1,117 @@
+"""Prompt text -> token ids, the one way every role does it (actors, `opd cache warm`, evaluation).
+
+WHY one function, in protocol/: the teacher cache is keyed by token ids and evaluation compares the
+student with the teacher on prompts it encodes itself. If `opd cache warm` encoded a prompt
+differently from the actors (a BOS more or less, no chat template), every warmed entry would be a
+silent miss; if evaluation did, the held-out KL would be measured on prompts the student never
+trains on. So the actors, the warmer and the evaluator all call `encode_prompt` with the same
+`PromptFormat` (the actor's settings: `actor.use_chat_template`, `actor.add_bos`).
+
+WHY the tokenizer's own BOS convention by default: a model is trained with or without a leading BOS
+(Llama and Gemma with, GPT-2 and Qwen without), and its tokenizer records which: `tokenizer(text)`
+adds the BOS exactly when the model expects one. Forcing a BOS onto a model trained without one
+pushes it off its distribution (measured: a small BOS-less model's greedy accuracy fell from 17% to
+0%). `add_bos` overrides the convention when the tokenizer's is wrong for the checkpoint.
+
+Only the leading BOS is taken from the tokenizer's post-processor: a trailing EOS that some tokenizer
+configurations append (`add_eos_token`) never goes into a prompt the model must continue.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How prompt text becomes ids; None means "the tokenizer's own convention".
+
+    use_chat_template: one user turn through the chat template plus the generation prompt (None:
+        when the tokenizer has a template). add_bos: whether the ids start with the BOS token (None:
+        as `tokenizer(text)` does for plain text, as the template does for templated text).
+    """
+
+    use_chat_template: bool | None = None
+    add_bos: bool | None = None
+
+
+def tokenizer_adds_bos(tokenizer: Any, text: str = "a") -> bool:
+    """Whether `tokenizer(text)` puts the BOS token in front of `text` (the model's convention)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    with_special = tokenizer.encode(text, add_special_tokens=True)
+    plain = tokenizer.encode(text, add_special_tokens=False)
+    return list(with_special[:1]) == [bos] and list(plain[:1]) != [bos]
+
+
+def uses_chat_template(tokenizer: Any, fmt: PromptFormat) -> bool:
+    """Whether prompts go through the chat template; True without a template is an error."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if fmt.use_chat_template and not has_template:
+        raise ValueError(f"actor.use_chat_template is true but the tokenizer ({_name(tokenizer)}) has no chat template")
+    return has_template and fmt.use_chat_template is not False
+
+
+def encode_prompt(tokenizer: Any, text: str, fmt: PromptFormat = PromptFormat()) -> list[int]:
+    """Ids of one prompt: through the chat template or as plain text, with the BOS as `fmt` says."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if fmt.add_bos and bos is None:
+        raise ValueError(f"actor.add_bos is true but the tokenizer ({_name(tokenizer)}) defines no bos_token")
+    if uses_chat_template(tokenizer, fmt):
+        encoded = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        ids = [int(t) for t in encoded["input_ids"]]
+        if fmt.add_bos is None:
+            return ids  # the template writes the BOS where the model expects it
+        starts_with_bos = bos is not None and ids[:1] == [bos]
+        if fmt.add_bos and not starts_with_bos:
+            return [int(bos), *ids]
+        return ids[1:] if starts_with_bos and not fmt.add_bos else ids
+    ids = [int(t) for t in tokenizer.encode(text, add_special_tokens=False)]
+    add = tokenizer_adds_bos(tokenizer, text) if fmt.add_bos is None else fmt.add_bos
+    return [int(bos), *ids] if add and bos is not None else ids
+
+
+def prompt_text(line: str, lineno: int, path: Path | str) -> str:
+    """The `prompt` string of one JSONL line, or a ValueError naming the file and line."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+    if "prompt" not in record:
+        raise ValueError(f"{path}:{lineno}: missing 'prompt'")
+    text = record["prompt"]
+    if not isinstance(text, str):
+        raise ValueError(f"{path}:{lineno}: 'prompt' must be a string, got {type(text).__name__}")
+    if not text:
+        raise ValueError(f"{path}:{lineno}: 'prompt' is empty")
+    return text
+
+
+def load_prompts(
+    path: str | Path, tokenizer: Any, fmt: PromptFormat = PromptFormat(), *, limit: int | None = None
+) -> list[list[int]]:
+    """Token ids of every `{"prompt": "..."}` line of a JSONL file (blank lines skipped), at most `limit`."""
+    path = Path(path)
+    uses_chat_template(tokenizer, fmt)  # a template asked for but missing fails before reading the file
+    prompts: list[list[int]] = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if limit is not None and len(prompts) >= limit:
+                break
+            if line.strip():
+                prompts.append(encode_prompt(tokenizer, prompt_text(line, lineno, path), fmt))
+    if not prompts:
+        raise ValueError(f"{path}: no prompts found")
+    return prompts
+
+
+def _name(tokenizer: Any) -> str:
+    return str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
