@@ -17,21 +17,15 @@ import numpy as np
 import redis
 from prometheus_client import CollectorRegistry
 
-from actors.config import ActorConfig, ScheduleConfig
+from actors.config import ActorConfig
 from actors.engine import RolloutEngine
-from actors.schedules import (
-    FixedSpec,
-    FullSpec,
-    ProgressiveSpec,
-    RandomSpec,
-    ScheduleSpec,
-    TruncationSchedule,
-)
+from actors.schedules import Schedule
 from protocol import ledger
 from protocol.config import TransportConfig
 from protocol.messages import RolloutPrefix
 from protocol.names import Names
 from protocol.runtime import StopFlag, control_flag, latest_weights, register_endpoint, resolve_device
+from protocol.state import LearnerState, StateUnavailable, read_state
 from protocol.streams import StreamQueue, connect
 from protocol.telemetry import ActorMetrics, MetricsServer, actor_metrics
 
@@ -58,57 +52,41 @@ def make_engine(cfg: ActorConfig) -> RolloutEngine:
     return HFRolloutEngine(cfg.model_dir, device=resolve_device(cfg.device))
 
 
-def schedule_from_config(cfg: ScheduleConfig, max_new_tokens: int) -> TruncationSchedule:
-    """Config speaks in fractions of max_new_tokens (portable across budgets); specs speak in tokens."""
-
-    def tokens(fraction: float) -> int:
-        return max(1, min(max_new_tokens, round(fraction * max_new_tokens)))
-
-    spec: ScheduleSpec
-    if cfg.kind == "full":
-        spec = FullSpec()
-    elif cfg.kind == "fixed":
-        spec = FixedSpec(tokens=min(cfg.tokens, max_new_tokens)) if cfg.tokens else FixedSpec(fraction=cfg.fraction)
-    elif cfg.kind == "progressive":
-        spec = ProgressiveSpec(ramp_versions=cfg.ramp_versions, shape=cfg.shape, start=tokens(cfg.start),
-                               stages=tuple(tokens(f) for f in cfg.stages) if cfg.shape == "staged" else ())
-    else:
-        spec = RandomSpec(min_tokens=tokens(cfg.min_fraction), max_tokens=tokens(cfg.max_fraction))
-    return TruncationSchedule(spec, max_new_tokens)
-
-
 class Admission:
     """Producer-side staleness control (as in AReaL): never start work that would arrive stale.
 
-    The learner advertises its version, batch size and max_staleness in a Redis hash; actors
-    reserve slots with one atomic INCRBY on a shared counter. Samples the learner retired without
-    training (dropped or dead-lettered) are added back, so drops cannot starve the pipeline.
+    The learner publishes its `LearnerState` (protocol/state.py: version, batch size, max_staleness,
+    retired); actors reserve slots with one atomic INCRBY on a shared counter. Samples the learner retired
+    without training (dropped or dead-lettered) are added back, so drops cannot starve the pipeline.
     """
 
     def __init__(self, client: redis.Redis, names: Names) -> None:
         self.client = client
         self.names = names
+        self.state: LearnerState | StateUnavailable = StateUnavailable("not read yet")
+        self._reported = ""
+
+    def refresh(self) -> LearnerState | StateUnavailable:
+        """Read the learner's newest state into `state`. A malformed one is logged (once per reason), not raised."""
+        self.state = read_state(self.client, self.names)
+        if isinstance(self.state, StateUnavailable) and self.state.malformed and self.state.reason != self._reported:
+            log.error("%s; not admitting work until the learner publishes a valid state", self.state.reason)
+            self._reported = self.state.reason
+        return self.state
 
     def limit(self) -> int | None:
         """Most prefixes that may have been admitted so far: (max_staleness + 1) x batch + retired.
 
         AReaL writes the bound as (max_staleness + version + 1) x batch_size - admitted; counting the
         work already retired (trained, dropped or dead) instead of assuming version x batch_size keeps
-        it right after a learner restart from a checkpoint and when samples are dropped.
+        it right after a learner restart from a checkpoint and when samples are dropped. `retired` is the
+        learner's own count, taken after it published the weights of its version (not the live ledger):
+        a slot its last step freed must go to work sampled with that step's weights.
         """
-        state = self.client.hgetall(self.names.learner_state)
-        if not state or b"version" not in state:
-            return None  # no learner yet: wait for it rather than flood the queue with soon-stale work
-        batch = int(state.get(b"batch_size", b"1"))
-        max_staleness = int(state.get(b"max_staleness", b"0"))
-        # The learner's own count, taken after it published the weights of its version (not the live
-        # ledger): a slot its last step freed must go to work sampled with that step's weights.
-        if b"retired" in state:
-            retired = int(state[b"retired"])
-        else:
-            outcomes = ledger.counts(self.client, self.names)
-            retired = sum(outcomes[o] for o in ledger.TERMINAL)
-        return (max_staleness + 1) * batch + retired
+        state = self.refresh()
+        if not isinstance(state, LearnerState):
+            return None  # no (valid) learner state yet: wait rather than flood the queue with soon-stale work
+        return (state.max_staleness + 1) * state.batch_size + state.retired
 
     def acquire(self, want: int, stop: StopFlag, should_stop: Callable[[], bool]) -> int:
         """Block until slots are free; returns how many were reserved (0 when stopping).
@@ -166,7 +144,7 @@ class Actor:
                                     add_bos=cfg.add_bos)
         if not self.prompts:
             raise ValueError(f"actor.prompts_file {cfg.prompts_file} holds no prompts")
-        self.schedule: TruncationSchedule = schedule_from_config(cfg.schedule, cfg.max_new_tokens)
+        self.schedule: Schedule = cfg.schedule.build(cfg.max_new_tokens)
         # Seeded by id, not only index: compose replicas all have index 0 but distinct ids.
         self.rng = random.Random(f"{cfg.seed}:{index}:{actor_id}")
         self.order = list(range(len(self.prompts)))
@@ -202,6 +180,12 @@ class Actor:
             log.info("%s: loaded policy v%d in %.2fs", self.actor_id, ann.version, time.perf_counter() - t0)
         self.metrics.policy_version.set(self.version)
 
+    def learner_state(self) -> LearnerState:
+        """What the schedule decides from: the learner's newest state or, before any learner published one
+        (admission control off), a state assuming the version of the weights this actor holds."""
+        state = self.admission.refresh()
+        return state if isinstance(state, LearnerState) else LearnerState.assumed(self.version)
+
     def _retryable(self, exc: Exception) -> bool:
         """Server-side engines fail transiently (a weight reload aborts requests in flight)."""
         return self.cfg.engine == "sglang" and not isinstance(exc, ValueError | TypeError)
@@ -223,7 +207,8 @@ class Actor:
             return 0
         self.maybe_reload(force=self.cfg.admission_control)  # sample with the newest published policy
         indices = self.next_prompts(n)
-        horizons = [self.schedule.horizon(self.version, self.rng) for _ in indices]
+        state = self.learner_state()
+        horizons = [self.schedule.horizon(state, self.rng) for _ in indices]
         try:
             gens = self.engine.generate(
                 [self.prompts[i] for i in indices], horizons,

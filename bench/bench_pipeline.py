@@ -45,7 +45,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from actors.actor import schedule_from_config
 from actors.hf_engine import HFRolloutEngine
 from actors.prompts import load_prompts
 from cache.scorer import HFTeacherScorer
@@ -53,6 +52,7 @@ from learner.batching import Sample, collate, pack_by_tokens
 from learner.losses import Loss
 from opd.config import OPDConfig, load_config
 from opd.tiny import asset_paths, build_tiny_assets
+from protocol.state import LearnerState
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "demo-cpu.yaml"
@@ -142,14 +142,14 @@ def run_sync(cfg: OPDConfig, steps: int, warmup: int, *, threads: int) -> Result
     student = AutoModelForCausalLM.from_pretrained(lc.model_dir, dtype=torch.float32)
     student.train()
     optimizer = torch.optim.AdamW(student.parameters(), lr=lc.lr, weight_decay=lc.weight_decay)
-    schedule = schedule_from_config(a.schedule, a.max_new_tokens)
+    schedule = a.schedule.build(a.max_new_tokens)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rng = random.Random(lc.seed)
     rows: list[dict[str, float]] = []
     for step in range(steps):
         t0 = time.perf_counter()
         idx = [rng.randrange(len(prompts)) for _ in range(lc.batch_size)]
-        horizons = [schedule.horizon(step, rng) for _ in idx]
+        horizons = [schedule.horizon(LearnerState.assumed(step), rng) for _ in idx]  # on-policy: version == step
         gens = engine.generate([prompts[i] for i in idx], horizons, temperature=a.temperature, top_p=a.top_p,
                                seed=rng.randrange(2**31))
         sequences = [torch.tensor(prompts[i] + g.response_ids, dtype=torch.int32).numpy() for i, g in zip(idx, gens, strict=True)]
@@ -194,7 +194,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, samples
 # pipeline (publish to disk, actors reload, Redis hops) weighs less against generation and training.
 SCENARIOS: dict[str, list[str]] = {
     "demo": [],
-    "long": ["actor.max_new_tokens=64", "learner.batch_size=32", "actor.schedule.kind=full"],
+    "long": ["actor.max_new_tokens=64", "learner.batch_size=32", "actor.schedule={kind: full}"],
 }
 
 

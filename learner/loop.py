@@ -49,6 +49,7 @@ from protocol.files import check_model_dir
 from protocol.messages import ScoredPrefix, WeightsAnnouncement
 from protocol.names import Names
 from protocol.runtime import StopFlag, announce_weights, latest_weights, register_endpoint, resolve_device
+from protocol.state import LearnerState, publish_state
 from protocol.streams import Delivery, connect
 from protocol.telemetry import LearnerMetrics, MetricsServer, learner_metrics
 
@@ -202,6 +203,7 @@ class Learner:
                                    max_bytes=transport.max_message_bytes)
         self.local_batch = self.dist.share(cfg.batch_size)
         self.loss = cfg.loss.build()
+        self._measured: dict[str, Any] = {}  # the latest measurements, republished with every state
         self.workdir = Path(cfg.workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         check_model_dir(cfg.model_dir, "learner.model_dir")  # an unreadable file is named, not "No such file"
@@ -429,18 +431,19 @@ class Learner:
         with open(self.workdir / name, "a") as f:
             f.write(json.dumps({"step": self.step, "version": self.version, "ids": ids, "replayed": replayed}) + "\n")
 
-    def advertise(self, **extra: float | str) -> None:
-        """Learner state in Redis: actors' admission control and `opd top` read it."""
+    def advertise(self, **measured: Any) -> None:
+        """Publish the learner's `LearnerState` (protocol/state.py): admission control, schedules and `opd top`
+        read it. `measured` updates the measurements carried along (phase, loss, held-out KL, ...)."""
         if not self.dist.is_main:
             return
+        self._measured.update(measured)
         # `retired` is read now, after the weights of `version` are published: actors admit new work
         # against it, so a slot freed by this step is only taken by work sampled with this step's weights.
         retired = sum(ledger.counts(self.client, self.names)[o] for o in ledger.TERMINAL)
-        self.client.hset(self.names.learner_state, mapping={
-            "version": self.version, "step": self.step, "batch_size": self.cfg.batch_size,
-            "max_staleness": self.cfg.max_staleness, "ranks": self.dist.world_size, "retired": retired,
-            **{k: str(v) for k, v in extra.items()},
-        })
+        publish_state(self.client, self.names, LearnerState(
+            version=self.version, step=self.step, batch_size=self.cfg.batch_size, max_staleness=self.cfg.max_staleness,
+            ranks=self.dist.world_size, retired=retired, **self._measured,
+        ))
 
     def _saveable(self) -> Any:
         """What checkpoint/publish write: the model itself, or (FSDP, a collective) its gathered weights."""
@@ -527,6 +530,7 @@ class Learner:
                     draining = True
                     if self.dist.is_main:
                         self.client.hset(self.names.control, "stop_producing", "1")
+                    self.advertise(phase="draining")
                     log.info("reached %d steps: draining in-flight prefixes", cfg.steps)
                 deadline = 2.0 if draining else cfg.read_timeout_s
                 batch, waited, total, stopping, drained = self._collect(prefetch, deadline_s=deadline, draining=draining)
@@ -607,8 +611,7 @@ class Learner:
                "padding_fraction": s.padding_fraction, "time": time.time()}
         history.write(json.dumps(row) + "\n")
         history.flush()
-        self.advertise(loss=f"{s.loss:.5f}", reverse_kl=f"{s.reverse_kl:.5f}", tokens_per_second=f"{tps:.0f}",
-                       idle_fraction=f"{idle_fraction:.3f}")
+        self.advertise(loss=s.loss, reverse_kl=s.reverse_kl, tokens_per_second=tps, idle_fraction=min(idle_fraction, 1.0))
 
 
 def _pad_id(tokenizer) -> int:  # type: ignore[no-untyped-def]

@@ -25,6 +25,7 @@ import yaml
 
 from opd.config import OPDConfig
 from opd.top import Snapshot
+from protocol.state import LearnerState
 
 log = logging.getLogger("opd.launcher")
 
@@ -272,9 +273,10 @@ def _watch(cfg: OPDConfig, children: list[Child], learner: Child, *, progress: b
 
 def _log_line(s: Snapshot) -> None:
     L, t = s.learner, s.stats
+    learner = (f"step {L.step} v{L.version} loss {L.loss} kl {L.reverse_kl}" if isinstance(L, LearnerState)
+               else f"learner: {L}")
     log.info(
-        "step %s v%s loss %s kl %s | queues %s | gen %d saved %d | teacher scored %d cached %d | outcomes %s",
-        L.get("step", "-"), L.get("version", "-"), L.get("loss", "-"), L.get("reverse_kl", "-"),
+        "%s | queues %s | gen %d saved %d | teacher scored %d cached %d | outcomes %s", learner,
         s.depths, t.get("actor_tokens_generated", 0), t.get("actor_tokens_saved", 0),
         t.get("teacher_tokens_scored", 0), t.get("teacher_tokens_cached", 0), s.outcomes,
     )

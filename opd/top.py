@@ -27,6 +27,7 @@ from opd.config import OPDConfig
 from protocol import ledger
 from protocol.names import Names
 from protocol.runtime import endpoints
+from protocol.state import LearnerState, StateUnavailable, read_state
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 class Snapshot:
     depths: dict[str, int]
     outcomes: dict[str, int]
-    learner: dict[str, str]
+    learner: LearnerState | StateUnavailable  # the learner's published state, or why there is none
     totals: dict[str, float] = field(default_factory=dict)
     per_role: dict[str, dict[str, float]] = field(default_factory=dict)
     endpoints: dict[str, str] = field(default_factory=dict)
@@ -77,7 +78,7 @@ def _try_scrape(url: str) -> dict[str, float] | None:
 
 def snapshot(client: redis.Redis, names: Names) -> Snapshot:
     depths = {s: int(client.xlen(s)) for s in (names.rollouts, names.scored)}
-    learner = {k.decode(): v.decode() for k, v in client.hgetall(names.learner_state).items()}
+    learner = read_state(client, names)
     snap = Snapshot(depths=depths, outcomes=ledger.counts(client, names), learner=learner,
                     endpoints=endpoints(client, names), dead=int(client.xlen(names.dead)),
                     stats=ledger.stats(client, names))
@@ -105,16 +106,7 @@ def rows(snap: Snapshot, previous: Snapshot | None = None) -> list[tuple[str, st
     saved = st.get("actor_tokens_saved", 0.0)
     scored = st.get("teacher_tokens_scored", 0.0)
     cached = st.get("teacher_tokens_cached", 0.0)
-    L = snap.learner
-    step = f"{L.get('step', '-')} / {L.get('version', '-')}"
-    if L.get("phase"):
-        step += f" ({L['phase']})"
-    out = [
-        ("learner step / version", step),
-        ("loss / sampled reverse KL", f"{_f(L.get('loss'))} / {_f(L.get('reverse_kl'))}"),
-        ("held-out reverse KL (first -> last)", f"{_f(L.get('eval_kl_first'))} -> {_f(L.get('eval_kl_last'))}"),
-        ("learner tokens/s, idle fraction", f"{_f(L.get('tokens_per_second'), 0)}, {_f(L.get('idle_fraction'), 2)}"),
-    ]
+    out = _learner_rows(snap.learner)
     out += [(f"queue depth {stream}", str(depth)) for stream, depth in snap.depths.items()]
     out += [
         ("student tokens generated / saved by truncation",
@@ -143,7 +135,8 @@ def rows(snap: Snapshot, previous: Snapshot | None = None) -> list[tuple[str, st
                 f"{o[ledger.PRODUCED]} / {o[ledger.TRAINED]} / {o[ledger.DROPPED]} / {o[ledger.DEAD]}"))
     out.append(("dead-letter stream length", str(snap.dead)))
     down = set(snap.down)
-    gone = " (stopped)" if snap.learner.get("phase") == "done" else " (down)"  # after a run, exited is normal
+    done = isinstance(snap.learner, LearnerState) and snap.learner.phase == "done"
+    gone = " (stopped)" if done else " (down)"  # after a run, exited is normal
     out.append(("metrics endpoints", "\n".join(f"{k}: {v}{gone if k in down else ''}"
                                                for k, v in sorted(snap.endpoints.items())) or "-"))
     return out
@@ -173,7 +166,22 @@ def render_text(snap: Snapshot, previous: Snapshot | None = None) -> str:
     return "\n".join(lines)
 
 
-def _f(value: str | None, digits: int = 4) -> str:
+def _learner_rows(state: LearnerState | StateUnavailable) -> list[tuple[str, str]]:
+    """The learner's rows, from its typed state; without one, why (not yet published, or malformed)."""
+    if isinstance(state, StateUnavailable):
+        return [("learner step / version", f"- ({state.reason})")]
+    step = f"{state.step} / {state.version}"
+    if state.phase != "training":
+        step += f" ({state.phase})"
+    return [
+        ("learner step / version", step),
+        ("loss / sampled reverse KL", f"{_f(state.loss)} / {_f(state.reverse_kl)}"),
+        ("held-out reverse KL (first -> last)", f"{_f(state.eval_kl_first)} -> {_f(state.eval_kl_last)}"),
+        ("learner tokens/s, idle fraction", f"{_f(state.tokens_per_second, 0)}, {_f(state.idle_fraction, 2)}"),
+    ]
+
+
+def _f(value: float | str | None, digits: int = 4) -> str:
     if value in (None, ""):
         return "-"
     try:

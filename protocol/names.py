@@ -53,8 +53,12 @@ class Names:
 
     @property
     def learner_state(self) -> str:
-        """Hash of learner progress (version, consumed) read by actors and `opd top`."""
-        return f"{self.namespace}:learner"
+        """The learner's `LearnerState` (protocol/state.py), one msgpack blob read by actors and `opd top`.
+
+        Not `<ns>:learner`, where earlier versions kept an untyped hash: a Redis that still holds one
+        would answer a GET with WRONGTYPE.
+        """
+        return f"{self.namespace}:learner:state"
 
     def counter(self, name: str) -> str:
         return f"{self.namespace}:count:{name}"

@@ -27,6 +27,7 @@ from protocol import ledger
 from protocol.messages import RolloutPrefix, ScoredPrefix, WeightsAnnouncement
 from protocol.names import Names
 from protocol.runtime import latest_weights
+from protocol.state import LearnerState, read_state
 from protocol.streams import StreamQueue
 
 REPO = Path(__file__).resolve().parents[2]
@@ -121,8 +122,8 @@ def wait_for(what: str, check: Callable[[], bool], proc: subprocess.Popen[bytes]
 
 
 def learner_step(client: redis.Redis, names: Names) -> int:
-    value = client.hget(names.learner_state, "step")
-    return int(value) if value is not None else -1
+    state = read_state(client, names)
+    return state.step if isinstance(state, LearnerState) else -1
 
 
 def announcement(client: redis.Redis, names: Names) -> WeightsAnnouncement | None:

@@ -1,6 +1,7 @@
 """Producer-side staleness control (actors.actor.Admission) against a real Redis.
 
-Pins: no work is admitted before a learner advertises itself; at most
+Pins: no work is admitted before a learner publishes its state, nor while the state there is malformed
+(the reason is kept, not raised); at most
 (max_staleness + 1) x batch_size + retired prefixes are ever admitted, also when actors race for the
 last slots; slots come back as the learner retires work (trained, dropped or dead) as of its last
 published version; stopping while waiting admits nothing; released slots are reusable.
@@ -16,13 +17,14 @@ import redis
 from actors.actor import Admission
 from protocol.names import Names
 from protocol.runtime import StopFlag
+from protocol.state import LearnerState, StateUnavailable, publish_state
 
 pytestmark = pytest.mark.integration
 
 
 def _advertise(client: redis.Redis, names: Names, *, version: int, retired: int, batch: int = 4, staleness: int = 1) -> None:
-    client.hset(names.learner_state, mapping={"version": version, "batch_size": batch, "max_staleness": staleness,
-                                              "retired": retired})
+    publish_state(client, names, LearnerState(version=version, step=version, batch_size=batch, max_staleness=staleness,
+                                              retired=retired))
 
 
 def _stop_soon(seconds: float = 0.3) -> StopFlag:
@@ -35,6 +37,17 @@ def test_nothing_is_admitted_before_a_learner_advertises(redis_url: str) -> None
     client, names = redis.Redis.from_url(redis_url), Names("adm0")
     assert Admission(client, names).acquire(4, _stop_soon(), lambda: False) == 0
     assert client.get(names.admission) is None
+
+
+def test_a_malformed_state_admits_nothing_and_says_why(redis_url: str) -> None:
+    client, names = redis.Redis.from_url(redis_url), Names("adm3")
+    client.set(names.learner_state, b"\x81\xa4kind\xa7weights")  # valid msgpack, not a learner state
+    adm = Admission(client, names)
+    assert adm.acquire(4, _stop_soon(), lambda: False) == 0
+    assert client.get(names.admission) is None
+    assert isinstance(adm.state, StateUnavailable) and adm.state.malformed and "kind" in adm.state.reason
+    _advertise(client, names, version=0, retired=0)  # a valid state replaces it: admission resumes
+    assert adm.acquire(4, StopFlag(), lambda: False) == 4
 
 
 def test_bound_and_refill(redis_url: str) -> None:

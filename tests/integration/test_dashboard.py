@@ -47,6 +47,7 @@ import redis
 from prometheus_client import CollectorRegistry
 
 from protocol.names import Names
+from protocol.state import LearnerState, read_state
 from protocol.telemetry import LEARNER_DROP_REASONS, actor_metrics, learner_metrics, teacher_metrics
 
 pytestmark = pytest.mark.integration
@@ -319,7 +320,8 @@ def _wait_until_scraped(prom: Prometheus, prom_proc: subprocess.Popen[bytes], pr
         except OSError:
             time.sleep(0.2)  # Prometheus not listening yet
             continue
-        step = int(client.hget(names.learner_state, "step") or 0)
+        learner = read_state(client, names)
+        step = learner.step if isinstance(learner, LearnerState) else 0
         if ready_at is None:
             state = f"endpoints {sorted(endpoints)}, up {up}, min scrapes {scrapes}, learner step {step}"
             if (len(endpoints) == want and up == REPLICAS and (scrapes or 0) >= 5 and step >= READY_STEP

@@ -33,6 +33,7 @@ from opd.top import render, render_text, rows, snapshot
 from protocol import ledger
 from protocol.names import Names
 from protocol.runtime import register_endpoint
+from protocol.state import LearnerState, publish_state
 from protocol.telemetry import MetricsServer, actor_metrics
 
 pytestmark = pytest.mark.integration
@@ -52,8 +53,8 @@ def pipeline_state(redis_url: str) -> Iterator[redis.Redis]:
     """What a run leaves in Redis mid-flight, written with the same helpers the roles use."""
     client = redis.Redis.from_url(redis_url)
     names = Names(NS)
-    client.hset(names.learner_state, mapping={"step": 17, "version": 18, "loss": "0.51234", "reverse_kl": "0.25",
-                                              "tokens_per_second": "1234", "idle_fraction": "0.125", "phase": "done"})
+    publish_state(client, names, LearnerState(step=17, version=18, batch_size=4, max_staleness=1, loss=0.51234,
+                                              reverse_kl=0.25, tokens_per_second=1234.0, idle_fraction=0.125, phase="done"))
     for i in range(3):
         client.xadd(names.rollouts, {b"m": f"r{i}".encode()})
     for i in range(2):
@@ -125,11 +126,21 @@ def test_top_once_prints_the_key_numbers(pipeline_state: redis.Redis, redis_url:
 
 
 def test_a_silent_replica_of_a_running_pipeline_is_down(redis_url: str, pipeline_state: redis.Redis) -> None:
-    pipeline_state.hset(Names(NS).learner_state, "phase", "training")
+    publish_state(pipeline_state, Names(NS), LearnerState(step=17, version=18, batch_size=4, max_staleness=1))
     result = _top(redis_url)
     assert result.returncode == 0, result.stderr
     endpoints = _parse(result.stdout)["metrics endpoints"]
     assert endpoints[1].startswith("teacher-0: ") and endpoints[1].endswith("(down)")
+
+def test_a_malformed_learner_state_is_shown_not_raised(redis_url: str, pipeline_state: redis.Redis) -> None:
+    pipeline_state.set(Names(NS).learner_state, b"\xc1 garbage")
+    result = _top(redis_url)
+    assert result.returncode == 0, result.stderr
+    shown = _parse(result.stdout)
+    assert shown["learner step / version"][0].startswith("- (learner state is malformed: message: not valid msgpack")
+    assert shown["prefixes in flight / trained / dropped / dead"] == ["4 / 5 / 2 / 1"]  # the rest is still there
+    assert shown["metrics endpoints"][1].endswith("(down)")  # no state saying the run is done
+
 
 def test_the_table_has_the_same_rows(pipeline_state: redis.Redis) -> None:
     from rich.console import Console

@@ -2,19 +2,16 @@
 
 Pins: every shipped YAML in configs/ validates; unknown keys and bad values fail with their dotted
 path; overrides parse YAML values and refuse malformed assignments; docs/config.md is up to date
-with the code (regenerate with `opd config docs > docs/config.md`); the schedule config maps onto
-token horizons.
+with the code (regenerate with `opd config docs > docs/config.md`); component unions (loss, schedule)
+name their keys and enforce rules across sections. Schedules themselves: tests/unit/test_schedules.py.
 """
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
 
-from actors.actor import schedule_from_config
-from actors.config import ScheduleConfig
 from opd.commands import config_docs
 from opd.config import ConfigError, OPDConfig, apply_override, load_config
 
@@ -41,7 +38,8 @@ def test_bad_values_are_all_named() -> None:
 
 
 def test_overrides_parse_yaml_values() -> None:
-    cfg = load_config(None, ["learner.steps=7", "actor.use_chat_template=false", "actor.schedule.stages=[0.5, 1.0]",
+    cfg = load_config(None, ["learner.steps=7", "actor.use_chat_template=false", "actor.schedule.kind=progressive",
+                             "actor.schedule.stages=[0.5, 1.0]",
                              "transport.redis_url=redis://:pw@127.0.0.1:1/0"])
     assert cfg.learner.steps == 7
     assert cfg.actor.use_chat_template is False
@@ -78,29 +76,6 @@ def test_config_docs_are_current() -> None:
     assert (REPO / "docs" / "config.md").read_text() == config_docs() + "\n", (
         "docs/config.md is stale: run `opd config docs > docs/config.md`"
     )
-
-
-def test_schedule_config_maps_fractions_to_tokens() -> None:
-    rng = random.Random(0)
-    fixed = schedule_from_config(ScheduleConfig(kind="fixed", fraction=0.1), 100)
-    assert fixed.horizon(0, rng) == 10
-    absolute = schedule_from_config(ScheduleConfig(kind="fixed", tokens=7), 100)
-    assert absolute.horizon(5, rng) == 7
-    full = schedule_from_config(ScheduleConfig(kind="full"), 100)
-    assert full.horizon(0, rng) == 100
-    prog = schedule_from_config(ScheduleConfig(kind="progressive", start=0.2, ramp_versions=10), 100)
-    horizons = [prog.horizon(v, rng) for v in range(12)]
-    assert horizons[0] == 20 and horizons[-1] == 100 and horizons == sorted(horizons)
-    staged = schedule_from_config(ScheduleConfig(kind="progressive", shape="staged", stages=[0.5, 1.0],
-                                                 ramp_versions=4), 10)
-    assert [staged.horizon(v, rng) for v in range(5)] == [5, 5, 10, 10, 10]
-    rand = schedule_from_config(ScheduleConfig(kind="random", min_fraction=0.3, max_fraction=0.5), 10)
-    assert {rand.horizon(0, rng) for _ in range(200)} == {3, 4, 5}
-
-
-def test_schedule_config_rejects_inverted_random_bounds() -> None:
-    with pytest.raises(ConfigError, match="min_fraction"):
-        load_config(None, ["actor.schedule.min_fraction=0.9", "actor.schedule.max_fraction=0.2"])
 
 
 @pytest.mark.parametrize("loss", ["topk_kl", "gkd_jsd"])
