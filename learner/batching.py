@@ -8,7 +8,7 @@ Layout of one row (``P`` prompt tokens, ``R`` response tokens, right padding to 
     response_mask 0               1                    0
     per-token     0               response arrays      0 (topk_ids 0)
 
-Alignment convention (used by every loss in ``learner/losses.py``): everything at index ``t`` refers to
+Alignment convention (used by every loss in ``learner/losses/``): everything at index ``t`` refers to
 *token* ``t``. HF logits at position ``t`` predict token ``t + 1``, so response token ``j`` (position
 ``P + j``) gets its log-prob from the logits at ``P + j - 1``; ``gather_response_logprobs`` does that
 shift and returns log p(input_ids[t] | input_ids[<t]) at index ``t`` (0 at t = 0). The teacher's top-k

@@ -239,6 +239,7 @@ import redis
 
 from protocol import ledger
 from protocol.names import Names
+from protocol.state import LearnerState, read_state
 
 redis_url, ns, workdir, steps, engine, gpu = sys.argv[1:7]
 cmd = sys.argv[8:]
@@ -249,7 +250,9 @@ samples: list[tuple[float, int, dict[str, float]]] = []
 
 
 def sample() -> None:
-    samples.append((time.time(), int(client.hget(names.learner_state, "step") or 0), ledger.stats(client, names)))
+    state = read_state(client, names)
+    step = state.step if isinstance(state, LearnerState) else 0
+    samples.append((time.time(), step, ledger.stats(client, names)))
 
 
 t_start = time.time()
