@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import redis
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from protocol.codec import pack, unpack
 from protocol.errors import ProtocolError
-from protocol.names import Names
+
+if TYPE_CHECKING:  # the config tree imports this module (schedules take a LearnerState): keep it light
+    import redis
+
+    from protocol.names import Names
 
 STATE_KIND = "learner_state"
 STATE_SCHEMA_VERSION = 1

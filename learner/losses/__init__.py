@@ -15,22 +15,37 @@ which is what each built loss does for the learner.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Union
+import importlib
+from typing import TYPE_CHECKING, Annotated, Any, Union
 
 from pydantic import BeforeValidator, Field
 
-from learner.losses.common import (
-    Loss,
-    LossOutput,
-    horizon_discount,
-    opd_advantages,
-    position_weights,
-    token_weights,
-)
 from learner.losses.gkd_jsd import GKDJSDConfig, gkd_jsd_loss
 from learner.losses.sampled_reverse_kl import SampledReverseKLConfig, sampled_reverse_kl_loss
-from learner.losses.support import LOG_FLOOR
 from learner.losses.topk_kl import TopKKLConfig, topk_kl_loss
+
+if TYPE_CHECKING:
+    from learner.losses.common import (
+        Loss,
+        LossOutput,
+        horizon_discount,
+        opd_advantages,
+        position_weights,
+        token_weights,
+    )
+    from learner.losses.support import LOG_FLOOR
+
+# The shared math needs torch; the config tree (and so `opd --help`) imports this package without it.
+_LAZY = {name: "learner.losses.common" for name in
+         ("Loss", "LossOutput", "horizon_discount", "opd_advantages", "position_weights", "token_weights")}
+_LAZY["LOG_FLOOR"] = "learner.losses.support"
+
+
+def __getattr__(name: str) -> Any:
+    """The torch-backed names, imported on first use (PEP 562)."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _kind_shorthand(value: Any) -> Any:

@@ -9,14 +9,14 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, ClassVar, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from learner.losses.common import LossOutput, as_bool_mask, masked_mean, stat_mean
-from learner.losses.support import TailMode, check_topk_inputs, kl_on_support, require_topk, support_logprobs
-
 if TYPE_CHECKING:
+    import torch
+
     from learner.batching import Batch
+    from learner.losses.common import LossOutput
+    from learner.losses.support import TailMode
 
 
 def gkd_jsd_loss(
@@ -46,6 +46,13 @@ def gkd_jsd_loss(
     TRL's full-vocabulary loss with ``reduction="batchmean"`` and all tokens masked in.
     ``reverse_kl`` in the output is the restricted-support KL(q || p) (detached).
     """
+    # Imported here, not at the top: the config variant below is part of the config tree, which `opd --help`
+    # loads without torch.
+    import torch
+
+    from learner.losses.common import LossOutput, as_bool_mask, masked_mean, stat_mean
+    from learner.losses.support import check_topk_inputs, kl_on_support, support_logprobs
+
     if isinstance(beta, bool) or not isinstance(beta, int | float) or not (0.0 <= float(beta) <= 1.0):
         raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
     beta = float(beta)
@@ -76,7 +83,7 @@ class GKDJSDConfig(BaseModel):
 
     kind: Literal["gkd_jsd"] = "gkd_jsd"
     beta: float = Field(0.5, ge=0, le=1, description="0: forward KL, 1: reverse KL, 0.5: symmetric JSD.")
-    tail: TailMode = Field("bucket", description="Mass outside the teacher's top-k: one extra bucket, or renormalize.")
+    tail: Literal["renormalize", "bucket"] = Field("bucket", description="Mass outside the teacher's top-k: one extra bucket, or renormalize.")
 
     needs_teacher_topk: ClassVar[bool] = True
 
@@ -94,6 +101,8 @@ class GKDJSD:
     def __call__(
         self, batch: Batch, logits_BTV: torch.Tensor, *, weights_BT: torch.Tensor | None, normalizer: float
     ) -> LossOutput:
+        from learner.losses.support import require_topk
+
         require_topk(batch, "gkd_jsd")
         return gkd_jsd_loss(
             logits_BTV[:, :-1], batch.topk_ids_BTK[:, 1:], batch.topk_logprobs_BTK[:, 1:], batch.response_mask_BT[:, 1:],

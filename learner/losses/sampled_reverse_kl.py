@@ -9,25 +9,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from learner.batching import gather_response_logprobs
-from learner.losses.common import (
-    LossOutput,
-    as_bool_mask,
-    check_weights,
-    masked_mean,
-    opd_advantages,
-    require_float,
-    require_ndim,
-    require_shape,
-    stat_mean,
-)
-
 if TYPE_CHECKING:
-    from learner.batching import Batch
+    import torch
 
+    from learner.batching import Batch
+    from learner.losses.common import LossOutput
 
 def sampled_reverse_kl_loss(
     logprobs_BT: torch.Tensor,
@@ -69,6 +57,22 @@ def sampled_reverse_kl_loss(
         weights_BT: optional per-token weights (``position_weights``, ``horizon_discount``); None = 1.
         normalizer: denominator override for gradient accumulation (see module docstring).
     """
+    # Imported here, not at the top: the config variant below is part of the config tree, which `opd --help`
+    # loads without torch.
+    import torch
+
+    from learner.losses.common import (
+        LossOutput,
+        as_bool_mask,
+        check_weights,
+        masked_mean,
+        opd_advantages,
+        require_float,
+        require_ndim,
+        require_shape,
+        stat_mean,
+    )
+
     require_ndim("logprobs_BT", logprobs_BT, 2)
     shape = tuple(logprobs_BT.shape)
     for name, tensor in (
@@ -145,6 +149,8 @@ class SampledReverseKL:
     def __call__(
         self, batch: Batch, logits_BTV: torch.Tensor, *, weights_BT: torch.Tensor | None, normalizer: float
     ) -> LossOutput:
+        from learner.batching import gather_response_logprobs
+
         logprobs_BT = gather_response_logprobs(logits_BTV, batch.input_ids_BT)
         return sampled_reverse_kl_loss(
             logprobs_BT, batch.behaviour_logprobs_BT, batch.teacher_logprobs_BT, batch.response_mask_BT,

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from learner.losses.common import LossOutput, as_bool_mask, masked_mean, stat_mean
-from learner.losses.support import TailMode, check_topk_inputs, kl_on_support, require_topk, support_logprobs
-
 if TYPE_CHECKING:
+    import torch
+
     from learner.batching import Batch
+    from learner.losses.common import LossOutput
+    from learner.losses.support import TailMode
 
 Direction = Literal["forward", "reverse"]
 
@@ -44,6 +44,13 @@ def topk_kl_loss(
     state, so it needs no importance weight (the states still come from the behaviour policy).
     ``reverse_kl`` in the output is the restricted-support KL(q || p) (detached), whatever ``direction``.
     """
+    # Imported here, not at the top: the config variant below is part of the config tree, which `opd --help`
+    # loads without torch.
+    import torch
+
+    from learner.losses.common import LossOutput, as_bool_mask, masked_mean, stat_mean
+    from learner.losses.support import check_topk_inputs, kl_on_support, support_logprobs
+
     if direction not in ("forward", "reverse"):
         raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}")
     check_topk_inputs(student_logits_BTV, topk_ids_BTK, topk_logprobs_BTK, mask_BT, weights_BT, tail)
@@ -68,7 +75,7 @@ class TopKKLConfig(BaseModel):
     direction: Direction = Field(
         "reverse", description="KL direction: reverse (student-weighted, mode-seeking, as OPD) or forward (teacher-weighted)."
     )
-    tail: TailMode = Field("bucket", description="Mass outside the teacher's top-k: one extra bucket, or renormalize.")
+    tail: Literal["renormalize", "bucket"] = Field("bucket", description="Mass outside the teacher's top-k: one extra bucket, or renormalize.")
 
     needs_teacher_topk: ClassVar[bool] = True
 
@@ -86,6 +93,8 @@ class TopKKL:
     def __call__(
         self, batch: Batch, logits_BTV: torch.Tensor, *, weights_BT: torch.Tensor | None, normalizer: float
     ) -> LossOutput:
+        from learner.losses.support import require_topk
+
         require_topk(batch, "topk_kl")
         return topk_kl_loss(
             logits_BTV[:, :-1], batch.topk_ids_BTK[:, 1:], batch.topk_logprobs_BTK[:, 1:], batch.response_mask_BT[:, 1:],
