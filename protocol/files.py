@@ -115,7 +115,5 @@ def _denied(key: str, path: Path, exc: PermissionError) -> PermissionError:
         who = "mode unknown"
     getuid = getattr(os, "getuid", None)
     me = f"; this process runs as uid {getuid()}" if getuid else ""
-    err = PermissionError(f"{key}: cannot read {path}: {exc.strerror or exc} ({who}{me}); make the model "
-                          f"files readable to this user (e.g. chmod -R a+rX {path.parent if path.is_file() else path})")
-    err.filename = str(path)
-    return err
+    return PermissionError(f"{key}: cannot read {path}: {exc.strerror or exc} ({who}{me}); make the model "
+                           f"files readable to this user (e.g. chmod -R a+rX {path.parent if path.is_file() else path})")
