@@ -336,7 +336,11 @@ class Teacher:
                     self.inbox.dead_letter(d, f"scoring failed: {type(one_exc).__name__}: {one_exc}")
                     self.metrics.dead_letters.labels(stream=self.inbox.stream, reason="scoring failed").inc()
                     self.summary.dead += 1
-        self.inbox.forward(done, self.outbox)
+        settled = self.inbox.forward(done, self.outbox)
+        if settled.refused:  # reclaimed by another teacher while this one was slow: it forwards them, not us
+            self.metrics.forwards_refused.inc(len(settled.refused))
+            refused = set(settled.refused)
+            done = [(d, r) for d, r in done if d.entry_id not in refused]
         scored = sum(r.scored_tokens for _d, r in done)  # type: ignore[attr-defined]
         cached = sum(r.cached_tokens for _d, r in done)  # type: ignore[attr-defined]
         ledger.add_stats(self.client, self.names, teacher_prefixes=len(done), teacher_tokens_scored=scored,

@@ -25,6 +25,17 @@ are still pending in the consumer group and are re-delivered (see ``learner/infl
 Cost: the journal holds the payloads of at most ``checkpoint_every`` steps, so Redis memory grows by
 ``checkpoint_every x batch_size x message size`` (what deferring the acknowledgement would have held too).
 
+At most once, also against copies: a second stream entry carrying an id already trained or in flight
+(a publish retried after a lost reply, a copy a slow teacher forwarded) is refused before it is trained,
+by `StepJournal.refuse_duplicates`: one script checks the ledger (``trained``), the in-flight holder of
+the id (``ledger.keys``' holders hash, cleared when the id is terminal), and, for the case where Redis
+lost the last second of writes in a crash (AOF ``everysec``), the ids this process itself committed. A
+refused copy is acknowledged and deleted, and counted in ``<ns>:count:duplicates`` and
+``opd_learner_duplicates_total``; its id keeps its one outcome.
+
+A commit retried after a lost reply (``protocol/reconnect.py`` retries calls while Redis is down) finds
+its step already at the journal's tail and returns it instead of failing: the first attempt went through.
+
 Crash windows, each safe: before the ``MULTI`` (nothing acknowledged; the batch is re-delivered), after it
 (journaled; replayed), after a checkpoint but before its journal entries are deleted (replay skips steps
 the checkpoint already contains, by step number). With several ranks a crash can land between two ranks'
@@ -46,12 +57,23 @@ from protocol.streams import PAYLOAD, Delivery
 
 log = logging.getLogger(__name__)
 
-# KEYS: scored stream, journal. ARGV: group, consumer, step, version, entry ids...
-# Checks everything before writing anything, so a failed commit leaves both streams untouched.
+# KEYS: scored stream, journal. ARGV: group, consumer, step, version, payload field, entry ids...
+# Checks everything before writing anything, so a failed commit leaves both streams untouched. A step
+# already at the journal's tail was committed by an earlier attempt whose reply was lost: its ids are returned.
 _COMMIT = """
 local stream, journal = KEYS[1], KEYS[2]
 local group, consumer, step, version = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local payload = ARGV[5]
+local function step_of(entry)
+  local f = entry[2]
+  for j = 1, #f, 2 do if f[j] == 'step' then return f[j + 1] end end
+end
+local tail = redis.call('XREVRANGE', journal, '+', '-', 'COUNT', math.max(#ARGV - 5, 1))
+if #tail > 0 and step_of(tail[1]) == step then
+  local done = {}
+  for i = #tail, 1, -1 do if step_of(tail[i]) == step then done[#done + 1] = tail[i][1] end end
+  return done
+end
 local blobs = {}
 for i = 6, #ARGV do
   local id = ARGV[i]
@@ -80,6 +102,42 @@ return out
 """
 
 
+# KEYS: scored stream, ledger, outcomes, holders, duplicates counter.
+# ARGV: group, consumer, the `trained` outcome, then per delivery: entry id, message id, known ('1': this
+# process committed the id). Per delivery returns 1 (admitted: this entry now holds the id) or 0 (a copy:
+# acknowledged, deleted and counted if still this consumer's; a known id is recorded trained again, in
+# case Redis lost that record).
+_ADMIT = ledger.LUA_RECORD + """
+local stream = KEYS[1]
+local lk = {KEYS[2], KEYS[3], KEYS[4]}
+local group, consumer, trained = ARGV[1], ARGV[2], ARGV[3]
+local out = {}
+for i = 4, #ARGV, 3 do
+  local eid, mid, known = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local dup = known == '1' or redis.call('HGET', lk[1], mid) == trained
+  if not dup then
+    local holder = redis.call('HGET', lk[3], mid)
+    dup = holder and holder ~= eid and #redis.call('XRANGE', stream, holder, holder) > 0
+  end
+  if dup then
+    if #redis.call('XPENDING', stream, group, eid, eid, 1, consumer) > 0 then
+      redis.call('XACK', stream, group, eid)
+      redis.call('XDEL', stream, eid)
+      redis.call('INCR', KEYS[5])
+    end
+    if known == '1' then ledger_record(lk, mid, trained) end
+    out[#out + 1] = 0
+  else
+    redis.call('HSET', lk[3], mid, eid)
+    out[#out + 1] = 1
+  end
+end
+return out
+"""
+
+_REMEMBER = 200_000  # ids this process committed, kept to refuse copies even if Redis lost their record
+
+
 class CommitError(RuntimeError):
     """A batch could not be committed: an entry was taken over by another consumer, or deleted."""
 
@@ -105,8 +163,8 @@ class StepJournal:
         self.consumer = consumer
         self.key = names.key(f"learner:journal:{rank}")
         self.max_bytes = max_bytes
-        self._commit = client.register_script(_COMMIT)
         self._ids: list[tuple[int, str]] = []  # (step, journal entry id), oldest first
+        self._trained: dict[str, None] = {}  # message ids this process committed (or replayed), oldest first
 
     def commit(self, step: int, version: int, batch: list[Delivery]) -> None:
         """Journal the batch of ``step``, acknowledge it and record it ``trained``, atomically.
@@ -118,9 +176,10 @@ class StepJournal:
         same ``MULTI``, becomes true when it does).
         """
         pipe = self.client.pipeline(transaction=True)
-        self._commit(keys=[self.stream, self.key],
-                     args=[self.group, self.consumer, step, version, PAYLOAD, *[d.entry_id for d in batch]],
-                     client=pipe)
+        # EVAL, not a registered script: a pipeline loads scripts once, so a transaction retried against a
+        # restarted Redis (empty script cache) would fail with NOSCRIPT.
+        pipe.eval(_COMMIT, 2, self.stream, self.key,
+                  self.group, self.consumer, step, version, PAYLOAD, *[d.entry_id for d in batch])
         if batch:
             ledger.record(pipe, self.names, {d.message.id: ledger.TRAINED for d in batch})  # type: ignore[union-attr]
         try:
@@ -128,6 +187,33 @@ class StepJournal:
         except redis.ResponseError as exc:
             raise CommitError(f"step {step}: could not commit its batch: {exc}") from exc
         self._ids += [(step, _s(j)) for j in journal_ids]
+        self._remember([d.message.id for d in batch])  # type: ignore[union-attr]
+
+    def refuse_duplicates(self, deliveries: list[Delivery]) -> tuple[list[Delivery], list[Delivery]]:
+        """``(admitted, refused)``: refuse copies of ids already trained or held by another entry (see module doc).
+
+        Called on every delivery before it can reach a batch, in one round trip per read.
+        """
+        if not deliveries:
+            return [], []
+        args: list[str] = [self.group, self.consumer, ledger.TRAINED]
+        for d in deliveries:
+            mid = d.message.id  # type: ignore[union-attr]
+            args += [d.entry_id, mid, "1" if mid in self._trained else "0"]
+        results = self.client.eval(_ADMIT, 5, self.stream, *ledger.keys(self.names), ledger.duplicates_key(self.names),
+                                   *args)
+        admitted = [d for d, r in zip(deliveries, results, strict=True) if r == 1]
+        refused = [d for d, r in zip(deliveries, results, strict=True) if r != 1]
+        if refused:
+            log.warning("%s: refused %d copies of prefixes already trained or in flight: %s", self.consumer,
+                        len(refused), [d.message.id for d in refused][:4])  # type: ignore[union-attr]
+        return admitted, refused
+
+    def _remember(self, message_ids: list[str]) -> None:
+        for mid in message_ids:
+            self._trained[mid] = None
+        while len(self._trained) > _REMEMBER:
+            del self._trained[next(iter(self._trained))]
 
     def load(self, after_step: int) -> list[JournalStep]:
         """The journaled steps after ``after_step`` (the checkpoint's), oldest first; older ones are deleted.
@@ -157,6 +243,7 @@ class StepJournal:
                 if blob is not None:
                     message = decode(blob, max_bytes=self.max_bytes, expect=ScoredPrefix)
                     js.messages.append(message)  # type: ignore[arg-type]
+                    self._remember([message.id])  # type: ignore[union-attr]
         if stale:
             self._delete(stale)
         ordered = [steps[s] for s in sorted(steps)]

@@ -27,6 +27,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,7 @@ class LearnerSummary:
     steps: int = 0
     trained: int = 0
     replayed_steps: int = 0
+    duplicates: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     evals: list[dict[str, float]] = field(default_factory=list)
 
@@ -86,11 +88,14 @@ class Prefetcher:
     The buffer hands out the oldest policy version first: replicas finish out of order, and training
     the oldest samples first keeps them inside the staleness bound. Entries this consumer read before a
     restart come first; everything read is tracked in ``inflight`` and kept claimed until committed.
+    ``admit`` filters each read before it is buffered (the journal refuses copies of trained ids).
     """
 
-    def __init__(self, q: LearnerQueue, inflight: InFlight, batch_size: int, stop: StopFlag) -> None:
+    def __init__(self, q: LearnerQueue, inflight: InFlight, batch_size: int, stop: StopFlag,
+                 admit: Callable[[list[Delivery]], list[Delivery]] = lambda ds: ds) -> None:
         self.q = q
         self.inflight = inflight
+        self.admit = admit
         self.capacity = 2 * batch_size
         self.buffer: queue.PriorityQueue[tuple[int, int, Delivery]] = queue.PriorityQueue()
         self._seq = 0
@@ -103,6 +108,7 @@ class Prefetcher:
         self.thread.start()
 
     def _put(self, deliveries: list[Delivery]) -> None:
+        deliveries = self.admit(deliveries)
         self.inflight.add([d.entry_id for d in deliveries])
         for d in deliveries:
             self._seq += 1
@@ -294,6 +300,14 @@ class Learner:
             if self._fresh(d):
                 kept.append(d)
         return kept, waited
+
+    def _admit(self, deliveries: list[Delivery]) -> list[Delivery]:
+        """The deliveries that may be trained: copies of ids already trained or in flight are refused."""
+        admitted, refused = self.journal.refuse_duplicates(deliveries)
+        if refused:
+            self.metrics.duplicates.inc(len(refused))
+            self.summary.duplicates += len(refused)
+        return admitted
 
     def _fresh(self, d: Delivery) -> bool:
         """Within the staleness bound at the current version; otherwise acked as dropped, with its reason."""
@@ -516,7 +530,7 @@ class Learner:
     def run(self) -> LearnerSummary:
         cfg = self.cfg
         self.evaluate()
-        prefetch = Prefetcher(self.queue, self.inflight, self.local_batch, self.stop)
+        prefetch = Prefetcher(self.queue, self.inflight, self.local_batch, self.stop, admit=self._admit)
         history = open(self.workdir / "history.jsonl", "a") if self.dist.is_main else None  # noqa: SIM115 (closed below)
         wall0, idle = time.perf_counter(), 0.0
         draining = False

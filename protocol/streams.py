@@ -1,8 +1,15 @@
 """Redis Streams transport: consumer groups, ack after durable work, reclaim, dead letters, back-pressure.
 
 Rules this module enforces, and why:
-- Work is acknowledged (`XACK`) only after it is durably done, and in the same `MULTI` transaction
-  as its forwarding (`XADD` to the next stream), so a crash never loses or duplicates a hop.
+- Work is acknowledged (`XACK`) only after it is durably done, and in the same atomic script as its
+  forwarding (`XADD` to the next stream), so a crash never loses or duplicates a hop.
+- A consumer settles (forwards, acks, dead-letters) only entries it still owns: the script checks
+  that each entry is still pending for this consumer (`XPENDING ... consumer`) before touching it. A
+  slow but live consumer whose entries were reclaimed by another after `claim_idle_ms` is refused
+  (`Settled.refused`), so the two never both forward one entry. The same check makes a settle retried
+  after a lost reply harmless: the entry is no longer pending, and the retry is refused.
+- A publish that records a ledger outcome is skipped when the ledger already knows the id, so a
+  publish retried after a lost reply (see protocol/reconnect.py) does not add a second copy.
 - Acknowledged entries are deleted (`XDEL`): `XLEN` is then exactly the backlog (undelivered plus
   pending), which is what back-pressure compares with the high-water mark. Unconsumed work is never
   trimmed (`MAXLEN` would silently drop it).
@@ -17,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -35,6 +42,69 @@ PAYLOAD = b"m"
 
 class BackpressureTimeout(TimeoutError):
     """The downstream backlog stayed above its high-water mark for longer than allowed."""
+
+
+# Settle the entries this consumer still owns, atomically (see the module docstring). Per entry, if it
+# is still pending for ARGV[2]: append its output (if it has fields) to KEYS[2], record its ledger
+# outcome (if any), XACK and XDEL it; otherwise touch nothing. ARGV[3] (if not empty) names a counter
+# (KEYS[6]) incremented by the number settled.
+# KEYS: source stream, target stream, ledger, outcomes, holders, counter.
+# ARGV: group, consumer, count?, then per entry: entry id, message id, outcome, n fields, n field/value pairs.
+# Returns per entry: the output entry id, 1 (settled, no output) or 0 (refused: not this consumer's).
+_SETTLE = ledger_mod.LUA_RECORD + """
+local stream, target = KEYS[1], KEYS[2]
+local lk = {KEYS[3], KEYS[4], KEYS[5]}
+local group, consumer = ARGV[1], ARGV[2]
+local out, settled, i = {}, 0, 4
+while i <= #ARGV do
+  local id, mid, outcome, nf = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
+  local fields = {}
+  for j = 1, 2 * nf do fields[j] = ARGV[i + 3 + j] end
+  i = i + 4 + 2 * nf
+  if #redis.call('XPENDING', stream, group, id, id, 1, consumer) == 0 then
+    out[#out + 1] = 0
+  else
+    local res = 1
+    if nf > 0 then res = redis.call('XADD', target, '*', unpack(fields)) end
+    if outcome ~= '' and mid ~= '' then ledger_record(lk, mid, outcome) end
+    redis.call('XACK', stream, group, id)
+    redis.call('XDEL', stream, id)
+    settled = settled + 1
+    out[#out + 1] = res
+  end
+end
+if ARGV[3] ~= '' and settled > 0 then redis.call('INCRBY', KEYS[6], settled) end
+return out
+"""
+
+# Publish unless the ledger already knows the id. KEYS: stream, ledger, outcomes, holders.
+# ARGV: payload field, blob, message id, outcome. Returns the entry id, or 0 when skipped.
+_PUBLISH_ONCE = ledger_mod.LUA_RECORD + """
+if redis.call('HEXISTS', KEYS[2], ARGV[3]) == 1 then return 0 end
+local id = redis.call('XADD', KEYS[1], '*', ARGV[1], ARGV[2])
+ledger_record({KEYS[2], KEYS[3], KEYS[4]}, ARGV[3], ARGV[4])
+return id
+"""
+
+
+@dataclass
+class Settle:
+    """One entry to settle: its optional output (fields for the target stream) and ledger outcome."""
+
+    entry_id: str
+    message_id: str = ""
+    outcome: str = ""
+    fields: dict[str, Any] | None = None
+
+
+@dataclass
+class Settled:
+    """What a fenced settle did: `done` entries were settled (`outputs`: their new entry ids downstream,
+    in the same order, when forwarded); `refused` ones were no longer this consumer's and were left alone."""
+
+    done: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -106,18 +176,25 @@ class StreamQueue:
             delay = min(delay * 2, 0.5)
         return time.monotonic() - start
 
-    def publish(self, message: Message, *, ledger_outcome: str | None = None) -> str:
+    def publish(self, message: Message, *, ledger_outcome: str | None = None) -> str | None:
         """Append a message (validated on encode); optionally record it in the ledger in the same transaction."""
         blob = encode(message, max_bytes=self.max_bytes)
         return self.publish_raw(blob, ledger=(message.id, ledger_outcome) if ledger_outcome else None)
 
-    def publish_raw(self, blob: bytes, *, ledger: tuple[str, str] | None = None) -> str:
-        pipe = self.client.pipeline(transaction=True)
-        pipe.xadd(self.stream, {PAYLOAD: blob})
-        if ledger is not None:
-            ledger_mod.record(pipe, self.names, {ledger[0]: ledger[1]})
-        entry_id = pipe.execute()[0]
-        return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    def publish_raw(self, blob: bytes, *, ledger: tuple[str, str] | None = None) -> str | None:
+        """Append raw bytes; with `ledger=(id, outcome)` only if the ledger does not know `id` yet.
+
+        Returns the new entry id, or None when the id was already published (a retried publish whose
+        first attempt went through before the connection dropped).
+        """
+        if ledger is None:
+            return _s(self.client.xadd(self.stream, {PAYLOAD: blob}))
+        entry_id = self.client.eval(_PUBLISH_ONCE, 4, self.stream, *ledger_mod.keys(self.names),
+                                    PAYLOAD, blob, ledger[0], ledger[1])
+        if entry_id == 0:
+            log.info("%s: %s is already in the ledger: not published again", self.stream, ledger[0])
+            return None
+        return _s(entry_id)
 
     # -- consumer side -------------------------------------------------------------------------
     def ensure_group(self) -> None:
@@ -133,6 +210,19 @@ class StreamQueue:
     def read(self, count: int, *, block_ms: int = 1000) -> list[Delivery]:
         """Up to `count` valid deliveries: reclaimed ones first, then new ones. Bad ones are dead-lettered here."""
         self.ensure_group()
+        try:
+            return self._read(count, block_ms)
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # Redis came back without the stream (restarted without persistence, or flushed): recreate
+            # the group; the caller reads again.
+            log.warning("%s: consumer group %s is gone (Redis lost its data?): recreating it", self.stream, self.group)
+            self._group_ready = False
+            self.ensure_group()
+            return []
+
+    def _read(self, count: int, block_ms: int) -> list[Delivery]:
         out: list[Delivery] = []
         now = time.monotonic()
         if now >= self._next_reclaim:
@@ -141,9 +231,8 @@ class StreamQueue:
             out = self._reclaim(count)
             self._next_reclaim = now if out else now + min(self.claim_idle_ms / 4000, 5.0)
         if len(out) < count:
-            resp = self.client.xreadgroup(
-                self.group, self.consumer, {self.stream: ">"}, count=count - len(out), block=block_ms if not out else None
-            )
+            resp = self.client.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=count - len(out),
+                                          block=block_ms if not out else None)
             for _stream, entries in resp or []:
                 for entry_id, fields in entries:
                     delivery = self._decode(_s(entry_id), fields, deliveries=1)
@@ -152,7 +241,7 @@ class StreamQueue:
         return out
 
     def _reclaim(self, count: int) -> list[Delivery]:
-        """Take over messages a dead consumer left pending for longer than `claim_idle_ms`."""
+        """Take over messages a dead (or stalled) consumer left pending for longer than `claim_idle_ms`."""
         resp = self.client.xautoclaim(
             self.stream, self.group, self.consumer, min_idle_time=self.claim_idle_ms, start_id="0-0", count=count
         )
@@ -188,55 +277,81 @@ class StreamQueue:
             return None
         return Delivery(entry_id=entry_id, message=message, deliveries=deliveries)
 
-    def ack(self, entry_ids: list[str], *, ledger: dict[str, str] | None = None) -> None:
-        """Acknowledge and delete finished entries (and record their outcomes) in one transaction."""
-        if not entry_ids:
-            return
-        pipe = self.client.pipeline(transaction=True)
-        pipe.xack(self.stream, self.group, *entry_ids)
-        pipe.xdel(self.stream, *entry_ids)
-        if ledger:
-            ledger_mod.record(pipe, self.names, ledger)
-        pipe.execute()
+    def settle(self, items: list[Settle], *, target: str | None = None, count_as: str | None = None) -> Settled:
+        """Settle the entries this consumer still owns, in one atomic script; refuse the others.
 
-    def forward(self, done: list[tuple[Delivery, Message]], downstream: StreamQueue) -> list[str]:
-        """Publish results downstream and acknowledge their inputs atomically (`MULTI`/`EXEC`).
-
-        Either both happen or neither: a crash in between can neither lose the work nor forward it twice.
+        Each owned entry gets its output appended to `target` (if it has fields), its ledger outcome
+        recorded (if any), and is acknowledged and deleted. An entry no longer pending for this consumer
+        (another one reclaimed it after `claim_idle_ms`, or it was settled already) is left untouched and
+        listed in `Settled.refused`: its current owner settles it. `count_as` names a counter key
+        incremented by the number settled (the learner's refused duplicates).
         """
-        if not done:
-            return []
-        blobs = [encode(result, max_bytes=downstream.max_bytes) for _d, result in done]
-        pipe = self.client.pipeline(transaction=True)
-        for blob in blobs:
-            pipe.xadd(downstream.stream, {PAYLOAD: blob})
-        ids = [d.entry_id for d, _r in done]
-        pipe.xack(self.stream, self.group, *ids)
-        pipe.xdel(self.stream, *ids)
-        results = pipe.execute()
-        return [_s(r) for r in results[: len(blobs)]]
+        out = Settled()
+        if not items:
+            return out
+        args: list[Any] = [self.group, self.consumer, "1" if count_as else ""]
+        for it in items:
+            pairs = [x for kv in (it.fields or {}).items() for x in kv]
+            args += [it.entry_id, it.message_id, it.outcome, len(pairs) // 2, *pairs]
+        keys = [self.stream, target or self.stream, *ledger_mod.keys(self.names), count_as or self.stream]
+        results = self.client.eval(_SETTLE, len(keys), *keys, *args)
+        for it, res in zip(items, results, strict=True):
+            if res == 0:
+                out.refused.append(it.entry_id)
+                continue
+            out.done.append(it.entry_id)
+            if it.fields:
+                out.outputs.append(_s(res))
+        if out.refused:
+            log.warning("%s: %s no longer owns %d of %d entries (taken over after claim_idle_ms=%d, or already "
+                        "settled): left them to their owner", self.stream, self.consumer, len(out.refused),
+                        len(items), self.claim_idle_ms)
+        return out
 
-    def dead_letter(self, delivery: Delivery, reason: str) -> None:
-        """Give up on a decoded message (e.g. it made the scorer fail): park it with its reason."""
-        self._dead_letter(delivery.entry_id, encode(delivery.message, max_bytes=self.max_bytes), reason,
+    def ack(self, entry_ids: list[str], *, ledger: dict[str, str] | None = None) -> Settled:
+        """Acknowledge and delete finished entries this consumer still owns (fenced, see `settle`).
+
+        `ledger`: message id -> outcome, one per entry and in the same order as `entry_ids`; an outcome is
+        recorded only with its entry, so a refused entry's outcome is left to its owner.
+        """
+        outcomes = list((ledger or {}).items())
+        if outcomes and len(outcomes) != len(entry_ids):
+            raise ValueError(f"ack: {len(outcomes)} ledger outcomes for {len(entry_ids)} entries (one per entry)")
+        items = [Settle(e, *(outcomes[i] if outcomes else ("", ""))) for i, e in enumerate(entry_ids)]
+        return self.settle(items)
+
+    def forward(self, done: list[tuple[Delivery, Message]], downstream: StreamQueue) -> Settled:
+        """Publish results downstream and acknowledge their inputs, for the inputs this consumer still owns.
+
+        Per input, atomically: both happen or neither, so a crash can neither lose the work nor forward it
+        twice; and an input another consumer has reclaimed meanwhile is refused (`Settled.refused`), not
+        forwarded a second time. A result that does not encode raises before anything is sent.
+        """
+        blobs = [encode(result, max_bytes=downstream.max_bytes) for _d, result in done]
+        items = [Settle(d.entry_id, fields={PAYLOAD: blob}) for (d, _r), blob in zip(done, blobs, strict=True)]
+        return self.settle(items, target=downstream.stream)
+
+    def dead_letter(self, delivery: Delivery, reason: str) -> bool:
+        """Give up on a decoded message (e.g. it made the scorer fail): park it with its reason.
+
+        False when the entry is no longer this consumer's (fenced like every settle): nothing was done.
+        """
+        return self._dead_letter(delivery.entry_id, encode(delivery.message, max_bytes=self.max_bytes), reason,
                           message_id=delivery.message.id if hasattr(delivery.message, "id") else None)
 
-    def _dead_letter(self, entry_id: str, blob: bytes, reason: str, *, message_id: str | None = None) -> None:
+    def _dead_letter(self, entry_id: str, blob: bytes, reason: str, *, message_id: str | None = None) -> bool:
         message_id = message_id or peek_id(blob)
         fields: dict[str, Any] = {
             "m": blob, "stream": self.stream, "entry": entry_id, "reason": reason[:2000],
             "id": message_id or "", "consumer": self.consumer, "at": f"{time.time():.3f}",
         }
-        pipe = self.client.pipeline(transaction=True)
-        pipe.xadd(self.names.dead, fields)
-        pipe.xack(self.stream, self.group, entry_id)
-        pipe.xdel(self.stream, entry_id)
-        if message_id:
-            ledger_mod.record(pipe, self.names, {message_id: ledger_mod.DEAD})
-        pipe.execute()
+        item = Settle(entry_id, message_id or "", ledger_mod.DEAD if message_id else "", fields)
+        if not self.settle([item], target=self.names.dead).done:
+            return False  # another consumer owns it now: its fate is theirs to decide
         log.error("%s: dead-lettered %s: %s", self.stream, entry_id, reason)
         if self.on_dead_letter is not None:
             self.on_dead_letter(DeadLetter(entry_id, self.stream, reason, message_id, blob))
+        return True
 
     def depth(self) -> int:
         return int(self.client.xlen(self.stream))

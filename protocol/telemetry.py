@@ -84,6 +84,7 @@ class TeacherMetrics(CommonMetrics):
     cache_errors: Counter
     compute_saved: Counter
     prefixes: Counter
+    forwards_refused: Counter
 
 
 def teacher_metrics(registry: CollectorRegistry) -> TeacherMetrics:
@@ -100,6 +101,10 @@ def teacher_metrics(registry: CollectorRegistry) -> TeacherMetrics:
                              ["op"], registry=registry),
         compute_saved=Counter("opd_compute_saved_flops", "Estimated FLOPs saved", ["stage"], registry=registry),
         prefixes=Counter("opd_teacher_prefixes", "Prefixes scored and forwarded", registry=registry),
+        forwards_refused=Counter(
+            "opd_teacher_forwards_refused",
+            "Scored prefixes not forwarded: another teacher had reclaimed them (claim_idle_ms) and forwards them itself",
+            registry=registry),
     )
     m.compute_saved.labels(stage=TEACHER_COMPUTE_STAGE)
     return m
@@ -123,6 +128,7 @@ class LearnerMetrics(CommonMetrics):
     publish_seconds: Gauge
     publish_bytes: Counter
     eval_reverse_kl: Gauge
+    duplicates: Counter
 
 
 def learner_metrics(registry: CollectorRegistry) -> LearnerMetrics:
@@ -146,6 +152,8 @@ def learner_metrics(registry: CollectorRegistry) -> LearnerMetrics:
         publish_seconds=Gauge("opd_learner_publish_seconds", "Seconds to publish the last weights", registry=registry),
         publish_bytes=Counter("opd_learner_publish_bytes", "Bytes of weights published", registry=registry),
         eval_reverse_kl=Gauge("opd_learner_eval_reverse_kl", "Full-distribution reverse KL on held-out prompts", registry=registry),
+        duplicates=Counter("opd_learner_duplicates",
+                           "Scored prefixes refused untrained: a copy of an id already trained or in flight", registry=registry),
     )
     for reason in LEARNER_DROP_REASONS:
         m.dropped.labels(reason=reason)

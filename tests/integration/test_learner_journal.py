@@ -10,7 +10,11 @@ Pins:
   entries a live learner holds, without counting a delivery;
 - `recover_own` re-delivers this consumer's pending entries at once, counts the delivery, and
   dead-letters an entry past `max_deliveries`;
-- `orphaned_journals` finds journals of ranks a restarted run does not have (and ignores emptied ones).
+- `orphaned_journals` finds journals of ranks a restarted run does not have (and ignores emptied ones);
+- a commit retried after its first attempt went through (reply lost) returns that step, changes nothing;
+- `refuse_duplicates` refuses a copy of an id already trained, a second entry of an id in flight (in one
+  read or another consumer's), and an id this process committed even if Redis lost its `trained` record;
+  each refused copy is acked, deleted and counted once; the original entry is admitted again when re-read.
 """
 
 from __future__ import annotations
@@ -157,3 +161,56 @@ def test_orphaned_journals_are_found(redis_url: str) -> None:
     assert orphaned_journals(client, names, 4) == {}
     rank3.forget_through(1)  # checkpointed: nothing left to replay, nothing to refuse
     assert orphaned_journals(client, names, 2) == {}
+
+
+def test_commit_retried_after_a_lost_reply_returns_the_committed_step(redis_url: str) -> None:
+    client, names, q, _ = _setup(redis_url, 2)
+    batch = q.read(2, block_ms=100)
+    journal = _journal(client, names, q)
+    journal.commit(1, 1, batch)
+    first = client.xrange(journal.key)
+    journal.commit(1, 1, batch)  # what the reconnecting client does when the reply of EXEC was lost
+    assert client.xrange(journal.key) == first
+    assert ledger.counts(client, names)[ledger.TRAINED] == 2 and client.xlen(names.scored) == 0
+    with pytest.raises(CommitError):  # a different step with the same (gone) entries is still refused
+        journal.commit(2, 2, batch)
+
+
+def _copy_on_stream(client: redis.Redis, names: Names, m: ScoredPrefix) -> None:
+    """A second entry carrying an id already published (what a retried publish or a racing forward makes)."""
+    StreamQueue(client, names.scored, names=names).publish(m)
+
+
+def test_refuse_duplicates(redis_url: str) -> None:
+    client, names, q, messages = _setup(redis_url, 3)
+    journal = _journal(client, names, q)
+    first = q.read(3, block_ms=100)
+    admitted, refused = journal.refuse_duplicates(first)
+    assert admitted == first and refused == []
+    assert journal.refuse_duplicates(first) == (first, [])  # re-reading the holder (a restart) is not a copy
+
+    # A copy of an id in flight (held by an entry still in the stream), and two copies in one read.
+    _copy_on_stream(client, names, messages[0])
+    _copy_on_stream(client, names, messages[2])
+    _copy_on_stream(client, names, messages[2])
+    copies = q.read(10, block_ms=100)
+    assert [d.message.id for d in copies] == [messages[0].id, messages[2].id, messages[2].id]
+    assert journal.refuse_duplicates(copies) == ([], copies)
+    assert ledger.duplicates(client, names) == 3 and client.xlen(names.scored) == 3  # only the originals are left
+
+    # Train the originals; a copy arriving later is refused because the ledger says trained.
+    journal.commit(1, 1, first)
+    _copy_on_stream(client, names, messages[1])
+    [late] = q.read(1, block_ms=100)
+    assert journal.refuse_duplicates([late]) == ([], [late])
+    assert ledger.duplicates(client, names) == 4
+
+    # Redis lost the `trained` record (a crash within AOF everysec): this process still knows the id.
+    ledger.record(client, names, {messages[1].id: ledger.PRODUCED})
+    _copy_on_stream(client, names, messages[1])
+    [lost] = q.read(1, block_ms=100)
+    assert journal.refuse_duplicates([lost]) == ([], [lost])
+    assert ledger.outcome_of(client, names, messages[1].id) == ledger.TRAINED
+    assert ledger.counts(client, names) == {ledger.PRODUCED: 0, ledger.TRAINED: 3, ledger.DROPPED: 0, ledger.DEAD: 0}
+    assert client.xlen(names.scored) == 0 and int(client.xpending(names.scored, q.group)["pending"]) == 0
+    assert ledger.duplicates(client, names) == 5

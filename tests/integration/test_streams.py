@@ -294,8 +294,9 @@ def test_forward_publishes_downstream_and_acks_upstream(client: redis.Redis) -> 
     downstream = queue(client, NAMES.scored, expect=ScoredPrefix)
     got = teacher.read(10, block_ms=10)
     done = [(d, scored(d.message)) for d in got]
-    out_ids = teacher.forward(done, downstream)
-    assert len(out_ids) == 3
+    result = teacher.forward(done, downstream)
+    out_ids = result.outputs
+    assert len(out_ids) == 3 and result.refused == [] and result.done == [d.entry_id for d in got]
     assert teacher.pending() == 0
     assert client.xlen(NAMES.rollouts) == 0
     assert client.xlen(NAMES.scored) == 3
@@ -305,7 +306,70 @@ def test_forward_publishes_downstream_and_acks_upstream(client: redis.Redis) -> 
     assert [d.entry_id for d in results] == out_ids
     assert message_ids(results) == [m.id for m in sent]  # ids are stable across the hop
     assert all(isinstance(d.message, ScoredPrefix) for d in results)
-    assert teacher.forward([], downstream) == []
+    assert teacher.forward([], downstream).done == []
+
+
+def test_forward_of_a_reclaimed_entry_is_refused(client: redis.Redis) -> None:
+    """A slow teacher (A) whose entry was reclaimed by B after claim_idle_ms: A's forward is refused, B's
+    goes through, and the scored stream holds exactly one copy."""
+    actor = queue(client)
+    m = rollout()
+    actor.publish(m, ledger_outcome=ledger.PRODUCED)
+    downstream = queue(client, NAMES.scored, expect=ScoredPrefix)
+    a = queue(client, consumer="A", claim_idle_ms=100)
+    b = queue(client, consumer="B", claim_idle_ms=100)
+    [da] = a.read(1, block_ms=10)
+    deadline = time.monotonic() + 30
+    got_b: list[Delivery] = []
+    while not got_b:  # B reclaims once A's entry is idle for claim_idle_ms (never sooner)
+        assert time.monotonic() < deadline, "B never reclaimed A's idle entry"
+        time.sleep(0.05)
+        got_b = b.read(1, block_ms=10)
+    [db] = got_b
+    assert db.entry_id == da.entry_id and db.deliveries == 2
+
+    refused = a.forward([(da, scored(da.message))], downstream)
+    assert (refused.done, refused.outputs, refused.refused) == ([], [], [da.entry_id])
+    assert client.xlen(NAMES.scored) == 0 and b.pending() == 1  # A touched nothing
+
+    accepted = b.forward([(db, scored(db.message))], downstream)
+    assert accepted.done == [db.entry_id] and len(accepted.outputs) == 1 and accepted.refused == []
+    assert client.xlen(NAMES.scored) == 1 and b.pending() == 0 and client.xlen(NAMES.rollouts) == 0
+
+    # A retried forward (its first attempt went through, the reply was lost) is refused too.
+    again = b.forward([(db, scored(db.message))], downstream)
+    assert again.refused == [db.entry_id] and client.xlen(NAMES.scored) == 1
+    # And so are A's ack and dead letter of the entry it lost.
+    assert a.ack([da.entry_id], ledger={m.id: ledger.DROPPED}).refused == [da.entry_id]
+    assert a.dead_letter(da, "too late") is False
+    assert ledger.outcome_of(client, NAMES, m.id) == ledger.PRODUCED and read_dead_letters(client, NAMES) == []
+
+
+def test_forward_settles_owned_entries_and_refuses_only_the_lost_ones(client: redis.Redis) -> None:
+    actor = queue(client)
+    for i in range(3):
+        actor.publish(rollout(i))
+    downstream = queue(client, NAMES.scored, expect=ScoredPrefix)
+    a = queue(client, consumer="A")
+    got = a.read(3, block_ms=10)
+    # B takes the middle entry over explicitly (what XAUTOCLAIM does after claim_idle_ms).
+    client.xclaim(NAMES.rollouts, a.group, "B", 0, [got[1].entry_id])
+    result = a.forward([(d, scored(d.message)) for d in got], downstream)
+    assert result.done == [got[0].entry_id, got[2].entry_id] and result.refused == [got[1].entry_id]
+    out = queue(client, NAMES.scored, consumer="L", expect=ScoredPrefix).read(10, block_ms=10)
+    assert [d.entry_id for d in out] == result.outputs
+    assert message_ids(out) == [got[0].message.id, got[2].message.id]
+
+
+def test_publish_with_a_ledger_outcome_is_idempotent(client: redis.Redis) -> None:
+    """A publish retried after a lost reply must not add a second copy (the ledger knows the id)."""
+    producer = queue(client)
+    m = rollout()
+    first = producer.publish(m, ledger_outcome=ledger.PRODUCED)
+    assert first is not None
+    assert producer.publish(m, ledger_outcome=ledger.PRODUCED) is None
+    assert client.xlen(NAMES.rollouts) == 1 and ledger.counts(client, NAMES)[ledger.PRODUCED] == 1
+    assert producer.publish(m) is not None  # without a ledger outcome there is nothing to check against
 
 
 def test_forward_is_all_or_nothing_when_a_result_is_invalid(client: redis.Redis) -> None:

@@ -1,0 +1,138 @@
+"""Helpers for fault tests: the pipeline's roles as real processes (`opd actor|teacher|learner`), and the
+numbers they leave behind (ledger, lineage, /metrics).
+
+Each role runs in a session of its own (signals meant for the test runner do not reach it) and logs to
+its own file, so a test can check what every role said.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+from learner_streams import start
+
+from opd.tiny import asset_paths
+from protocol import ledger
+from protocol.names import Names
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "configs" / "demo-cpu.yaml"
+
+
+def pipeline_overrides(redis_url: str, names: Names, root: Path, tmp: Path, **extra: object) -> list[str]:
+    """A small, fast pipeline on the tiny models; `extra` as ``{"learner.steps": 8}``."""
+    paths = asset_paths(root)
+    base: dict[str, object] = {
+        "transport.redis_url": redis_url, "transport.namespace": names.namespace, "run.tiny_assets": "null",
+        "run.warm_cache": "null", "actor.model_dir": paths.student_dir, "actor.prompts_file": paths.prompts_file,
+        "actor.max_new_tokens": 8, "actor.weights_poll_s": 0.2, "actor.device": "cpu",
+        "teacher.model_dir": paths.teacher_dir, "teacher.cache_dir": tmp / "cache", "teacher.batch_size": 4,
+        "teacher.device": "cpu", "learner.model_dir": paths.student_dir, "learner.workdir": tmp / "learner",
+        "learner.device": "cpu", "learner.batch_size": 4, "learner.micro_batch_tokens": 256,
+        "learner.eval.heldout_file": "''", "learner.checkpoint_every": 1000, "learner.read_timeout_s": 300,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@dataclass
+class Role:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@dataclass
+class Pipeline:
+    """Started roles, by name; `stop_all` ends whatever is still running (SIGTERM, then SIGKILL)."""
+
+    roles: dict[str, Role] = field(default_factory=dict)
+
+    def start(self, role: str, name: str, overrides: list[str], logs: Path) -> Role:
+        cmd = [sys.executable, "-m", "opd.cli", role, "--config", str(CONFIG), "--id", name]
+        for o in overrides:
+            cmd += ["--set", o]
+        r = Role(name, start(cmd, logs / f"{name}.log"), logs / f"{name}.log")
+        self.roles[name] = r
+        return r
+
+    def failed(self) -> str | None:
+        """The log tail of a role that exited with an error, if any."""
+        for r in self.roles.values():
+            if r.proc.poll() not in (None, 0):
+                return f"{r.name} exited with {r.proc.returncode}:\n{r.log()[-4000:]}"
+        return None
+
+    def stop_all(self, timeout_s: float = 60.0) -> None:
+        for r in self.roles.values():
+            if r.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    r.proc.send_signal(signal.SIGCONT)  # a paused role cannot handle SIGTERM
+                    r.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for r in self.roles.values():
+            try:
+                r.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                r.proc.kill()
+                r.proc.wait()
+
+
+def wait_until(what: str, check: Callable[[], bool], pipeline: Pipeline, timeout_s: float = 300.0,
+               poll_s: float = 0.1) -> None:
+    """Poll `check` until true; fail naming `what` if a role dies or the generous guard runs out."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        bad = pipeline.failed()
+        if bad is not None:
+            raise AssertionError(f"while waiting for {what}: {bad}")
+        if time.monotonic() > deadline:
+            tails = "\n".join(f"--- {r.name}\n{r.log()[-1500:]}" for r in pipeline.roles.values())
+            raise AssertionError(f"gave up waiting for {what}\n{tails}")
+        time.sleep(poll_s)
+
+
+def metric(client: redis.Redis, names: Names, role_id: str, name: str) -> float | None:
+    """One sample's value from a live role's /metrics (None while it is not registered or not answering)."""
+    url = client.hget(names.key("endpoints"), role_id)
+    if url is None:
+        return None
+    try:
+        with urllib.request.urlopen(url.decode(), timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
+def assert_conserved_and_trained_once(client: redis.Redis, names: Names, learner_workdir: Path) -> dict[str, int]:
+    """Every produced id has one terminal outcome; the lineage lists each trained id exactly once.
+
+    Returns the ledger's counts (plus `duplicates`, the copies the learner refused).
+    """
+    counts = ledger.counts(client, names)
+    assert counts[ledger.PRODUCED] == 0, counts
+    total = int(client.hlen(names.ledger))
+    assert counts[ledger.TRAINED] + counts[ledger.DROPPED] + counts[ledger.DEAD] == total, counts
+    rows = [json.loads(line) for line in (learner_workdir / "trained_ids.jsonl").read_text().splitlines()]
+    trained = [i for row in rows if not row["replayed"] for i in row["ids"]]
+    assert len(trained) == len(set(trained)), "a prefix was trained twice"
+    in_ledger = {k.decode() for k, v in client.hgetall(names.ledger).items() if v == ledger.TRAINED.encode()}
+    assert set(trained) == in_ledger
+    return {**counts, "duplicates": ledger.duplicates(client, names)}
