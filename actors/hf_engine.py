@@ -10,9 +10,11 @@ WHY a hand-written sampling loop instead of `model.generate()`:
 
 Behaviour logprobs: `Generation.logprobs[j]` is the log-probability of the sampled token under the
 sampling distribution actually used: `log_softmax(logits / temperature)`, restricted to the top-p
-nucleus and renormalised. With `temperature == 1` and `top_p == 1` this is exactly the raw model
-logprob. `temperature == 0` means greedy decoding; there the raw model logprob (temperature 1, no
-nucleus) is returned, because the point-mass sampling distribution would always give 0.
+nucleus and renormalised (`protocol/sampling.py`, the same transform the learner recomputes). With
+`temperature == 1` and `top_p == 1` this is exactly the raw model logprob. `temperature == 0` means
+greedy decoding; there the raw model logprob (temperature 1, no nucleus) is returned, because the
+point-mass sampling distribution would always give 0 (rollouts refuse it: `RolloutPrefix.temperature`
+must be > 0, so greedy output never reaches the learner's importance ratio).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrai
 from actors.engine import Generation
 from protocol.files import check_model_dir
 from protocol.runtime import resolve_dtype
+from protocol.sampling import sampling_logprobs
 
 # Config keys that differ between checkpoints of the same architecture without changing the weights' layout.
 _VOLATILE_CONFIG_KEYS = frozenset({"transformers_version", "dtype", "torch_dtype"})
@@ -248,22 +251,14 @@ def sample_tokens(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row; return (tokens, their logprob under the distribution drawn from).
 
-    Computed in float32 whatever the model dtype, so logprobs are comparable across engines.
+    The distribution is `protocol.sampling.sampling_logprobs` (temperature, then the top-p nucleus,
+    renormalised): the one transform the learner recomputes for its importance ratio. Computed in
+    float32 whatever the model dtype, so logprobs are comparable across engines.
     """
-    logits_BV = logits_BV.float()
     if temperature == 0:
-        logp_BV = torch.log_softmax(logits_BV, dim=-1)
+        logp_BV = torch.log_softmax(logits_BV.float(), dim=-1)
         token_B = logp_BV.argmax(dim=-1)
         return token_B, logp_BV.gather(-1, token_B[:, None]).squeeze(1)
-    logp_BV = torch.log_softmax(logits_BV / temperature, dim=-1)
-    if top_p < 1:
-        sorted_BV, order_BV = logp_BV.sort(dim=-1, descending=True)
-        probs_BV = sorted_BV.exp()
-        # Keep the smallest prefix whose mass reaches top_p (the most likely token always stays).
-        outside_BV = (probs_BV.cumsum(dim=-1) - probs_BV) >= top_p
-        sorted_BV = sorted_BV.masked_fill(outside_BV, float("-inf"))
-        logp_BV = torch.log_softmax(
-            torch.full_like(logp_BV, float("-inf")).scatter(-1, order_BV, sorted_BV), dim=-1
-        )
+    logp_BV = sampling_logprobs(logits_BV, temperature, top_p)
     token_B = torch.multinomial(logp_BV.exp(), num_samples=1, generator=generator).squeeze(1)
     return token_B, logp_BV.gather(-1, token_B[:, None]).squeeze(1)
