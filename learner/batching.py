@@ -28,6 +28,8 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
+from protocol.sampling import check_sampling_params, token_logprobs
+
 # A log-prob a hair above 0 is float16/bfloat16 rounding; more than this is a corrupt record.
 LOGPROB_TOLERANCE: float = 1e-3
 
@@ -43,6 +45,8 @@ class Sample:
     topk_ids: np.ndarray  # int[R, K], teacher's top-k token ids for response token j
     topk_logprobs: np.ndarray  # float32|float16[R, K], their teacher log-probs
     policy_version: int
+    temperature: float = 1.0  # the sampling transform mu used (protocol/sampling.py); log pi is recomputed
+    top_p: float = 1.0  # under the same one, so the importance ratio compares like with like
 
     @classmethod
     def from_record(cls, record: object) -> Sample:
@@ -56,6 +60,8 @@ class Sample:
                 topk_ids=record.topk_ids_RK,  # type: ignore[attr-defined]
                 topk_logprobs=record.topk_logprobs_RK,  # type: ignore[attr-defined]
                 policy_version=int(record.policy_version),  # type: ignore[attr-defined]
+                temperature=float(record.temperature),  # type: ignore[attr-defined]
+                top_p=float(record.top_p),  # type: ignore[attr-defined]
             )
         except AttributeError as exc:
             raise ValueError(f"record {type(record).__name__} lacks a scored-prefix field: {exc}") from exc
@@ -73,6 +79,8 @@ class Batch:
     topk_ids_BTK: torch.Tensor  # int64, 0 off-response
     topk_logprobs_BTK: torch.Tensor  # float32, 0 off-response
     policy_versions_B: torch.Tensor  # int64
+    temperature_B: torch.Tensor  # float32, each row's sampling temperature
+    top_p_B: torch.Tensor  # float32, each row's sampling top-p
     prompt_lengths_B: torch.Tensor  # int64
     response_lengths_B: torch.Tensor  # int64
 
@@ -200,6 +208,7 @@ def _validate_sample(i: int, sample: Sample) -> tuple[int, int, int]:
     version = sample.policy_version
     if isinstance(version, bool) or not isinstance(version, int | np.integer) or int(version) < 0:
         raise ValueError(f"{name}.policy_version must be an int >= 0, got {version!r}")
+    check_sampling_params(sample.temperature, sample.top_p, where=name)
     return P, R, topk_ids.shape[1]
 
 
@@ -249,6 +258,8 @@ def collate(samples: Sequence[Sample], pad_id: int, *, pad_to_multiple_of: int =
         topk_ids_BTK=torch.from_numpy(topk_ids),
         topk_logprobs_BTK=torch.from_numpy(topk_logprobs),
         policy_versions_B=torch.tensor([int(s.policy_version) for s in samples], dtype=torch.int64),
+        temperature_B=torch.tensor([float(s.temperature) for s in samples], dtype=torch.float32),
+        top_p_B=torch.tensor([float(s.top_p) for s in samples], dtype=torch.float32),
         prompt_lengths_B=torch.tensor([P for P, _, _ in shapes], dtype=torch.int64),
         response_lengths_B=torch.tensor([R for _, R, _ in shapes], dtype=torch.int64),
     )
@@ -259,17 +270,26 @@ def collate(samples: Sequence[Sample], pad_id: int, *, pad_to_multiple_of: int =
 
 
 def gather_response_logprobs(
-    logits_BTV: torch.Tensor, input_ids_BT: torch.Tensor, *, temperature: float = 1.0
+    logits_BTV: torch.Tensor,
+    input_ids_BT: torch.Tensor,
+    *,
+    temperature: float | torch.Tensor = 1.0,
+    top_p: float | torch.Tensor = 1.0,
+    mask_BT: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``logprobs_BT[:, t] = log p(input_ids[:, t] | input_ids[:, <t])``, with ``logprobs_BT[:, 0] = 0``.
+    """``logprobs_BT[:, t] = log pi(input_ids[:, t] | input_ids[:, <t])``, with ``logprobs_BT[:, 0] = 0``.
+
+    ``pi`` is the distribution the actor sampled from: ``protocol.sampling.token_logprobs`` at each row's
+    ``temperature`` and ``top_p`` (scalars, or ``[B]`` tensors such as ``Batch.temperature_B`` /
+    ``Batch.top_p_B``: rows of one batch may have been sampled with different settings). Only then does
+    the importance ratio ``exp(log pi - behaviour)`` compare the same distribution (1 on policy).
 
     Shifts HF logits (position ``t`` predicts token ``t + 1``) so the result is aligned per token like the
-    rest of the batch. Computed as ``logit[target] - logsumexp(logits)`` in at least float32 (bf16
-    log-softmax loses the precision the IS ratio needs), without materializing a full log-softmax.
-
-    ``temperature`` must match the one the actors sampled with if their behaviour log-probs are of the
-    tempered distribution; otherwise the importance ratio compares different distributions.
-    Values at padding positions are finite but meaningless; mask them.
+    rest of the batch; computed in at least float32 (bf16 log-softmax loses the precision the IS ratio
+    needs). ``mask_BT`` (e.g. ``Batch.response_mask_BT``) restricts the work to the positions it marks
+    (others are 0): the top-p nucleus needs a sort over the vocabulary per position, which prompt and
+    padding positions do not need. Without a mask every position is computed; values at padding
+    positions are finite but meaningless, mask them.
     """
     if not isinstance(logits_BTV, torch.Tensor) or logits_BTV.dim() != 3:
         raise ValueError(f"logits_BTV must be a 3-D tensor, got {getattr(logits_BTV, 'shape', type(logits_BTV))}")
@@ -280,17 +300,50 @@ def gather_response_logprobs(
         raise ValueError(f"input_ids_BT must have shape {(B, T)}, got {getattr(input_ids_BT, 'shape', None)}")
     if input_ids_BT.is_floating_point() or input_ids_BT.dtype == torch.bool:
         raise ValueError(f"input_ids_BT must be an integer tensor, got {input_ids_BT.dtype}")
-    if isinstance(temperature, bool) or not (isinstance(temperature, int | float) and temperature > 0):
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    temperature_B = _per_row_param("temperature", temperature, B, low=0.0, high=math.inf, logits=logits_BTV)
+    top_p_B = _per_row_param("top_p", top_p, B, low=0.0, high=1.0, logits=logits_BTV)
     if input_ids_BT.numel() and bool(((input_ids_BT < 0) | (input_ids_BT >= V)).any()):
         raise ValueError(f"input_ids_BT has token ids outside [0, {V})")
+    if mask_BT is not None and tuple(mask_BT.shape) != (B, T):
+        raise ValueError(f"mask_BT must have shape {(B, T)}, got {tuple(mask_BT.shape)}")
 
     dtype = torch.promote_types(logits_BTV.dtype, torch.float32)
-    logits_next_BTV = logits_BTV[:, :-1].to(dtype)  # position t-1 predicts token t
-    if temperature != 1.0:
-        logits_next_BTV = logits_next_BTV / temperature
-    targets_BT = input_ids_BT[:, 1:].long().unsqueeze(-1)
-    target_logits_BT = logits_next_BTV.gather(-1, targets_BT).squeeze(-1)
-    logprobs_next_BT = target_logits_BT - logits_next_BTV.logsumexp(dim=-1)
-    first_B1 = torch.zeros((B, min(T, 1)), dtype=dtype, device=logits_BTV.device)  # token 0 has no context
-    return torch.cat([first_B1, logprobs_next_BT], dim=1)
+    wanted_BT = torch.ones((B, T), dtype=torch.bool, device=logits_BTV.device) if mask_BT is None else mask_BT != 0
+    rows_N, cols_N = wanted_BT[:, 1:].nonzero(as_tuple=True)  # token t = cols + 1, predicted at position cols
+    logprobs_N = token_logprobs(
+        logits_BTV[rows_N, cols_N], input_ids_BT[rows_N, cols_N + 1], temperature_B[rows_N], top_p_B[rows_N]
+    )
+    logprobs_BT = torch.zeros((B, T), dtype=dtype, device=logits_BTV.device)
+    return logprobs_BT.index_put((rows_N, cols_N + 1), logprobs_N.to(dtype))
+
+
+def policy_logprobs(batch: Batch, logits_BTV: torch.Tensor) -> torch.Tensor:
+    """The learner's side of the importance ratio: ``log pi`` of every response token of ``batch``.
+
+    Each row under the sampling transform its actor used (``batch.temperature_B`` / ``top_p_B``), only at
+    response positions (0 elsewhere); differentiable. ``exp(policy_logprobs - behaviour_logprobs_BT)`` is
+    1 on policy whatever the sampling settings.
+    """
+    return gather_response_logprobs(
+        logits_BTV, batch.input_ids_BT, temperature=batch.temperature_B, top_p=batch.top_p_B,
+        mask_BT=batch.response_mask_BT,
+    )
+
+
+def _per_row_param(
+    name: str, value: float | torch.Tensor, B: int, *, low: float, high: float, logits: torch.Tensor
+) -> torch.Tensor:
+    """A scalar or ``[B]`` sampling parameter as a ``[B]`` tensor on ``logits``' device; ``low < x <= high``."""
+    if isinstance(value, bool) or not isinstance(value, int | float | torch.Tensor):
+        raise ValueError(f"{name} must be a number or a [B] tensor, got {value!r}")
+    if isinstance(value, torch.Tensor):
+        values_B = value.to(logits.device)
+    else:
+        values_B = torch.tensor(float(value), dtype=torch.float64, device=logits.device)
+    if values_B.dim() == 0:
+        values_B = values_B.expand(B)
+    if tuple(values_B.shape) != (B,) or not values_B.is_floating_point():
+        raise ValueError(f"{name} must be a number or a float tensor of shape ({B},), got {value!r}")
+    if not bool(((values_B > low) & (values_B <= high)).all()):
+        raise ValueError(f"{name} must be in ({low}, {high}], got {value!r}")
+    return values_B

@@ -1,13 +1,21 @@
 """The three messages of the pipeline, their schema, and validation on decode.
 
-Every message carries `kind` (which message) and `v` (schema version) so a reader can refuse what it
-does not understand with a reason instead of misreading it. Shapes use suffix names: `P` prompt
+Every message carries `kind` (which message) and `v` (its kind's schema version) so a reader can refuse
+what it does not understand with a reason instead of misreading it. Versions are per kind: a change to
+the rollout schema does not orphan weights announcements.
+
+Schema history (rollout and scored):
+- v1: no sampling parameters. The behaviour logprobs' distribution was not recorded, so the learner
+  could not recompute it (it assumed temperature 1 over the full vocabulary).
+- v2: `temperature` and `top_p` are required. A v1 rollout is refused, not read with assumed values:
+  guessing `temperature=1, top_p=1` is exactly the wrong-ratio bug v2 fixes. Shapes use suffix names: `P` prompt
 length, `R` response length, `K` top-k. Arrays are read-only numpy views over the received bytes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -18,7 +26,10 @@ import numpy as np
 from protocol.codec import MAX_MESSAGE_BYTES, decode_array, encode_array, pack, unpack
 from protocol.errors import ProtocolError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""Schema version of `RolloutPrefix` and `ScoredPrefix` (see the history above)."""
+WEIGHTS_SCHEMA_VERSION = 1
+"""Schema version of `WeightsAnnouncement`."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,7 @@ class RolloutPrefix:
     """A student prefix sampled by an actor, truncated at `horizon` tokens by the schedule."""
 
     kind: ClassVar[str] = "rollout"
+    schema_version: ClassVar[int] = SCHEMA_VERSION
     arrays: ClassVar[dict[str, ArraySpec]] = {
         "prompt_ids_P": ArraySpec(("<i4",), 1),
         "response_ids_R": ArraySpec(("<i4",), 1),
@@ -53,6 +65,10 @@ class RolloutPrefix:
     actor_id: str
     id: str = field(default_factory=_new_id)
     created_at: float = field(default_factory=time.time)
+    # The sampling transform the tokens were drawn with (`protocol/sampling.py`); the behaviour logprobs
+    # are of that distribution, and the learner recomputes log pi under it. Required on the wire (v2).
+    temperature: float = 1.0
+    top_p: float = 1.0
 
     def validate(self) -> None:
         r = len(self.response_ids_R)
@@ -72,6 +88,10 @@ class RolloutPrefix:
             raise ProtocolError("response_ids_R", "negative token id")
         if not np.isfinite(self.behaviour_logprobs_R).all() or (self.behaviour_logprobs_R > 1e-4).any():
             raise ProtocolError("behaviour_logprobs_R", "logprobs must be finite and <= 0")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ProtocolError("temperature", f"must be finite and > 0 (greedy rollouts have no ratio), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ProtocolError("top_p", f"must be in (0, 1], got {self.top_p}")
 
 
 @dataclass
@@ -119,6 +139,7 @@ class WeightsAnnouncement:
     """The learner published policy `version` as an HF-format directory at `path`."""
 
     kind: ClassVar[str] = "weights"
+    schema_version: ClassVar[int] = WEIGHTS_SCHEMA_VERSION
     arrays: ClassVar[dict[str, ArraySpec]] = {}
 
     version: int
@@ -146,7 +167,7 @@ def encode(message: Message, *, max_bytes: int = MAX_MESSAGE_BYTES) -> bytes:
     Every field is held to the same schema `decode` enforces (array dtype and ndim, scalar types), so what
     encodes also decodes. Numpy scalars (e.g. `np.int64` from a schedule) are sent as plain Python values.
     """
-    payload: dict[str, Any] = {"kind": message.kind, "v": SCHEMA_VERSION}
+    payload: dict[str, Any] = {"kind": message.kind, "v": message.schema_version}
     for f in dataclasses.fields(message):
         value = getattr(message, f.name)
         if f.name in message.arrays:
@@ -168,10 +189,12 @@ def decode(blob: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES, expect: type[Mess
     kind = payload.get("kind")
     if not isinstance(kind, str) or kind not in MESSAGE_TYPES:
         raise ProtocolError("kind", f"unknown message kind {kind!r} (known: {sorted(MESSAGE_TYPES)})")
-    version = payload.get("v")
-    if type(version) is not int or version != SCHEMA_VERSION:  # not True, not 1.0
-        raise ProtocolError("v", f"schema version {version!r} is not supported (this reader speaks {SCHEMA_VERSION})")
     cls = MESSAGE_TYPES[kind]
+    version = payload.get("v")
+    if type(version) is not int or version != cls.schema_version:  # not True, not 1.0
+        raise ProtocolError(
+            "v", f"{kind} schema version {version!r} is not supported (this reader speaks {cls.schema_version})"
+        )
     if expect is not None and cls is not expect:
         raise ProtocolError("kind", f"expected {expect.kind!r} on this stream, got {kind!r}")
     hints = {f.name: f for f in dataclasses.fields(cls)}

@@ -49,7 +49,7 @@ def sampled_reverse_kl_loss(
     the sampled estimate ``mean(log mu - log p_T)`` of KL(mu || p_T) over masked tokens.
 
     Args:
-        logprobs_BT: learner log pi(y_t), differentiable (``gather_response_logprobs``).
+        logprobs_BT: learner log pi(y_t), differentiable (``policy_logprobs``: the actor's sampling transform).
         behaviour_logprobs_BT: actor log mu(y_t) at sampling time.
         teacher_logprobs_BT: teacher log p_T(y_t).
         mask_BT: response tokens to train on (bool or 0/1).
@@ -149,9 +149,10 @@ class SampledReverseKL:
     def __call__(
         self, batch: Batch, logits_BTV: torch.Tensor, *, weights_BT: torch.Tensor | None, normalizer: float
     ) -> LossOutput:
-        from learner.batching import gather_response_logprobs
+        from learner.batching import policy_logprobs
 
-        logprobs_BT = gather_response_logprobs(logits_BTV, batch.input_ids_BT)
+        # log pi under each row's sampling transform (temperature, top-p), the distribution mu sampled from
+        logprobs_BT = policy_logprobs(batch, logits_BTV)
         return sampled_reverse_kl_loss(
             logprobs_BT, batch.behaviour_logprobs_BT, batch.teacher_logprobs_BT, batch.response_mask_BT,
             is_cap=self.is_cap, weights_BT=weights_BT, normalizer=normalizer,

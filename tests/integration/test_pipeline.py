@@ -24,6 +24,7 @@ import pytest
 import redis
 
 from protocol import ledger
+from protocol.messages import SCHEMA_VERSION
 from protocol.names import Names
 from protocol.streams import read_dead_letters
 
@@ -70,7 +71,7 @@ def test_pipeline_end_to_end(redis_url: str, tiny_assets: Path, tmp_path: Path) 
         try:
             scraped = _scrape_all_roles(client, names, proc)
             # A malformed message (valid msgpack, wrong schema) in the middle of the run.
-            bad = msgpack.packb({"kind": "rollout", "v": 1, "id": "bad-1", "prompt_ids_P": "oops"})
+            bad = msgpack.packb({"kind": "rollout", "v": SCHEMA_VERSION, "id": "bad-1", "prompt_ids_P": "oops"})
             client.xadd(names.rollouts, {b"m": bad})
             code = proc.wait(timeout=420)
         finally:

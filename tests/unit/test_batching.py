@@ -10,8 +10,10 @@ Behaviours pinned:
   pad_to_multiple_of, accepts an empty response (protocol-legal) as a row with nothing to train on,
   and rejects malformed samples naming the sample and field;
 - gather_response_logprobs returns log p(input_ids[t] | < t) at t (0 at t = 0) computed from logits at
-  t - 1, matches a loop reference, honours temperature, and on a real tiny causal LM the response
-  log-probs of a right-padded batch equal those of each sequence run alone;
+  t - 1, matches a loop reference, honours each row's temperature and top-p (protocol/sampling.py) and
+  a position mask, and on a real tiny causal LM the response log-probs of a right-padded batch equal
+  those of each sequence run alone;
+- Sample carries its sampling parameters; a record without them is refused;
 - Sample.from_record reads ScoredPrefix-named fields;
 - Batch.to moves every tensor.
 """
@@ -19,6 +21,7 @@ Behaviours pinned:
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -33,6 +36,7 @@ from learner.batching import (
     pack_by_tokens,
     padding_fraction,
 )
+from protocol.sampling import token_logprobs
 
 
 def make_sample(P: int, R: int, K: int = 3, version: int = 0, seed: int = 0) -> Sample:
@@ -182,13 +186,23 @@ def test_sample_from_record_and_batch_to():
         prompt_ids_P=source.prompt_ids, response_ids_R=source.response_ids,
         behaviour_logprobs_R=source.behaviour_logprobs, teacher_logprobs_R=source.teacher_logprobs,
         topk_ids_RK=source.topk_ids, topk_logprobs_RK=source.topk_logprobs, policy_version=4,
+        temperature=0.7, top_p=0.9,
     )
     sample = Sample.from_record(record)
     assert sample.policy_version == 4 and sample.response_ids is source.response_ids
+    assert (sample.temperature, sample.top_p) == (0.7, 0.9)
     with pytest.raises(ValueError, match="lacks a scored-prefix field"):
         Sample.from_record(SimpleNamespace(prompt_ids_P=source.prompt_ids))
-    batch = collate([sample], pad_id=0).to("cpu")
+    # A record without its sampling parameters is refused, not read as temperature 1 / top_p 1.
+    del record.temperature
+    with pytest.raises(ValueError, match="temperature"):
+        Sample.from_record(record)
+    batch = collate([sample, make_sample(2, 2)], pad_id=0).to("cpu")
     assert isinstance(batch, Batch) and batch.input_ids_BT.device.type == "cpu"
+    torch.testing.assert_close(batch.temperature_B, torch.tensor([0.7, 1.0]))
+    torch.testing.assert_close(batch.top_p_B, torch.tensor([0.9, 1.0]))
+    with pytest.raises(ValueError, match=r"samples\[0\]\.top_p"):
+        collate([replace(sample, top_p=0.0)], pad_id=0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -209,6 +223,28 @@ def test_gather_response_logprobs_matches_loop_reference():
                 row = [x / temperature for x in logits[b, t - 1].tolist()]
                 lse = max(row) + math.log(sum(math.exp(x - max(row)) for x in row))
                 assert out[b, t].item() == pytest.approx(row[ids[b, t].item()] - lse, abs=1e-12)
+
+
+def test_gather_response_logprobs_per_row_sampling_params_and_mask():
+    g = torch.Generator().manual_seed(1)
+    B, T, V = 3, 6, 30
+    logits = torch.randn(B, T, V, generator=g, dtype=torch.float64) * 3
+    ids = torch.randint(0, V, (B, T), generator=g)
+    temperature_B = torch.tensor([1.0, 0.7, 0.7], dtype=torch.float64)
+    top_p_B = torch.tensor([1.0, 1.0, 0.9], dtype=torch.float64)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[:, 3:] = True
+    out = gather_response_logprobs(logits, ids, temperature=temperature_B, top_p=top_p_B, mask_BT=mask)
+    assert (out[~mask] == 0).all()
+    for b in range(B):
+        expected = token_logprobs(logits[b, 2:-1], ids[b, 3:], temperature_B[b].item(), top_p_B[b].item())
+        torch.testing.assert_close(out[b, 3:], expected)
+    # the per-row settings matter: row 1 at temperature 0.7 is not the temperature-1 value
+    assert not torch.allclose(out[1, 3:], gather_response_logprobs(logits, ids)[1, 3:])
+    with pytest.raises(ValueError, match="top_p must be in"):
+        gather_response_logprobs(logits, ids, top_p=torch.tensor([1.0, 0.0, 1.0]))
+    with pytest.raises(ValueError, match="temperature must be a number or a float tensor of shape"):
+        gather_response_logprobs(logits, ids, temperature=torch.ones(2))
 
 
 def test_gather_response_logprobs_upcasts_bf16_and_keeps_gradient():

@@ -16,6 +16,8 @@ Behaviours pinned here:
   whose product overflows int64, wrong ndim for the field, length mismatches, horizon out of range,
   response longer than the horizon, non-finite or positive logprobs, negative token ids, scored and
   weights specific checks, oversize messages (on pack and on unpack), and `expect=` of the wrong kind;
+- schema versions are per kind (rollout and scored v2, weights v1); a v1 rollout, which does not carry
+  the sampling parameters of its behaviour logprobs, is refused rather than read with guessed ones;
 - `peek_id` recovers the id of an undecodable message when it can, and returns None otherwise.
 """
 
@@ -32,6 +34,7 @@ from protocol.codec import decode_array, encode_array, pack, unpack
 from protocol.errors import ProtocolError
 from protocol.messages import (
     SCHEMA_VERSION,
+    WEIGHTS_SCHEMA_VERSION,
     Message,
     RolloutPrefix,
     ScoredPrefix,
@@ -55,6 +58,8 @@ def make_rollout(**changes: Any) -> RolloutPrefix:
         actor_id="actor-0",
         id="0123456789abcdef0123456789abcdef",
         created_at=1700000000.125,
+        temperature=0.7,
+        top_p=0.9,
     )
     base.update(changes)
     return RolloutPrefix(**base)
@@ -315,9 +320,27 @@ def test_missing_kind() -> None:
     assert bad_field(repack(payload)) == "kind"
 
 
-@pytest.mark.parametrize("version", [0, 2, SCHEMA_VERSION + 1, "1", True, 1.0, None])
+@pytest.mark.parametrize("version", [0, 1, SCHEMA_VERSION + 1, "2", True, 2.0, None])
 def test_wrong_schema_version(version: Any) -> None:
     assert bad_field(mutated(make_rollout(), v=version)) == "v"
+
+
+def test_a_v1_rollout_without_sampling_parameters_is_refused() -> None:
+    """v1 did not say which distribution its behaviour logprobs are of; guessing T=1 is the old bug."""
+    payload = payload_of(make_rollout())
+    del payload["temperature"], payload["top_p"]
+    payload["v"] = 1
+    with pytest.raises(ProtocolError, match="rollout schema version 1 is not supported"):
+        decode(repack(payload))
+    payload["v"] = SCHEMA_VERSION
+    assert bad_field(repack(payload)) == "temperature"
+
+
+def test_schema_versions_are_per_kind() -> None:
+    assert payload_of(make_rollout())["v"] == payload_of(make_scored())["v"] == SCHEMA_VERSION == 2
+    weights = WeightsAnnouncement(version=1, path="/w", step=1, nbytes=10)
+    assert payload_of(weights)["v"] == WEIGHTS_SCHEMA_VERSION == 1
+    assert bad_field(mutated(weights, v=SCHEMA_VERSION)) == "v"
 
 
 def test_missing_schema_version() -> None:
@@ -326,7 +349,9 @@ def test_missing_schema_version() -> None:
     assert bad_field(repack(payload)) == "v"
 
 
-@pytest.mark.parametrize("name", ["id", "horizon", "actor_id", "prompt_ids_P", "created_at", "finished"])
+@pytest.mark.parametrize(
+    "name", ["id", "horizon", "actor_id", "prompt_ids_P", "created_at", "finished", "temperature", "top_p"]
+)
 def test_missing_field(name: str) -> None:
     payload = payload_of(make_rollout())
     del payload[name]
@@ -362,6 +387,8 @@ def test_unknown_field() -> None:
         ("created_at", "now"),
         ("created_at", True),
         ("created_at", [1.0]),
+        ("temperature", "0.7"),
+        ("top_p", True),
     ],
 )
 def test_wrong_scalar_type(name: str, value: Any) -> None:
@@ -439,6 +466,13 @@ def test_scalar_where_array_expected_and_zero_dim_array() -> None:
         ({"prompt_ids_P": np.array([1, -2], np.int32)}, "prompt_ids_P"),  # negative token id
         ({"response_ids_R": np.array([1, -2, 3], np.int32)}, "response_ids_R"),
         ({"policy_version": -1}, "policy_version"),
+        ({"temperature": 0.0}, "temperature"),  # greedy: no distribution to take a ratio against
+        ({"temperature": -0.5}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_p": float("nan")}, "top_p"),
     ],
 )
 def test_invalid_rollout_values(changes: dict[str, Any], field: str) -> None:
