@@ -236,6 +236,7 @@ class Actor:
                 behaviour_logprobs_R=np.minimum(np.asarray(gen.logprobs, dtype=np.float32), 0.0),
                 prompt_index=idx, horizon=horizon, max_new_tokens=max_new, finished=gen.finished,
                 policy_version=self.version, actor_id=self.actor_id,
+                temperature=self.cfg.temperature, top_p=self.cfg.top_p,
             )
             waited = self.queue.wait_for_room(timeout_s=self.backpressure_timeout_s, should_stop=self.stop.is_set)
             self.metrics.admission_wait.inc(waited)
