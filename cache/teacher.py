@@ -1,9 +1,18 @@
 """The teacher loop: score student prefixes, reuse what the cache already holds, forward to the learner.
 
 Scores are computed on the exact token ids the student sampled (never re-tokenized text). For each
-prefix the cache returns the longest cached run of blocks; the teacher computes only the positions
-after it (it still reads the whole context), stores the new blocks, and forwards the response's
-scores. Forwarding and acknowledging happen in one Redis transaction.
+prefix the cache returns the longest cached run of blocks; the teacher scores only the positions
+after it, stores the new blocks, and forwards the response's scores. Forwarding and acknowledging
+happen in one Redis transaction.
+
+What the cache saves, honestly: a fully cached sequence costs no teacher forward at all. A partial
+hit saves no forward compute with the HF scorer: the model still runs over the whole sequence (the
+cached context is needed to score what follows it); only the scores of the cached positions are
+reused. (An SGLang teacher server's radix cache may reuse the shared context's KV by itself; that
+saving is the server's and is not counted here.) So `opd_compute_saved_flops_total{stage=
+"teacher_cache"}` counts the tokens of a batch the scorer did not forward (`tokens_forwarded`), i.e.
+full hits, while `cached_tokens` / `opd_teacher_tokens_cached_total` count response tokens whose
+scores came from the cache, partial hits included.
 
 Why the cache is looked up and written once per batch (`lookup_many` / `put_many`): a put costs
 ~10-20 ms of zarr overhead (chunk rewrite + fsync) whatever its size, so one put per sequence would

@@ -25,6 +25,15 @@ STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 LEARNER_DROP_REASONS = ("stale", "future_version", "invalid_version")
 ACTOR_COMPUTE_STAGE = "actor_truncation"
 TEACHER_COMPUTE_STAGE = "teacher_cache"
+# What the FLOPs-saved counter counts, honestly: forward compute that was not spent. The HF teacher
+# scorer re-reads the whole context of a partially cached sequence, so only fully cached sequences
+# save teacher compute (an SGLang server's radix cache may reuse a shared context's KV on its own;
+# that saving is the server's and is not counted here).
+COMPUTE_SAVED_HELP = (
+    "Estimated forward FLOPs not spent (2 x parameters x tokens). actor_truncation: tokens past the horizon "
+    "never generated; teacher_cache: tokens of fully cached sequences the teacher never ran (a partial hit "
+    "still runs the teacher over the whole sequence, so it counts nothing here)"
+)
 
 
 @dataclass
@@ -66,7 +75,7 @@ def actor_metrics(registry: CollectorRegistry) -> ActorMetrics:
         ),
         horizon=Histogram("opd_actor_horizon_tokens", "Truncation horizon per prefix", buckets=HORIZON_BUCKETS, registry=registry),
         policy_version=Gauge("opd_actor_policy_version", "Policy version the actor samples with", registry=registry),
-        compute_saved=Counter("opd_compute_saved_flops", "Estimated FLOPs saved", ["stage"], registry=registry),
+        compute_saved=Counter("opd_compute_saved_flops", COMPUTE_SAVED_HELP, ["stage"], registry=registry),
         admission_wait=Counter("opd_actor_admission_wait_seconds", "Seconds waiting for admission or back-pressure", registry=registry),
         weight_reloads=Counter("opd_actor_weight_reloads", "Weight reloads", registry=registry),
     )
@@ -93,13 +102,15 @@ def teacher_metrics(registry: CollectorRegistry) -> TeacherMetrics:
         queue_depth=c.queue_depth,
         dead_letters=c.dead_letters,
         tokens_scored=Counter("opd_teacher_tokens_scored", "Response tokens the teacher computed", registry=registry),
-        tokens_cached=Counter("opd_teacher_tokens_cached", "Response tokens served from the cache", registry=registry),
+        tokens_cached=Counter("opd_teacher_tokens_cached", "Response tokens whose teacher scores came from the cache "
+                              "(not compute saved: on a partial hit the teacher still runs over the whole sequence; "
+                              "see opd_compute_saved_flops_total{stage=\"teacher_cache\"})", registry=registry),
         cache_hit_tokens=Counter("opd_cache_hit_tokens", "Sequence tokens found in the cache", registry=registry),
         cache_miss_tokens=Counter("opd_cache_miss_tokens", "Sequence tokens not found in the cache", registry=registry),
         cache_bytes_written=Counter("opd_cache_bytes_written", "Bytes written to the cache", registry=registry),
         cache_errors=Counter("opd_cache_errors", "Cache lookups or puts that failed (the work went on uncached)",
                              ["op"], registry=registry),
-        compute_saved=Counter("opd_compute_saved_flops", "Estimated FLOPs saved", ["stage"], registry=registry),
+        compute_saved=Counter("opd_compute_saved_flops", COMPUTE_SAVED_HELP, ["stage"], registry=registry),
         prefixes=Counter("opd_teacher_prefixes", "Prefixes scored and forwarded", registry=registry),
         forwards_refused=Counter(
             "opd_teacher_forwards_refused",
