@@ -25,8 +25,10 @@ class ActorConfig(BaseModel):
     max_engine_failures: int = Field(5, ge=0, description="sglang: consecutive failed requests tolerated (retried with back-off).")
     batch_size: int = Field(16, ge=1, description="Prompts sampled together.")
     max_new_tokens: int = Field(64, ge=1, description="Full-rollout response budget; the schedule truncates below it.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature; each rollout carries it and the learner "
+                               "computes log pi under the same transform (protocol/sampling.py).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling (hf engine only; sglang cannot report "
+                         "the renormalised nucleus logprob the learner needs, so it requires 1.0).")
     schedule: ScheduleConfig = Field(default_factory=FixedScheduleConfig, description="Truncation schedule (one file "
                                      "each in actors/schedules/); a bare name such as `full` means that schedule with its defaults.")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N.")
@@ -44,4 +46,22 @@ class ActorConfig(BaseModel):
             self.schedule.check(self.max_new_tokens)
         except ValueError as exc:
             raise ValueError(f"schedule.{exc}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _engine_reports_the_sampled_distribution(self) -> ActorConfig:
+        """Refuse a sampling setting whose behaviour logprobs the engine cannot report exactly.
+
+        The learner recomputes log pi under `protocol/sampling.py`'s transform (temperature, then the
+        top-p nucleus, renormalised). SGLang's returned logprobs are `log_softmax(logits / T)` over the
+        whole vocabulary, taken before its top-p filter and never renormalised on the nucleus, so with
+        top_p < 1 every importance ratio would be off by the nucleus mass. Checked at start, not mid-run.
+        """
+        if self.engine == "sglang" and self.top_p < 1:
+            raise ValueError(
+                f"actor.top_p={self.top_p} is not supported with actor.engine=sglang: SGLang reports "
+                "log_softmax(logits / temperature) before its top-p filter, not the renormalised nucleus the "
+                "tokens were drawn from, so the learner's importance ratio would be wrong. Set actor.top_p=1.0 "
+                "(temperature is fine) or use actor.engine=hf"
+            )
         return self

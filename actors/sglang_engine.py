@@ -22,8 +22,27 @@ Where we depart from the obvious mapping, and why:
   same sampler step, but only the former is guaranteed to pair each id with its logprob, which is
   what the learner's importance ratio needs. A response whose logprob list is missing or malformed is
   an error, never silently an empty generation.
-- Whether those logprobs are taken before or after temperature scaling is a *server* setting
-  (`SGLANG_RETURN_ORIGINAL_LOGPROB`, default: after). The compose file sets it explicitly.
+- What those logprobs are (`Sampler.forward` in `python/sglang/srt/layers/sampler.py`): with
+  `SGLANG_RETURN_ORIGINAL_LOGPROB` false (the default, and what the compose file sets),
+  `log(softmax(logits / temperature))` over the whole vocabulary, computed *before* the top-k /
+  top-p / min-p filters and never renormalised on the nucleus the token was drawn from; with it
+  true, `log_softmax(logits)` (temperature ignored). The learner recomputes log pi under
+  `protocol/sampling.py`'s transform (temperature, then the renormalised top-p nucleus), so the two
+  agree exactly only for `top_p == 1` with the server variable false: `actor.top_p < 1` is refused
+  with this engine at config validation (`actors/config.py`), and the server variable must stay
+  false whenever `actor.temperature != 1`.
+- Every request states the neutral value of each other filter SGLang applies (`top_k=-1`,
+  `min_p=0`, no repetition / frequency / presence penalty), so neither SGLang's defaults nor a
+  server-side `--preferred-sampling-params` / model generation config can narrow the distribution
+  behind the learner's back.
+- Reproducibility: `sampling_seed` is honoured only by a server started with
+  `--enable-deterministic-inference` (`SamplingBatchInfo` builds the per-request seeds only in that
+  mode; it also switches to the pytorch sampling backend and batch-invariant kernels, and may
+  disable the radix cache, so it is slower). Without the flag the seed is accepted and ignored:
+  the same `actor.seed` does not reproduce a run. `docker-compose.yml` passes the flag when
+  `SGLANG_DETERMINISTIC=true` (see `deploy/opd.env.example`). Reproducible here means the same
+  tokens for the same requests and weights; actor timing still decides which weights a batch
+  is sampled with.
 - `pause_generation` uses mode `"abort"` by default: requests of other clients of the same server that
   are in flight during a reload are aborted (they come back with `finish_reason.type == "abort"`,
   which we raise as `SGLangError`, so the caller retries) rather than resumed on new weights, which
@@ -74,6 +93,15 @@ log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- pure mapping
 
+# SGLang `SamplingParams` fields that would change the sampled distribution: each at its "off" value.
+_NEUTRAL_FILTERS: dict[str, Any] = {
+    "top_k": -1,
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+    "frequency_penalty": 0.0,
+    "presence_penalty": 0.0,
+}
+
 
 def build_generate_request(
     prompts: Sequence[Sequence[int]],
@@ -86,8 +114,11 @@ def build_generate_request(
     """The `/generate` body for a batch of token-id prompts (one sampling dict per prompt).
 
     `seed` (if given) becomes `sampling_params.sampling_seed = seed + i` for prompt `i`, so identical
-    prompts in one batch still draw different samples while the batch as a whole is reproducible. The
-    key is left out entirely when `seed` is None, for servers that predate `sampling_seed`.
+    prompts in one batch still draw different samples while the batch as a whole is reproducible on a
+    server started with `--enable-deterministic-inference` (others ignore the seed; see the module
+    docstring). The key is left out entirely when `seed` is None, for servers that predate it.
+    `_NEUTRAL_FILTERS` pins every other filter off, so the tokens are drawn from exactly
+    `softmax(logits / temperature)` restricted to top-p.
     """
     if len(prompts) != len(max_new_tokens):
         raise ValueError(f"{len(prompts)} prompts but {len(max_new_tokens)} max_new_tokens")
@@ -103,6 +134,7 @@ def build_generate_request(
             "max_new_tokens": int(budget),
             "temperature": float(temperature),
             "top_p": float(top_p),
+            **_NEUTRAL_FILTERS,
         }
         if seed is not None:
             params["sampling_seed"] = int(seed) + i

@@ -18,7 +18,9 @@ class TeacherConfig(BaseModel):
     sglang_url: str | None = Field(None, description="SGLang server base URL (engine=sglang).")
     topk: int = Field(8, ge=0, le=256, description="Top-k teacher logprobs kept per token (0: sampled token only).")
     topk_dtype: Literal["float16", "float32"] = Field("float32", description="Storage dtype of top-k logprobs.")
-    temperature: float = Field(1.0, gt=0, description="Scoring temperature (part of the cache key).")
+    temperature: float = Field(1.0, gt=0, description="Temperature of the teacher distribution the KL targets, "
+                               "log_softmax(logits / T) (part of the cache key). Unrelated to actor.temperature, "
+                               "the student's sampling transform.")
     batch_size: int = Field(16, ge=1, description="Prefixes scored in one forward.")
     cache_enabled: bool = Field(True, description="Use the Zarr logprob cache.")
     cache_dir: UserPath = Field("runs/cache", description="Zarr cache root (local path or fsspec URL).")

@@ -16,6 +16,7 @@ Pins:
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -316,3 +317,21 @@ def test_dashboard_is_provisioned_read_only(dashboard: dict[str, Any], services:
     assert mounts["./deploy/grafana/provisioning"] == "/etc/grafana/provisioning"
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids)), "duplicate panel ids"
+
+
+@pytest.mark.parametrize(("value", "flag"), [("true", True), ("false", False), ("", False)])
+def test_student_sglang_is_deterministic_only_when_asked(services: dict[str, Any], value: str, flag: bool) -> None:
+    """SGLang honours sampling_seed only under --enable-deterministic-inference; SGLANG_DETERMINISTIC adds it.
+
+    Runs the service's entrypoint in a real shell (compose's `$$` unescaped to `$`) with `echo` in front
+    of the command, and reads back the argv the server would get.
+    """
+    service = services["student-sglang"]
+    assert service["environment"]["SGLANG_DETERMINISTIC"] == "${SGLANG_DETERMINISTIC:-false}"
+    entrypoint = [str(part).replace("$$", "$") for part in service["entrypoint"]]
+    command = [str(part) for part in service["command"]]
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "SGLANG_DETERMINISTIC": value}
+    out = subprocess.run([*entrypoint, "echo", *command], env=env, capture_output=True, text=True, check=True)
+    argv = out.stdout.split()
+    assert argv[: len(command)] == command
+    assert ("--enable-deterministic-inference" in argv) is flag

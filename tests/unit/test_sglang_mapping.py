@@ -2,7 +2,8 @@
 
 Pins:
 - `/generate` bodies carry exactly the `GenerateReqInput` fields SGLang documents (`input_ids`,
-  `sampling_params`, `return_logprob`, `logprob_start_len`, `top_logprobs_num`).
+  `sampling_params`, `return_logprob`, `logprob_start_len`, `top_logprobs_num`); every sampling
+  filter other than temperature / top-p is pinned off (`top_k=-1`, `min_p=0`, no penalties).
 - responses in the documented shape (`meta_info.output_token_logprobs` / `input_token_logprobs` /
   `input_top_logprobs` as `[logprob, token_id, text_or_null]`, `finish_reason` objects) map onto
   `Generation` / `Scores` exactly, including SGLang's null placeholder at entry 0 of prompt logprobs.
@@ -149,13 +150,18 @@ def server() -> Iterator[CannedServer]:
 # ----------------------------------------------------------------- rollout engine: pure mapping
 
 
+# Every other SGLang filter at its off value: the tokens come from softmax(logits / T) (top-p aside),
+# the distribution the learner recomputes, whatever a server's defaults or generation config say.
+NEUTRAL = {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0}
+
+
 def test_generate_request_uses_documented_fields() -> None:
     body = build_generate_request([[1, 2, 3], [4, 5]], [16, 8], temperature=0.7, top_p=0.95, seed=None)
     assert body == {
         "input_ids": [[1, 2, 3], [4, 5]],
         "sampling_params": [
-            {"max_new_tokens": 16, "temperature": 0.7, "top_p": 0.95},
-            {"max_new_tokens": 8, "temperature": 0.7, "top_p": 0.95},
+            {"max_new_tokens": 16, "temperature": 0.7, "top_p": 0.95, **NEUTRAL},
+            {"max_new_tokens": 8, "temperature": 0.7, "top_p": 0.95, **NEUTRAL},
         ],
         "return_logprob": True,
         "logprob_start_len": -1,
