@@ -11,7 +11,10 @@ Pins, on a real server, what the unit tests can only pin against documented bodi
   greedy token as the top-1 candidate with the logprob the sampler reported, and scoring from a
   later start gives the same numbers as the tail of a full scoring;
 - a weight reload (pause -> update_weights_from_disk -> continue) from the server's own checkpoint
-  succeeds and generation works afterwards.
+  succeeds and generation works afterwards;
+- at temperature 0.7 (top_p 1, the only top-p allowed with SGLang) the behaviour logprobs are those of
+  `log_softmax(logits / 0.7)`, the transform the learner recomputes (`protocol/sampling.py`), checked
+  against transformers on the server's own checkpoint when that directory is readable here.
 """
 
 from __future__ import annotations
@@ -95,3 +98,28 @@ def test_reload_own_checkpoint(student: SGLangRolloutEngine) -> None:
     assert student.model_info().get("weight_version") == str(version)
     (after,) = student.generate(PROMPTS[:1], [4], temperature=1.0, top_p=1.0, seed=1)
     assert 1 <= len(after.response_ids) <= 4
+
+
+def test_behaviour_logprobs_are_of_the_tempered_distribution(student: SGLangRolloutEngine) -> None:
+    """The learner's log pi (protocol/sampling.py) at the same weights matches SGLang's at T=0.7."""
+    path = str(student.model_info().get("model_path", ""))
+    if not os.path.isdir(path):
+        pytest.skip(f"the server's model_path {path!r} is not a directory here: cannot recompute with transformers")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from protocol.sampling import token_logprobs
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    model = model.to(device).eval()
+    for prompt, gen in zip(PROMPTS, student.generate(PROMPTS, [8, 8], temperature=0.7, top_p=1.0, seed=0), strict=True):
+        ids = torch.tensor([prompt + gen.response_ids], device=device)
+        with torch.no_grad():
+            logits_RV = model(input_ids=ids).logits[0, len(prompt) - 1 : -1]
+        tokens_R = torch.tensor(gen.response_ids, device=device)
+        behaviour_R = torch.tensor(gen.logprobs, device=device)
+        tempered = (token_logprobs(logits_RV, tokens_R, 0.7, 1.0) - behaviour_R).abs().mean().item()
+        untempered = (token_logprobs(logits_RV, tokens_R, 1.0, 1.0) - behaviour_R).abs().mean().item()
+        # bf16 kernels differ between SGLang and transformers; the temperature must not
+        assert tempered < 0.05 and tempered <= untempered + 0.01, (tempered, untempered)
