@@ -225,7 +225,7 @@ def test_engine_load_weights_fast_path_and_fallback(
     assert run() == original
     student.load_weights(str(assets.teacher_dir), version=3)  # different architecture: full reload
     assert student.num_parameters() == HFRolloutEngine(assets.teacher_dir).num_parameters()
-    with pytest.raises(ValueError, match="path"):
+    with pytest.raises(FileNotFoundError, match="published weights v4: .*missing does not exist"):
         student.load_weights(str(tmp_path / "missing"), version=4)
 
 
