@@ -8,7 +8,12 @@ Schema history (rollout and scored):
 - v1: no sampling parameters. The behaviour logprobs' distribution was not recorded, so the learner
   could not recompute it (it assumed temperature 1 over the full vocabulary).
 - v2: `temperature` and `top_p` are required. A v1 rollout is refused, not read with assumed values:
-  guessing `temperature=1, top_p=1` is exactly the wrong-ratio bug v2 fixes. Shapes use suffix names: `P` prompt
+  guessing `temperature=1, top_p=1` is exactly the wrong-ratio bug v2 fixes.
+- v2, compatibly: `probe` (a full-length probe rollout), optional: absent reads as False (`OPTIONAL_FIELDS`), so
+  rollouts written before it still decode. (A reader older than the field refuses it as unknown: upgrade readers
+  first.)
+
+Shapes use suffix names: `P` prompt
 length, `R` response length, `K` top-k. Arrays are read-only numpy views over the received bytes.
 """
 
@@ -69,6 +74,10 @@ class RolloutPrefix:
     # are of that distribution, and the learner recomputes log pi under it. Required on the wire (v2).
     temperature: float = 1.0
     top_p: float = 1.0
+    # A full-length probe (actor.probe_fraction): sampled to max_new_tokens whatever the schedule said, to
+    # measure what truncation saves (protocol/savings.py) and the KL past the horizon; the learner measures
+    # it and never trains on it. Optional on the wire: absent reads as False (rollouts of writers before it).
+    probe: bool = False
 
     def validate(self) -> None:
         r = len(self.response_ids_R)
@@ -92,6 +101,9 @@ class RolloutPrefix:
             raise ProtocolError("temperature", f"must be finite and > 0 (greedy rollouts have no ratio), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ProtocolError("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.probe and self.horizon != self.max_new_tokens:
+            raise ProtocolError("probe", f"a probe samples the whole budget: horizon {self.horizon} != max_new_tokens "
+                                f"{self.max_new_tokens}")
 
 
 @dataclass
@@ -158,6 +170,9 @@ class WeightsAnnouncement:
 Message = Union[RolloutPrefix, ScoredPrefix, WeightsAnnouncement]  # noqa: UP007 (a runtime alias)
 MESSAGE_TYPES: dict[str, type[Message]] = {t.kind: t for t in (RolloutPrefix, ScoredPrefix, WeightsAnnouncement)}
 
+OPTIONAL_FIELDS = frozenset({"probe"})
+"""Fields added without a schema bump: a message without one decodes with the field's default."""
+
 _SCALARS: dict[type, tuple[type, ...]] = {int: (int,), float: (float, int), bool: (bool,), str: (str,)}
 
 
@@ -203,6 +218,8 @@ def decode(blob: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES, expect: type[Mess
         raise ProtocolError(sorted(unknown)[0], "unknown field")
     values: dict[str, Any] = {}
     for name, f in hints.items():
+        if name not in payload and name in OPTIONAL_FIELDS:
+            continue  # added compatibly: the dataclass default holds
         if name not in payload:
             raise ProtocolError(name, "missing")
         raw = payload[name]

@@ -343,6 +343,27 @@ def test_schema_versions_are_per_kind() -> None:
     assert bad_field(mutated(weights, v=SCHEMA_VERSION)) == "v"
 
 
+def test_probe_flag_round_trips_and_is_optional_on_the_wire() -> None:
+    """`probe` was added without a schema bump: a rollout without it (written before it) decodes as no probe."""
+    probe = make_rollout(horizon=16, probe=True)
+    decoded = decode(encode(probe))
+    assert isinstance(decoded, RolloutPrefix) and decoded.probe is True
+    scored = ScoredPrefix.from_rollout(probe, teacher_logprobs_R=np.zeros(3, np.float32),
+                                       topk_ids_RK=np.zeros((3, 0), np.int32), topk_logprobs_RK=np.zeros((3, 0), np.float32))
+    assert decode(encode(scored)).probe is True  # type: ignore[union-attr]
+    payload = payload_of(make_rollout())
+    del payload["probe"]
+    old = decode(repack(payload))
+    assert isinstance(old, RolloutPrefix) and old.probe is False
+    assert bad_field(mutated(make_rollout(), probe=1)) == "probe"  # still typed when present
+
+
+def test_a_probe_samples_the_whole_budget() -> None:
+    assert bad_field(mutated(make_rollout(), probe=True)) == "probe"  # horizon 4 of a 16-token budget
+    with pytest.raises(ProtocolError, match="probe"):
+        encode(make_rollout(probe=True))
+
+
 def test_missing_schema_version() -> None:
     payload = payload_of(make_rollout())
     del payload["v"]
