@@ -1,0 +1,46 @@
+"""Smoke tests of the benchmarks in bench/: each runs end to end at its smallest size and prints every
+row of its table, so they do not rot. Nothing here looks at a timing (the machine is shared)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.integration
+
+
+def run_bench(script: str, *args: str, timeout: int = 300) -> str:
+    """stdout of `python bench/<script> args...`; fails the test with its stderr on a non-zero exit."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{script} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def table_rows(out: str, head_word: str) -> list[list[str]]:
+    """The rows of the table whose header line contains `head_word`, split on runs of 2+ spaces."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if head_word in line)
+    rows = []
+    for line in lines[start + 1 :]:
+        if not line.strip():
+            break
+        rows.append([c for c in line.strip().split("  ") if c])
+    return rows
+
+
+def test_codec_bench_prints_every_codec_for_every_dtype() -> None:
+    out = run_bench("bench_codec.py", "--quick")
+    rows = table_rows(out, "enc+dec msg/s")
+    got = {(r[0].strip(), r[1].strip()) for r in rows}
+    assert got == {(d, c) for d in ("float32", "float16") for c in ("raw copy (ceiling)", "opd msgpack", "json")}
+    for r in rows:  # the raw copy is the ceiling: its own ratio is exactly 1
+        if r[1].strip().startswith("raw"):
+            assert r[-1].strip() == "1.000x"
