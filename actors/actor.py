@@ -18,7 +18,7 @@ import redis
 from prometheus_client import CollectorRegistry
 
 from actors.config import ActorConfig
-from actors.engine import RolloutEngine
+from actors.engines.base import RolloutEngine
 from actors.schedules import Schedule
 from protocol import ledger
 from protocol.config import TransportConfig
@@ -42,12 +42,12 @@ class ActorSummary:
 
 def make_engine(cfg: ActorConfig) -> RolloutEngine:
     if cfg.engine == "sglang":
-        from actors.sglang_engine import SGLangRolloutEngine
+        from actors.engines.sglang import SGLangRolloutEngine
 
         if not cfg.sglang_url:
             raise ValueError("actor.sglang_url is required when actor.engine is 'sglang'")
         return SGLangRolloutEngine(cfg.sglang_url, timeout_s=cfg.sglang_timeout_s, model_dir=cfg.model_dir or None)
-    from actors.hf_engine import HFRolloutEngine
+    from actors.engines.hf import HFRolloutEngine
 
     return HFRolloutEngine(cfg.model_dir, device=resolve_device(cfg.device))
 

@@ -9,7 +9,7 @@ tokens, so the ratios are honest for this machine: the teacher row is the baseli
 (ratio = cache tokens/s / teacher tokens/s), the uncompressed payload (4 + k * (4 + topk bytes) per
 token) is the baseline for storage (ratio = bytes on disk / payload).
 
-The teacher is `cache.scorer.HFTeacherScorer` on `opd.tiny.build_tiny_assets` (a 0.5M-parameter,
+The teacher is `cache.scorers.hf.HFTeacherScorer` on `opd.tiny.build_tiny_assets` (a 0.5M-parameter,
 2-layer, 160-wide Llama: a small teacher is the hardest case for a cache, since recomputing is cheap). If either is missing, `teacher_recompute` reports nothing and the table says so; swap in
 another scorer there. Teacher outputs are real model outputs when the teacher is there (so the
 compression numbers are real), random otherwise.
@@ -62,7 +62,7 @@ class Row:
 def load_teacher(assets: Path | None, tmp: Path, device: str) -> tuple[Any, int] | None:
     """(scorer, vocab size) of the tiny teacher, or None if the teacher code is not there."""
     try:
-        from cache.scorer import HFTeacherScorer
+        from cache.scorers.hf import HFTeacherScorer
         from opd.tiny import asset_paths, build_tiny_assets
     except ImportError as exc:
         print(f"[bench] no teacher ({exc}); recomputation not measured", file=sys.stderr)

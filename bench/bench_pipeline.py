@@ -21,7 +21,7 @@ What is measured, over the steps after a warm-up (startup, process spawn and mod
 
 The async pipeline runs as `opd up` (2 actors, 1 teacher with its Zarr cache, 1 learner, a private
 redis-server, each role a single-threaded process). The sync loop uses the same components in this
-process: `actors.hf_engine.HFRolloutEngine`, `cache.scorer.HFTeacherScorer` (no cache) and the learner's
+process: `actors.engines.hf.HFRolloutEngine`, `cache.scorers.hf.HFTeacherScorer` (no cache) and the learner's
 batching and loss (`learner.batching`, `learner.losses`), on all cores, and copies the new weights into
 the engine in memory after each step (staleness 0; the async actors reload published weights from disk).
 """
@@ -45,9 +45,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from actors.hf_engine import HFRolloutEngine
+from actors.engines.hf import HFRolloutEngine
 from actors.prompts import load_prompts
-from cache.scorer import HFTeacherScorer
+from cache.scorers.hf import HFTeacherScorer
 from learner.batching import Sample, collate, pack_by_tokens
 from learner.losses import Loss
 from opd.config import OPDConfig, load_config

@@ -39,7 +39,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from cache.config import TeacherConfig
-from cache.scorer import Scores, TeacherScorer
+from cache.scorers.base import Scores, TeacherScorer
 from protocol import ledger
 from protocol.config import TransportConfig
 from protocol.messages import Message, RolloutPrefix, ScoredPrefix
@@ -67,13 +67,13 @@ class TeacherSummary:
 
 def make_scorer(cfg: TeacherConfig) -> TeacherScorer:
     if cfg.engine == "sglang":
-        from cache.sglang_scorer import SGLangTeacherScorer
+        from cache.scorers.sglang import SGLangTeacherScorer
 
         if not cfg.sglang_url:
             raise ValueError("teacher.sglang_url is required when teacher.engine is 'sglang'")
         return SGLangTeacherScorer(cfg.sglang_url, temperature=cfg.temperature, revision=cfg.revision,
                                    model_dir=cfg.model_dir or None)
-    from cache.scorer import HFTeacherScorer
+    from cache.scorers.hf import HFTeacherScorer
 
     if not cfg.model_dir:
         raise ValueError("teacher.model_dir is required when teacher.engine is 'hf'")

@@ -8,7 +8,7 @@ behaviour log-prob the actor recorded with the log-prob the learner recomputes. 
     nucleus    = the most likely tokens whose mass before them is < top_p  (top_p = 1: every token)
     log pi(y)  = z_y - logsumexp_{v in nucleus} z_v          (log_softmax(z), renormalised on the nucleus)
 
-The actor (``actors/hf_engine.py``) samples from ``sampling_logprobs`` and records the sampled token's
+The actor (``actors/engines/hf.py``) samples from ``sampling_logprobs`` and records the sampled token's
 entry; the learner (``learner/batching.py``) recomputes ``token_logprobs`` at the sampling parameters
 carried by each rollout (``RolloutPrefix.temperature`` / ``top_p``). At the same weights the two agree
 to float rounding, so the on-policy ratio is 1.

@@ -1,6 +1,6 @@
 """SGLang's native HTTP API as we speak it: endpoints, error bodies, logprob triples, one JSON call.
 
-The rollout engine (`actors/sglang_engine.py`) and the teacher scorer (`cache/sglang_scorer.py`) both
+The rollout engine (`actors/engines/sglang.py`) and the teacher scorer (`cache/scorers/sglang.py`) both
 talk to an SGLang server we do not control, so the shapes below are a wire contract with an external
 process, like the rest of `protocol/`: they live here so that both roles share one reading of it
 without importing each other. What each role sends and how it maps the answer stays in that role.

@@ -1,7 +1,7 @@
 """The rollout-engine interface every actor backend implements (see docs/architecture.md).
 
 WHY a Protocol: the actor loop must not care whether tokens come from in-process transformers
-(`actors/hf_engine.py`, CPU tests) or a remote SGLang server (`actors/sglang_engine.py`, GPUs).
+(`actors/engines/hf.py`, CPU tests) or a remote SGLang server (`actors/engines/sglang.py`, GPUs).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
-from actors.engine import Generation
+from actors.engines.base import Generation
 from protocol.files import check_model_dir
 from protocol.runtime import resolve_dtype
 from protocol.sampling import sampling_logprobs

@@ -62,9 +62,9 @@ from typing import Any
 
 import requests
 
-from actors.engine import Generation
+from actors.engines.base import Generation
 
-# The wire contract shared with `cache/sglang_scorer.py`; re-exported from here (`SGLangError`,
+# The wire contract shared with `cache/scorers/sglang.py`; re-exported from here (`SGLangError`,
 # `count_safetensors_parameters`, `http_json`, the endpoint constants) for existing importers.
 from protocol.sglang_http import (
     CONNECT_TIMEOUT_S,

@@ -12,37 +12,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from cache.scorers.base import Scores, empty_scores
 from protocol.files import check_model_dir
 from protocol.runtime import resolve_dtype
 
 _HASH_CHUNK_BYTES = 8 << 20
-
-
-@dataclass
-class Scores:
-    """Teacher view of the response part (positions starts..T-1) of one sequence."""
-
-    logprobs_R: np.ndarray  # float32[R] teacher logprob of each given response token
-    topk_ids_RK: np.ndarray  # int32[R, K]
-    topk_logprobs_RK: np.ndarray  # float32[R, K], sorted descending along K
-
-
-class TeacherScorer(Protocol):
-    """What a teacher worker needs from a scoring backend (see docs/architecture.md)."""
-
-    identity: str  # model + revision + tokenizer + dtype + temperature (the cache adds k)
-
-    def score(self, sequences: list[np.ndarray], starts: list[int], k: int) -> list[Scores]: ...
-
-    def num_parameters(self) -> int: ...
 
 
 def file_sha256(path: Path) -> str:
@@ -212,11 +193,3 @@ class HFTeacherScorer:
             if seq.min() < 0 or seq.max() >= self.vocab_size:
                 raise ValueError(f"sequences[{i}] has token ids outside [0, {self.vocab_size})")
 
-
-def empty_scores(k: int) -> Scores:
-    """Scores for a zero-length response (shapes (0,), (0, k), (0, k))."""
-    return Scores(
-        logprobs_R=np.zeros((0,), dtype=np.float32),
-        topk_ids_RK=np.zeros((0, k), dtype=np.int32),
-        topk_logprobs_RK=np.zeros((0, k), dtype=np.float32),
-    )

@@ -17,7 +17,7 @@ shifted training signal.
 
 Prompt logprobs from SGLang are, by default, the model's own (`log_softmax` of the untempered
 logits; slime's OPD recipes patch SGLang to change that), so this scorer only scores at temperature 1
-and refuses any other (the transformers scorer in `cache/scorer.py` divides by the temperature).
+and refuses any other (the transformers scorer in `cache/scorers/hf.py` divides by the temperature).
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 import requests
 
-from cache.scorer import Scores, empty_scores
+from cache.scorers.base import Scores, empty_scores
 
-# The wire contract shared with `actors/sglang_engine.py`; `SGLangError`, `GENERATE` and `MODEL_INFO`
+# The wire contract shared with `actors/engines/sglang.py`; `SGLangError`, `GENERATE` and `MODEL_INFO`
 # stay importable from here.
 from protocol.sglang_http import (
     CONNECT_TIMEOUT_S,

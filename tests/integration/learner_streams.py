@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import redis
 
-from actors.hf_engine import HFRolloutEngine
-from cache.scorer import HFTeacherScorer
+from actors.engines.hf import HFRolloutEngine
+from cache.scorers.hf import HFTeacherScorer
 from opd.tiny import asset_paths
 from protocol import ledger
 from protocol.messages import RolloutPrefix, ScoredPrefix, WeightsAnnouncement

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from actors.hf_engine import HFRolloutEngine
+from actors.engines.hf import HFRolloutEngine
 from learner.checkpoint import publish_weights, save_checkpoint
 from opd.tiny import asset_paths, build_tiny_assets
 from protocol.files import check_model_dir

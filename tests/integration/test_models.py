@@ -16,9 +16,9 @@ import torch
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from actors.hf_engine import HFRolloutEngine
+from actors.engines.hf import HFRolloutEngine
 from actors.prompts import load_prompts
-from cache.scorer import HFTeacherScorer
+from cache.scorers.hf import HFTeacherScorer
 from opd.tiny import COMPLETE_MARKER, EOS_ID, TinyAssets, asset_paths, build_tiny_assets
 from protocol.vocab import check_same_tokenizer
 
@@ -225,7 +225,7 @@ def test_engine_load_weights_fast_path_and_fallback(
     assert run() == original
     student.load_weights(str(assets.teacher_dir), version=3)  # different architecture: full reload
     assert student.num_parameters() == HFRolloutEngine(assets.teacher_dir).num_parameters()
-    with pytest.raises(FileNotFoundError, match="published weights v4: .*missing does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"published weights v4: .*missing does not exist"):
         student.load_weights(str(tmp_path / "missing"), version=4)
 
 

@@ -24,7 +24,7 @@ from tokenizers import processors
 from transformers import AutoTokenizer
 
 from actors.actor import Actor
-from cache.scorer import HFTeacherScorer
+from cache.scorers.hf import HFTeacherScorer
 from cache.teacher import open_cache
 from learner.evaluate import HeldoutEvaluator
 from opd import cli as opd_cli

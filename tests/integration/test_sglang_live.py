@@ -25,8 +25,8 @@ import os
 import numpy as np
 import pytest
 
-from actors.sglang_engine import SGLangRolloutEngine
-from cache.sglang_scorer import SGLangTeacherScorer
+from actors.engines.sglang import SGLangRolloutEngine
+from cache.scorers.sglang import SGLangTeacherScorer
 
 pytestmark = pytest.mark.sglang
 

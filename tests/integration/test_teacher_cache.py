@@ -32,7 +32,7 @@ import pytest
 import redis
 
 from cache.config import TeacherConfig
-from cache.scorer import HFTeacherScorer
+from cache.scorers.hf import HFTeacherScorer
 from cache.store import TeacherCache
 from cache.teacher import Teacher
 from opd import cli as opd_cli

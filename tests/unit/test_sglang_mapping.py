@@ -29,15 +29,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from actors import sglang_engine as eng
-from actors.sglang_engine import (
+from actors.engines import sglang as eng
+from actors.engines.sglang import (
     SGLangRolloutEngine,
     build_generate_request,
     count_safetensors_parameters,
     parse_generate_response,
 )
-from cache import sglang_scorer as sc
-from cache.sglang_scorer import SGLangTeacherScorer, build_score_request, parse_score_response
+from cache.scorers import sglang as sc
+from cache.scorers.sglang import SGLangTeacherScorer, build_score_request, parse_score_response
 
 # ----------------------------------------------------------------- fixtures in SGLang's documented shape
 
