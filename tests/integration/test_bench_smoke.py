@@ -44,3 +44,14 @@ def test_codec_bench_prints_every_codec_for_every_dtype() -> None:
     for r in rows:  # the raw copy is the ceiling: its own ratio is exactly 1
         if r[1].strip().startswith("raw"):
             assert r[-1].strip() == "1.000x"
+
+
+def test_queue_bench_settles_every_prefix_and_prints_every_path() -> None:
+    """The bench itself refuses (exit != 0) a row whose prefixes were not all trained and acked."""
+    out = run_bench("bench_queue.py", "--quick")
+    rows = table_rows(out, "XADD ceiling/s")
+    got = [(r[0].strip(), r[1].strip()) for r in rows]
+    assert got == [(p, load) for load in ("rollout", "scored")
+                   for p in ("publish only", "read + ack only", "publish -> read -> ack")] + [
+        ("teacher hop (publish -> forward -> ack)", "rollout+scored")]
+    assert all(r[-1].strip().endswith("x") for r in rows)
