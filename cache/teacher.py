@@ -24,7 +24,7 @@ Why cache failures never fail the work: the cache is an optimisation. A lookup t
 are forwarded anyway. The only cost of a broken cache is compute.
 
 `score_with_cache` is the one implementation of "look up, score the rest, store": the teacher loop
-and offline warming (`opd cache warm`, `cache/cli.py`) both use it, so a warmed entry is exactly
+and offline warming (`opd cache warm`, `cache/warm.py`) both use it, so a warmed entry is exactly
 what a live teacher would have stored.
 """
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from cache import cli as cache_cli
+from cache import warm as cache_warm
 from opd import cli as opd_cli
 from opd.tiny import BOS_ID, EOS_ID, build_tokenizer
 
@@ -140,7 +141,7 @@ def test_parse_warm_file_accepts_ids_and_text(tmp_path: Path) -> None:
         json.dumps({"prompt": "down c b:", "response": " a", "extra": 1}),
         json.dumps({"prompt": "up a b:"}),
     ]) + "\n")
-    lines = cache_cli.parse_warm_file(path, ids_only=False)
+    lines = cache_warm.parse_warm_file(path, ids_only=False)
     assert [ln.lineno for ln in lines] == [1, 3, 4, 5]
     assert lines[0].ids is not None and lines[0].ids.tolist() == [5, 6, 7] and lines[0].ids.dtype == np.int32
     assert (lines[1].prompt, lines[1].response) == ("up 1 2:", " 3 4")
@@ -154,12 +155,12 @@ def test_encode_text_matches_the_actor_prompt_encoding() -> None:
     from protocol.prompts import PromptFormat, encode_prompt
 
     tok = build_tokenizer()
-    line = cache_cli.WarmLine(1, prompt="up 1 2:", response=" 3 4")
-    ids = cache_cli.encode_text(tok, line, PromptFormat(), append_eos=True).tolist()
+    line = cache_warm.WarmLine(1, prompt="up 1 2:", response=" 3 4")
+    ids = cache_warm.encode_text(tok, line, PromptFormat(), append_eos=True).tolist()
     expected = [BOS_ID, *tok.encode("up 1 2:", add_special_tokens=False), *tok.encode(" 3 4", add_special_tokens=False)]
     assert ids == [*expected, EOS_ID]
     no_bos = PromptFormat(add_bos=False)
-    assert cache_cli.encode_text(tok, line, no_bos, append_eos=False).tolist() == expected[1:]
+    assert cache_warm.encode_text(tok, line, no_bos, append_eos=False).tolist() == expected[1:]
     assert expected[1:1 + 7] == encode_prompt(tok, "up 1 2:", no_bos)
 
 
