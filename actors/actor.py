@@ -11,7 +11,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import redis
@@ -25,6 +25,7 @@ from protocol.config import TransportConfig
 from protocol.messages import RolloutPrefix
 from protocol.names import Names
 from protocol.runtime import StopFlag, control_flag, latest_weights, register_endpoint, resolve_device
+from protocol.savings import ProbeTally, estimate_savings, probe_saving, saving_bound
 from protocol.state import LearnerState, StateUnavailable, read_state
 from protocol.streams import StreamQueue, connect
 from protocol.telemetry import ActorMetrics, MetricsServer, actor_metrics
@@ -36,8 +37,17 @@ log = logging.getLogger(__name__)
 class ActorSummary:
     prefixes: int = 0
     tokens_generated: int = 0
-    tokens_saved: int = 0
+    tokens_saved: int = 0  # the budget bound (protocol/savings.py): max_new_tokens - horizon per prefix cut short
     reloads: int = 0
+    probe_tally: ProbeTally = field(default_factory=ProbeTally)
+    truncated: int = 0  # non-probe rollouts the schedule gave less than the budget: what the estimate is over
+
+    def saved_estimate(self) -> str:
+        """The probe estimate of tokens saved, for a log line."""
+        est = estimate_savings(self.probe_tally, self.truncated)
+        if est is None:
+            return "unknown (no probes yet)"
+        return f"{est.tokens:.0f}" + (f" +- {est.stderr:.0f}" if est.stderr is not None else "")
 
 
 def make_engine(cfg: ActorConfig) -> RolloutEngine:
@@ -147,6 +157,8 @@ class Actor:
         self.schedule: Schedule = cfg.schedule.build(cfg.max_new_tokens)
         # Seeded by id, not only index: compose replicas all have index 0 but distinct ids.
         self.rng = random.Random(f"{cfg.seed}:{index}:{actor_id}")
+        # Probes draw from their own stream, so turning them on or off leaves prompts and horizons as they were.
+        self.probe_rng = random.Random(f"{cfg.seed}:{index}:{actor_id}:probes")
         self.order = list(range(len(self.prompts)))
         self.cursor = len(self.order)
         self.version = 0
@@ -208,7 +220,7 @@ class Actor:
         self.maybe_reload(force=self.cfg.admission_control)  # sample with the newest published policy
         indices = self.next_prompts(n)
         state = self.learner_state()
-        horizons = [self.schedule.horizon(state, self.rng) for _ in indices]
+        drawn, probes, horizons = self.pick_horizons(state, len(indices))
         try:
             gens = self.engine.generate(
                 [self.prompts[i] for i in indices], horizons,
@@ -228,36 +240,73 @@ class Actor:
             return 0
         self.failures = 0
         max_new = self.cfg.max_new_tokens
-        batch_generated = batch_saved = 0
-        for idx, horizon, gen in zip(indices, horizons, gens, strict=True):
+        for idx, horizon, gen, probe in zip(indices, horizons, gens, probes, strict=True):
             msg = RolloutPrefix(
                 prompt_ids_P=np.asarray(self.prompts[idx], dtype=np.int32),
                 response_ids_R=np.asarray(gen.response_ids, dtype=np.int32),
                 behaviour_logprobs_R=np.minimum(np.asarray(gen.logprobs, dtype=np.float32), 0.0),
                 prompt_index=idx, horizon=horizon, max_new_tokens=max_new, finished=gen.finished,
                 policy_version=self.version, actor_id=self.actor_id,
-                temperature=self.cfg.temperature, top_p=self.cfg.top_p,
+                temperature=self.cfg.temperature, top_p=self.cfg.top_p, probe=probe,
             )
             waited = self.queue.wait_for_room(timeout_s=self.backpressure_timeout_s, should_stop=self.stop.is_set)
             self.metrics.admission_wait.inc(waited)
             self.queue.publish(msg, ledger_outcome=ledger.PRODUCED)
-            generated = len(gen.response_ids)
-            saved = 0 if gen.finished else max_new - horizon
-            batch_generated += generated
-            batch_saved += saved
-            self.summary.prefixes += 1
-            self.summary.tokens_generated += generated
-            self.summary.tokens_saved += saved
-            self.metrics.prefixes.inc()
-            self.metrics.tokens_generated.inc(generated)
-            self.metrics.tokens_saved.inc(saved)
-            self.metrics.horizon.observe(horizon)
-            # Forward pass per saved token: 2 x params FLOPs (the KV-cached decode cost).
-            self.metrics.compute_saved.labels(stage="actor_truncation").inc(2 * self.params * saved)
-        ledger.add_stats(self.client, self.names, actor_prefixes=len(gens), actor_tokens_generated=batch_generated,
-                         actor_tokens_saved=batch_saved, flops_saved_truncation=2 * self.params * batch_saved)
+        self.account(horizons, drawn, probes, [(len(g.response_ids), g.finished) for g in gens])
         self.metrics.queue_depth.labels(stream=self.names.rollouts).set(self.queue.depth())
         return len(gens)
+
+    def pick_horizons(self, state: LearnerState, n: int) -> tuple[list[int], list[bool], list[int]]:
+        """(drawn, probe, horizon) per rollout: the schedule's horizons, which of them become probes, and what is sampled.
+
+        A rollout the schedule truncates becomes a probe with probability `actor.probe_fraction` and is sampled to
+        the whole budget instead; its drawn horizon is kept for the savings estimate (protocol/savings.py).
+        """
+        max_new = self.cfg.max_new_tokens
+        drawn = [self.schedule.horizon(state, self.rng) for _ in range(n)]
+        probes = [h < max_new and self.cfg.probe_fraction > 0 and self.probe_rng.random() < self.cfg.probe_fraction
+                  for h in drawn]
+        return drawn, probes, [max_new if p else h for h, p in zip(drawn, probes, strict=True)]
+
+    def account(self, horizons: list[int], drawn: list[int], probes: list[bool], outcomes: list[tuple[int, bool]]) -> None:
+        """Count one published batch: tokens generated, the budget bound, the probes' savings; metrics and run stats.
+
+        `outcomes` holds (tokens generated, finished at EOS) per rollout.
+        """
+        max_new, s = self.cfg.max_new_tokens, self.summary
+        bound = probe_tokens = budget = truncated = 0
+        tally = ProbeTally()
+        for horizon, h, probe, (generated, finished) in zip(horizons, drawn, probes, outcomes, strict=True):
+            if probe:
+                tally = tally.add(probe_saving(generated, h))
+                probe_tokens += generated
+            else:
+                bound += saving_bound(horizon, max_new, finished)
+                budget += max_new
+                truncated += horizon < max_new
+            self.metrics.horizon.observe(h)  # the schedule's horizon, a probe's included
+        generated_total = sum(g for g, _ in outcomes)
+        s.prefixes += len(outcomes)
+        s.tokens_generated += generated_total
+        s.tokens_saved += bound
+        s.probe_tally += tally
+        s.truncated += truncated
+        self.metrics.prefixes.inc(len(outcomes))
+        self.metrics.tokens_generated.inc(generated_total)
+        self.metrics.tokens_saved_bound.inc(bound)
+        self.metrics.probes.inc(tally.probes)
+        est = estimate_savings(s.probe_tally, s.truncated)
+        if est is not None:
+            self.metrics.tokens_saved_estimate.set(est.tokens)
+            self.metrics.tokens_saved_stderr.set(est.stderr if est.stderr is not None else float("inf"))
+        # Forward pass per saved token: 2 x params FLOPs (the KV-cached decode cost); of the bound, as the
+        # counter always was (the estimate is in the run stats, for the summary).
+        self.metrics.compute_saved.labels(stage="actor_truncation").inc(2 * self.params * bound)
+        ledger.add_stats(self.client, self.names, actor_prefixes=len(outcomes), actor_tokens_generated=generated_total,
+                         actor_tokens_saved=bound, flops_saved_truncation=2 * self.params * bound,
+                         actor_budget_tokens=budget, actor_truncated=truncated, actor_probes=tally.probes,
+                         actor_probe_tokens=probe_tokens, probe_saving_sum=tally.saving_sum,
+                         probe_saving_sq_sum=tally.saving_sq_sum)
 
     def run(self) -> ActorSummary:
         self.maybe_reload(force=True)
@@ -267,9 +316,10 @@ class Actor:
         while not self.stopping():
             self.step()
         dt = time.perf_counter() - t0
-        log.info("%s: stopped after %d prefixes, %d tokens (%.0f tok/s), %d saved by truncation",
-                 self.actor_id, self.summary.prefixes, self.summary.tokens_generated,
-                 self.summary.tokens_generated / max(dt, 1e-9), self.summary.tokens_saved)
+        log.info("%s: stopped after %d prefixes, %d tokens (%.0f tok/s); saved by truncation: at most %d (budget "
+                 "bound), %s estimated from %d probes", self.actor_id, self.summary.prefixes,
+                 self.summary.tokens_generated, self.summary.tokens_generated / max(dt, 1e-9), self.summary.tokens_saved,
+                 self.summary.saved_estimate(), self.summary.probe_tally.probes)
         return self.summary
 
 

@@ -31,6 +31,10 @@ class ActorConfig(BaseModel):
                          "the renormalised nucleus logprob the learner needs, so it requires 1.0).")
     schedule: ScheduleConfig = Field(default_factory=FixedScheduleConfig, description="Truncation schedule (one file "
                                      "each in actors/schedules/); a bare name such as `full` means that schedule with its defaults.")
+    probe_fraction: float = Field(0.05, ge=0, lt=1, description="Fraction of truncated rollouts sampled to full length "
+                                  "instead, as probes (seeded per actor): they measure what truncation saves and the "
+                                  "KL past the horizon; the learner never trains on them. 0: no probes (the estimate "
+                                  "of tokens saved is then unknown).")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N.")
     seed: int = Field(0, description="Base seed; each actor adds its index.")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus port (0: a free port).")

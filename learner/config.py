@@ -41,6 +41,13 @@ class LearnerConfig(BaseModel):
     grad_clip: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
     warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up.")
     max_staleness: int = Field(4, ge=0, description="Drop samples whose policy version lags by more than this.")
+    kl_bucket_tokens: int = Field(16, ge=1, description="Width in response positions of a bucket of the reverse KL by "
+                                  "position that the learner publishes (LearnerState.kl_windows; the adaptive schedule "
+                                  "reads it).")
+    kl_buckets: int = Field(64, ge=1, le=4096, description="Buckets of the KL by position; the last also holds every "
+                            "later position (64 x 16 covers 1024 tokens).")
+    kl_window_steps: int = Field(4, ge=1, description="Steps per published window of the KL by position.")
+    kl_history: int = Field(16, ge=2, le=256, description="Windows of the KL by position kept in the published state.")
     publish_every: int = Field(1, ge=1, description="Publish weights to the actors every N steps.")
     keep_published: int = Field(3, ge=1, description="Published weight directories kept.")
     checkpoint_every: int = Field(

@@ -43,6 +43,7 @@ from learner.evaluate import HeldoutEvaluator
 from learner.inflight import InFlight, LearnerQueue, consumer_name
 from learner.journal import StepJournal, orphaned_journals
 from learner.losses import LossOutput, token_weights
+from learner.position_kl import PositionKL
 from learner.staleness import split_by_staleness
 from protocol import ledger
 from protocol.config import TransportConfig
@@ -50,7 +51,7 @@ from protocol.files import check_model_dir
 from protocol.messages import ScoredPrefix, WeightsAnnouncement
 from protocol.names import Names
 from protocol.runtime import StopFlag, announce_weights, latest_weights, register_endpoint, resolve_device
-from protocol.state import LearnerState, publish_state
+from protocol.state import LearnerState, publish_state, read_state
 from protocol.streams import Delivery, connect
 from protocol.telemetry import LearnerMetrics, MetricsServer, learner_metrics
 
@@ -78,6 +79,7 @@ class LearnerSummary:
     trained: int = 0
     replayed_steps: int = 0
     duplicates: int = 0
+    probes: int = 0  # full-length probe rollouts measured, never trained on
     dropped: dict[str, int] = field(default_factory=dict)
     evals: list[dict[str, float]] = field(default_factory=list)
 
@@ -210,6 +212,8 @@ class Learner:
         self.local_batch = self.dist.share(cfg.batch_size)
         self.loss = cfg.loss.build()
         self._measured: dict[str, Any] = {}  # the latest measurements, republished with every state
+        self.position_kl = PositionKL(bucket_tokens=cfg.kl_bucket_tokens, buckets=cfg.kl_buckets,
+                                      window_steps=cfg.kl_window_steps, history=cfg.kl_history)
         self.workdir = Path(cfg.workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         check_model_dir(cfg.model_dir, "learner.model_dir")  # an unreadable file is named, not "No such file"
@@ -242,6 +246,7 @@ class Learner:
         self._held: list[Delivery] = []  # several ranks: fresh samples held over for the next step
         self._replay()
         self._move_version_forward()
+        self._resume_measurements()
         self.publish()
         if self.dist.is_main and self.step < cfg.steps:  # a restarted run with steps to go wants rollouts again
             self.client.hdel(self.names.control, "stop_producing")
@@ -314,6 +319,9 @@ class Learner:
         split = split_by_staleness([d.message], learner_version=self.version, max_staleness=self.cfg.max_staleness)
         lag = self.version - d.message.policy_version  # type: ignore[union-attr]
         self.metrics.staleness.observe(max(lag, 0))
+        if split.kept and getattr(d.message, "probe", False):
+            self._measure_probe(d)
+            return False
         if split.kept:
             return True
         reason = split.dropped[0].reason
@@ -323,6 +331,38 @@ class Learner:
         self.metrics.dropped.labels(reason=reason).inc()
         self.summary.dropped[reason] = self.summary.dropped.get(reason, 0) + 1
         return False
+
+    def _measure_probe(self, d: Delivery) -> None:
+        """A fresh probe: its KL by position goes into the open window; acked untrained (ledger `dropped`).
+
+        Why never trained: a probe is an honest on-policy full rollout, but training on it would change what
+        a schedule trains on (at a 0.1 horizon, 5% of full-length probes would be about a third of the trained
+        tokens), and the experiment compares schedules. Measuring costs no forward pass.
+        """
+        self.position_kl.add_probe(d.message)  # type: ignore[arg-type]
+        self.queue.ack([d.entry_id], ledger={d.message.id: ledger.DROPPED})  # type: ignore[union-attr]
+        self.inflight.discard([d.entry_id])
+        self.metrics.probes.inc()
+        self.summary.probes += 1
+        ledger.add_stats(self.client, self.names, learner_probes=1)
+
+    def _track(self, batch: list[Delivery]) -> None:
+        """The step's samples into the KL by position; every `learner.kl_window_steps` steps the window closes
+        (a sum and a max over the ranks) and the next state publishes it."""
+        self.position_kl.add_trained(d.message for d in batch)  # type: ignore[misc]
+        if not self.position_kl.due(self.step):
+            return
+        sums, maxima = self.position_kl.pending()
+        self.position_kl.close(self.step, self.dist.sum(sums), self.dist.max(maxima))
+        self._measured.update(self.position_kl.published())
+
+    def _resume_measurements(self) -> None:
+        """A restarted learner takes back the KL windows it had published, up to the step it resumed at, so the
+        adaptive schedule does not start over (a fresh run, at step 0, starts with none)."""
+        state = read_state(self.client, self.names) if self.step > 0 else None
+        if isinstance(state, LearnerState) and state.bucket_tokens == self.cfg.kl_bucket_tokens:
+            self.position_kl.resume(state.kl_windows, through_step=self.step)
+            self._measured.update(self.position_kl.published())
 
     def _collect(self, prefetch: Prefetcher, *, deadline_s: float, draining: bool) -> tuple[list[Delivery], float, int, bool, bool]:
         """This rank's batch for the next step: ``(batch, seconds waited, samples over all ranks, stop, drained)``.
@@ -564,6 +604,7 @@ class Learner:
                 quiet_since = None
                 stats = self.train_step([d.message for d in batch])  # type: ignore[misc]
                 self.commit(batch)
+                self._track(batch)
                 self.summary.steps += 1
                 self.summary.trained += len(batch)
                 if self.step % cfg.publish_every == 0:

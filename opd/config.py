@@ -62,6 +62,14 @@ class OPDConfig(BaseModel):
         if self.learner.loss.needs_teacher_topk and self.teacher.topk == 0:
             raise ValueError(f"learner.loss.kind={self.learner.loss.kind} trains on the teacher's top-k, but "
                              "teacher.topk is 0: set teacher.topk > 0 or use learner.loss.kind=sampled_reverse_kl")
+        windows_needed = getattr(self.actor.schedule, "learner_windows_needed", None)  # schedules the learner drives
+        if windows_needed is not None:
+            need = windows_needed(max_staleness=self.learner.max_staleness, window_steps=self.learner.kl_window_steps)
+            if self.learner.kl_history < need:
+                raise ValueError(f"learner.kl_history={self.learner.kl_history} keeps fewer KL windows than "
+                                 f"actor.schedule.kind={self.actor.schedule.kind} needs ({need}, with "
+                                 f"learner.max_staleness={self.learner.max_staleness} and learner.kl_window_steps="
+                                 f"{self.learner.kl_window_steps}): raise learner.kl_history")
         return self
 
 

@@ -12,12 +12,16 @@ exactly::
 
     s_j = L_j - min(L_j, h_j)      L_j: the probe's length (EOS or the budget), h_j: its drawn horizon
 
-Probes are a uniform random subset of all rollouts, so the mean of `s_j` estimates the mean saving per
-rollout, and the total over the `N` rollouts that were not probes is estimated by `N * mean(s)`
-(unbiased given at least one probe: given their number, the probes are a uniform random subset).
-This also holds when horizons and lengths drift together over a run (a progressive schedule truncates
-early, while the student's answers are still changing), where `sum(E[min(L, T)] - generated)` with one
-pooled `E[min(L, T)]` would be biased: each probe carries its own horizon, drawn at its own time.
+Only rollouts the schedule truncates (`h < max_new_tokens`) may become probes; the others are full
+rollouts already and save nothing. Probes are a uniform random subset of the truncated rollouts, so the
+mean of `s_j` estimates the mean saving per truncated rollout, and the total over the `N` truncated
+rollouts that were not probes is estimated by `N * mean(s)` (unbiased given at least one probe: given
+their number, the probes are a uniform random subset).
+It holds when horizons and lengths drift together over a run (a progressive schedule truncates early,
+while the student's answers are still long): each probe carries its own horizon, drawn at its own time.
+`sum(E[min(L, T)] - generated)` over the truncated prefixes, with one pooled `E[min(L, T)]` from the
+probes' lengths, is unbiased too but noisier: it carries the spread of whole lengths, where a probe's
+own saving carries only the spread past its horizon (tests/unit/test_savings.py measures both).
 
 Its standard error is that of predicting the realised total (not only its expectation)::
 
@@ -88,6 +92,8 @@ def estimate_savings(tally: ProbeTally, rollouts: int) -> SavingsEstimate | None
     if rollouts < 0:
         raise ValueError(f"rollouts must be >= 0, got {rollouts}")
     n = tally.probes
+    if rollouts == 0:  # nothing was truncated (e.g. the `full` schedule): nothing saved, exactly
+        return SavingsEstimate(tokens=0.0, stderr=0.0, probes=n, rollouts=0)
     if n == 0:
         return None
     mean = tally.saving_sum / n

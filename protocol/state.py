@@ -9,13 +9,19 @@ a `LearnerState` or a `StateUnavailable` that says why (no learner yet, or what 
 
 Flow control (docs/architecture.md): an actor may hold at most
 `(max_staleness + 1) x batch_size + retired` admitted samples.
+
+Schema history:
+- v1: flow control and the learner's scalar measurements; `kl_by_bucket` an empty slot.
+- v2: `kl_by_bucket` filled, and `kl_windows`: the learner's reverse KL by response position over its recent
+  steps, with the probes' KL past the horizon (`KLWindow`), which the adaptive schedule decides from. A v1
+  state is refused like any unsupported version (the roles are deployed together).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -28,25 +34,50 @@ if TYPE_CHECKING:  # the config tree imports this module (schedules take a Learn
     from protocol.names import Names
 
 STATE_KIND = "learner_state"
-STATE_SCHEMA_VERSION = 1
+STATE_SCHEMA_VERSION = 2
 MAX_STATE_BYTES = 1024 * 1024
 """A state is a few hundred bytes; anything near this is not one."""
 
 Phase = Literal["training", "draining", "done"]
+Count = Annotated[int, Field(ge=0)]
+
+
+class KLWindow(BaseModel):
+    """The learner's measurements over one window of consecutive steps (`learner.kl_window_steps`).
+
+    Per bucket of `LearnerState.bucket_tokens` response positions (bucket `b` holds positions
+    `[b * bucket_tokens, (b + 1) * bucket_tokens)`, the last bucket also everything after): the mean sampled
+    reverse KL `log mu(y) - log p_T(y)` of the tokens trained on, and of the probes' tokens (full-length
+    rollouts the learner measures and never trains on), with the token counts behind each mean. Lists stop
+    at the last bucket with a token. `horizon_min` / `horizon_max` are the smallest and largest horizons of
+    the trained samples: equal when every sample of the window was cut at the same horizon.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    step: int = Field(ge=0, description="Learner step at which the window closed.")
+    samples: int = Field(ge=0, description="Samples trained in the window (probes not included).")
+    horizon_min: int = Field(ge=0, description="Smallest horizon of the trained samples (0: none).")
+    horizon_max: int = Field(ge=0, description="Largest horizon of the trained samples (0: none).")
+    kl_by_bucket: list[float] = Field(default_factory=list, description="Mean reverse KL of the trained tokens per bucket.")
+    tokens_by_bucket: list[Count] = Field(default_factory=list, description="Trained tokens per bucket.")
+    probe_kl_by_bucket: list[float] = Field(default_factory=list, description="Mean reverse KL of the probes' tokens per bucket.")
+    probe_tokens_by_bucket: list[Count] = Field(default_factory=list, description="Probe tokens per bucket.")
 
 
 class LearnerState(BaseModel):
     """What the learner tells every other role: where it is, its flow-control numbers, what it measured.
 
-    `kl_by_bucket` is the slot for measurements a truncation schedule may be driven by (e.g. the mean
-    sampled reverse KL of the last step per bucket of `bucket_tokens` response positions); a schedule
-    that needs a new measurement adds a field here and reads it from the state it is handed.
+    `kl_by_bucket` (the mean sampled reverse KL of the newest window per bucket of `bucket_tokens`
+    response positions) and `kl_windows` (the recent windows, oldest first) are the measurements a
+    truncation schedule may be driven by (`actors/schedules/adaptive.py`); a schedule that needs a new
+    measurement adds a field here and reads it from the state it is handed.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     kind: Literal["learner_state"] = STATE_KIND
-    v: Literal[1] = STATE_SCHEMA_VERSION
+    v: Literal[2] = STATE_SCHEMA_VERSION
     version: int = Field(ge=0, description="Policy version of the newest published weights.")
     step: int = Field(ge=0, description="Optimizer steps taken (and committed).")
     batch_size: int = Field(ge=1, description="Samples per optimizer step (learner.batch_size).")
@@ -63,6 +94,8 @@ class LearnerState(BaseModel):
     eval_kl_last: float | None = Field(None, description="Held-out reverse KL at the last evaluation.")
     kl_by_bucket: list[float] = Field(default_factory=list, description="Reverse KL per response-position bucket.")
     bucket_tokens: int = Field(0, ge=0, description="Width in tokens of each kl_by_bucket bucket (0: none measured).")
+    kl_windows: list[KLWindow] = Field(default_factory=list, description="The learner's recent KL windows, oldest "
+                                       "first (learner.kl_history of them).")
     published_at: float = Field(default_factory=time.time, description="Wall-clock time of publication.")
 
     @classmethod

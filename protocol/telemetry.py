@@ -53,7 +53,10 @@ def common_metrics(registry: CollectorRegistry) -> CommonMetrics:
 class ActorMetrics(CommonMetrics):
     prefixes: Counter
     tokens_generated: Counter
-    tokens_saved: Counter
+    tokens_saved_bound: Counter
+    probes: Counter
+    tokens_saved_estimate: Gauge
+    tokens_saved_stderr: Gauge
     horizon: Histogram
     policy_version: Gauge
     compute_saved: Counter
@@ -68,11 +71,22 @@ def actor_metrics(registry: CollectorRegistry) -> ActorMetrics:
         dead_letters=c.dead_letters,
         prefixes=Counter("opd_actor_prefixes", "Prefixes produced", registry=registry),
         tokens_generated=Counter("opd_actor_tokens_generated", "Student tokens sampled", registry=registry),
-        tokens_saved=Counter(
-            "opd_actor_tokens_saved",
-            "Student tokens not generated because of truncation (max_new_tokens - horizon, for prefixes that hit the horizon)",
+        tokens_saved_bound=Counter(
+            "opd_actor_tokens_saved_bound",
+            "Upper bound on student tokens truncation saved: max_new_tokens - horizon for every prefix stopped at its "
+            "horizon, as if every full rollout ran to the budget (see opd_actor_tokens_saved_estimate)",
             registry=registry,
         ),
+        probes=Counter("opd_actor_probes", "Rollouts sampled to full length as probes (actor.probe_fraction): "
+                       "measured, never trained on", registry=registry),
+        tokens_saved_estimate=Gauge(
+            "opd_actor_tokens_saved_estimate",
+            "Student tokens truncation saved since this actor started, estimated from its probes' lengths "
+            "(protocol/savings.py; 0 before its first probe)", registry=registry),
+        tokens_saved_stderr=Gauge(
+            "opd_actor_tokens_saved_estimate_stderr",
+            "Standard error of opd_actor_tokens_saved_estimate (+Inf before two probes); across actors, "
+            "sqrt(sum(stderr^2))", registry=registry),
         horizon=Histogram("opd_actor_horizon_tokens", "Truncation horizon per prefix", buckets=HORIZON_BUCKETS, registry=registry),
         policy_version=Gauge("opd_actor_policy_version", "Policy version the actor samples with", registry=registry),
         compute_saved=Counter("opd_compute_saved_flops", COMPUTE_SAVED_HELP, ["stage"], registry=registry),
@@ -80,6 +94,7 @@ def actor_metrics(registry: CollectorRegistry) -> ActorMetrics:
         weight_reloads=Counter("opd_actor_weight_reloads", "Weight reloads", registry=registry),
     )
     m.compute_saved.labels(stage=ACTOR_COMPUTE_STAGE)
+    m.tokens_saved_stderr.set(float("inf"))
     return m
 
 
@@ -140,6 +155,7 @@ class LearnerMetrics(CommonMetrics):
     publish_bytes: Counter
     eval_reverse_kl: Gauge
     duplicates: Counter
+    probes: Counter
 
 
 def learner_metrics(registry: CollectorRegistry) -> LearnerMetrics:
@@ -165,6 +181,8 @@ def learner_metrics(registry: CollectorRegistry) -> LearnerMetrics:
         eval_reverse_kl=Gauge("opd_learner_eval_reverse_kl", "Full-distribution reverse KL on held-out prompts", registry=registry),
         duplicates=Counter("opd_learner_duplicates",
                            "Scored prefixes refused untrained: a copy of an id already trained or in flight", registry=registry),
+        probes=Counter("opd_learner_probes", "Full-length probe rollouts measured (KL by position) and never trained on; "
+                       "the ledger counts them as dropped", registry=registry),
     )
     for reason in LEARNER_DROP_REASONS:
         m.dropped.labels(reason=reason)

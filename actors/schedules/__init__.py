@@ -4,7 +4,7 @@ WHY truncate: on-policy distillation gets a dense per-token signal from the teac
 rollout is already a useful training example, and early in training (when the student is far from the
 teacher) long rollouts mostly cost compute.
 
-One file per schedule (`full`, `fixed`, `progressive`, `random`, `staircase`), each with its config
+One file per schedule (`full`, `fixed`, `progressive`, `random`, `staircase`, `adaptive`), each with its config
 variant and `build()`; `ScheduleConfig` below is what `actor.schedule` holds, a union discriminated by
 `kind`. The actor calls `cfg.schedule.build(max_new_tokens)` once and `schedule.horizon(state, rng)` per
 prefix, with the learner's `LearnerState`. Adding a schedule is one new file plus one member of
@@ -17,6 +17,7 @@ from typing import Annotated, Any, Union
 
 from pydantic import BeforeValidator, Field
 
+from actors.schedules.adaptive import AdaptiveScheduleConfig
 from actors.schedules.common import Schedule, tokens_of
 from actors.schedules.fixed import FixedScheduleConfig
 from actors.schedules.full import FullScheduleConfig
@@ -37,7 +38,8 @@ def _kind_shorthand(value: Any) -> Any:
 
 ScheduleConfig = Annotated[
     Union[  # noqa: UP007 (a discriminated union, built at runtime)
-        FixedScheduleConfig, FullScheduleConfig, ProgressiveScheduleConfig, RandomScheduleConfig, StaircaseScheduleConfig
+        FixedScheduleConfig, FullScheduleConfig, ProgressiveScheduleConfig, RandomScheduleConfig, StaircaseScheduleConfig,
+        AdaptiveScheduleConfig,
     ],
     Field(discriminator="kind"),
     BeforeValidator(_kind_shorthand),
@@ -45,6 +47,7 @@ ScheduleConfig = Annotated[
 """`actor.schedule`: one variant per schedule, chosen by `kind`."""
 
 __all__ = [
+    "AdaptiveScheduleConfig",
     "FixedScheduleConfig",
     "FullScheduleConfig",
     "ProgressiveScheduleConfig",

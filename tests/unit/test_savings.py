@@ -6,8 +6,7 @@ Pins:
   of (estimate - realised saving) is within a few standard errors of 0;
 - its standard error is calibrated: the mean reported variance matches the variance of the errors;
 - the budget bound (`max_new_tokens - horizon`) overstates the realised saving, by far more than noise;
-- one pooled E[min(L, T)] minus the tokens generated is biased over the truncated prefixes when horizons and
-  lengths drift together, and noisier over every rollout (why each probe carries its own horizon);
+- one pooled E[min(L, T)] minus the tokens generated is noisier (why each probe carries its own horizon);
 - tallies add up across actors, and the estimate needs one probe (its error two).
 """
 
@@ -18,7 +17,7 @@ import math
 import numpy as np
 import pytest
 
-from protocol.savings import ProbeTally, estimate_savings, probe_saving, saving_bound
+from protocol.savings import ProbeTally, SavingsEstimate, estimate_savings, probe_saving, saving_bound
 
 T = 128  # max_new_tokens
 ROLLOUTS = 600
@@ -32,22 +31,19 @@ def _simulate(rng: np.random.Generator) -> dict[str, float]:
     # Answers get shorter as the student learns to stop (mean 110 -> 40 tokens); lengths with EOS, capped at T.
     lengths = np.minimum(rng.geometric(1.0 / (110 - 70 * t)), T)
     horizons = np.minimum(T, np.floor(8 + (T - 8) * t / 0.6)).astype(int)  # from 8 tokens to T at 60% of the run
-    probes = rng.random(ROLLOUTS) < PROBE_FRACTION
+    probes = (rng.random(ROLLOUTS) < PROBE_FRACTION) & (horizons < T)  # as the actor: only truncated ones probe
     generated = np.minimum(lengths, horizons)
     realised = np.minimum(lengths, T) - generated  # what truncation saved on each rollout
     tally = ProbeTally.of(probe_saving(int(L), int(h)) for L, h in zip(lengths[probes], horizons[probes], strict=True))
-    est = estimate_savings(tally, int((~probes).sum()))
+    est = estimate_savings(tally, int((~probes & (horizons < T)).sum()))
     finished = lengths < horizons
     bound = sum(saving_bound(int(h), T, bool(f)) for h, f in zip(horizons[~probes], finished[~probes], strict=True))
-    # E[min(L, T)] from the probes' lengths pooled over the run, minus what was generated: over the prefixes the
-    # schedule truncated (h < T), and over every rollout
-    mean_length = lengths[probes].mean() if probes.any() else math.nan
+    # E[min(L, T)] from the probes' lengths pooled over the run, minus what was generated, over the truncated prefixes
     cut = ~probes & (horizons < T)
-    pooled_cut = cut.sum() * mean_length - generated[cut].sum()
-    pooled_all = (~probes).sum() * mean_length - generated[~probes].sum()
+    pooled = cut.sum() * lengths[probes].mean() - generated[cut].sum() if probes.any() else math.nan
     return {"truth": float(realised[~probes].sum()), "estimate": est.tokens if est else math.nan,
             "stderr": est.stderr if est and est.stderr is not None else math.nan, "bound": float(bound),
-            "pooled_cut": float(pooled_cut), "pooled_all": float(pooled_all)}
+            "pooled": float(pooled)}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +51,7 @@ def runs() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(20260514)
     rows = [_simulate(rng) for _ in range(RUNS)]
     out = {key: np.array([r[key] for r in rows]) for key in rows[0]}
-    usable = ~np.isnan(out["stderr"])  # at least two probes (almost every run: 30 expected)
+    usable = ~np.isnan(out["stderr"])  # at least two probes (almost every run: 18 expected)
     assert usable.mean() > 0.99
     return {key: value[usable] for key, value in out.items()}
 
@@ -84,21 +80,20 @@ def test_the_budget_bound_overstates_the_saving(runs: dict[str, np.ndarray]) -> 
     assert (runs["bound"] >= runs["truth"]).all()  # a bound: never below what was saved
 
 
-def test_one_pooled_length_is_biased_or_noisier(runs: dict[str, np.ndarray]) -> None:
-    """Why each probe carries its own horizon: over the truncated prefixes, one pooled E[min(L, T)] is biased when
-    horizons and lengths drift together (truncation happens early, while answers are long); over every rollout
-    it is unbiased but noisier (it carries the spread of whole lengths, not of the savings)."""
-    mean, se = _mean_and_se(runs["pooled_cut"] - runs["truth"])
-    assert abs(mean) > 10 * se, (mean, se)
-    mean, se = _mean_and_se(runs["pooled_all"] - runs["truth"])
+def test_a_pooled_length_is_noisier_than_each_probes_own_saving(runs: dict[str, np.ndarray]) -> None:
+    """Why each probe carries its own horizon: sum(E[min(L, T)] - generated) over the truncated prefixes, with one
+    pooled E[min(L, T)] from the probes' lengths, is unbiased too here, but noisier: it carries the spread of
+    whole lengths, where the probes' own savings carry only the spread past each horizon."""
+    mean, se = _mean_and_se(runs["pooled"] - runs["truth"])
     assert abs(mean) < 4 * se, (mean, se)
-    assert (runs["pooled_all"] - runs["truth"]).std() > 1.2 * (runs["estimate"] - runs["truth"]).std()
+    assert (runs["pooled"] - runs["truth"]).std() > 1.15 * (runs["estimate"] - runs["truth"]).std()
 
 
 def test_tallies_add_up_and_small_samples_say_what_they_can() -> None:
     a, b = ProbeTally.of([0, 3, 5]), ProbeTally.of([7])
     assert a + b == ProbeTally.of([0, 3, 5, 7]) == ProbeTally().add(0).add(3).add(5).add(7)
     assert estimate_savings(ProbeTally(), 100) is None
+    assert estimate_savings(ProbeTally(), 0) == SavingsEstimate(0.0, 0.0, 0, 0)  # nothing truncated: nothing saved
     one = estimate_savings(ProbeTally.of([4]), 10)
     assert one is not None and one.tokens == 40 and one.stderr is None
     two = estimate_savings(ProbeTally.of([2, 4]), 10)

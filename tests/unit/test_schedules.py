@@ -101,7 +101,7 @@ def test_random_defaults_to_the_full_range() -> None:
     assert set(horizons(build({"kind": "random"}, 8), range(400))) == set(range(1, 9))
 
 
-@pytest.mark.parametrize("kind", ["full", "fixed", "progressive", "staircase"])
+@pytest.mark.parametrize("kind", ["full", "fixed", "progressive", "staircase", "adaptive"])
 def test_deterministic_kinds_do_not_consume_the_rng(kind: str) -> None:
     rng = random.Random(1)
     build({"kind": kind}).horizon(LearnerState.assumed(2), rng)
@@ -129,6 +129,7 @@ def test_staircase_is_the_popd_formula() -> None:
         {"kind": "progressive", "ramp_versions": 4, "shape": "staged", "stages": [0.1, 0.2, 0.3, 1.0]},
         {"kind": "random", "min_fraction": 0.01},
         {"kind": "staircase", "start_tokens": 1, "step_tokens": 5, "every_versions": 2},
+        {"kind": "adaptive", "start_tokens": 1, "step_tokens": 5},
     ],
 )
 @pytest.mark.parametrize("max_new_tokens", [1, 2, 33])

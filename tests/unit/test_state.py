@@ -1,7 +1,7 @@
 """The learner's state message (protocol/state.py): typed, versioned, and safe to read.
 
 Pins:
-- encode -> decode gives back the same state, measurements and the per-bucket KL slot included;
+- encode -> decode gives back the same state, measurements, the per-bucket KL and the KL windows included;
 - whatever is malformed (not msgpack, another kind, another schema version, a missing field, a wrong
   type, a value out of bounds, an unknown field) decodes to a `StateUnavailable` value whose reason
   names the field, and never raises;
@@ -15,13 +15,18 @@ from typing import Any
 import msgpack
 import pytest
 
-from protocol.state import LearnerState, StateUnavailable, decode_state, encode_state
+from protocol.state import KLWindow, LearnerState, StateUnavailable, decode_state, encode_state
+
+WINDOW = KLWindow(step=12, samples=64, horizon_min=16, horizon_max=16, kl_by_bucket=[0.5, 0.25],
+                  tokens_by_bucket=[512, 480], probe_kl_by_bucket=[0.5, 0.25, 0.0625, 0.0],
+                  probe_tokens_by_bucket=[24, 24, 20, 0])
 
 
 def _state(**changes: Any) -> LearnerState:
     base = LearnerState(version=12, step=12, batch_size=16, max_staleness=2, ranks=2, retired=190, phase="draining",
                         loss=-0.25, reverse_kl=0.125, tokens_per_second=812.5, idle_fraction=0.3,
-                        eval_kl_first=1.5, eval_kl_last=0.75, kl_by_bucket=[0.5, 0.25, 0.0625], bucket_tokens=8)
+                        eval_kl_first=1.5, eval_kl_last=0.75, kl_by_bucket=[0.5, 0.25, 0.0625], bucket_tokens=8,
+                        kl_windows=[WINDOW, WINDOW.model_copy(update={"step": 16})])
     return base.model_copy(update=changes)
 
 
@@ -57,7 +62,8 @@ def _without(field: str) -> dict[str, Any]:
         (b"\xc1 not msgpack", "not valid msgpack"),
         (msgpack.packb([1, 2]), "top level"),
         (msgpack.packb(_payload(kind="weights")), "kind"),
-        (msgpack.packb(_payload(v=2)), "v: schema version 2"),
+        (msgpack.packb(_payload(v=1)), "v: schema version 1"),  # v1 had no KL windows
+        (msgpack.packb(_payload(v=3)), "v: schema version 3"),
         (msgpack.packb(_payload(v=True)), "v: schema version True"),
         (msgpack.packb(_without("version")), "version"),
         (msgpack.packb(_payload(batch_size="16")), "batch_size"),
@@ -66,6 +72,9 @@ def _without(field: str) -> dict[str, Any]:
         (msgpack.packb(_payload(retired=-1)), "retired"),
         (msgpack.packb(_payload(phase="paused")), "phase"),
         (msgpack.packb(_payload(kl_by_bucket=["high"])), "kl_by_bucket.0"),
+        (msgpack.packb(_payload(kl_windows=[{**WINDOW.model_dump(), "tokens_by_bucket": [1, -1]}])),
+         "kl_windows.0.tokens_by_bucket.1"),
+        (msgpack.packb(_payload(kl_windows=[{**WINDOW.model_dump(), "extra": 1}])), "kl_windows.0.extra"),
         (msgpack.packb(_payload(admitted=3)), "admitted"),
     ],
 )

@@ -73,7 +73,10 @@ def test_metrics_endpoint_serves_documented_names(registry: CollectorRegistry, s
     for name in (
         "opd_actor_prefixes_total",
         "opd_actor_tokens_generated_total",
-        "opd_actor_tokens_saved_total",
+        "opd_actor_tokens_saved_bound_total",
+        "opd_actor_probes_total",
+        "opd_actor_tokens_saved_estimate",
+        "opd_actor_tokens_saved_estimate_stderr",
         "opd_actor_horizon_tokens_bucket",
         "opd_actor_policy_version",
         "opd_queue_depth",
@@ -84,6 +87,7 @@ def test_metrics_endpoint_serves_documented_names(registry: CollectorRegistry, s
     assert sample(text, "opd_actor_prefixes_total") == 3
     assert sample(text, "opd_actor_tokens_generated_total") == 120
     assert sample(text, "opd_actor_policy_version") == 7
+    assert sample(text, "opd_actor_tokens_saved_estimate_stderr") == float("inf")  # unknown before two probes
     assert sample(text, 'opd_queue_depth{stream="opd:rollouts"}') == 11
     assert sample(text, 'opd_actor_horizon_tokens_bucket{le="4.0"}') == 0
     assert sample(text, 'opd_actor_horizon_tokens_bucket{le="8.0"}') == 1
