@@ -27,7 +27,7 @@ from protocol.names import Names
 from protocol.runtime import StopFlag, control_flag, latest_weights, register_endpoint, resolve_device
 from protocol.savings import ProbeTally, estimate_savings, probe_saving, saving_bound
 from protocol.state import LearnerState, StateUnavailable, read_state
-from protocol.streams import StreamQueue, connect
+from protocol.streams import StreamQueue, connect_role
 from protocol.telemetry import ActorMetrics, MetricsServer, actor_metrics
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ class Actor:
         self.actor_id = actor_id
         self.stop = stop or StopFlag()
         self.names = Names(transport.namespace)
-        self.client = connect(transport.redis_url)
+        self.client = connect_role(transport)
         self.registry = registry or CollectorRegistry()
         self.metrics: ActorMetrics = actor_metrics(self.registry)
         self.queue = StreamQueue(

@@ -45,7 +45,7 @@ from protocol.config import TransportConfig
 from protocol.messages import Message, RolloutPrefix, ScoredPrefix
 from protocol.names import Names
 from protocol.runtime import StopFlag, register_endpoint, resolve_device
-from protocol.streams import Delivery, StreamQueue, connect
+from protocol.streams import Delivery, StreamQueue, connect_role
 from protocol.telemetry import MetricsServer, TeacherMetrics, teacher_metrics
 
 if TYPE_CHECKING:
@@ -222,7 +222,7 @@ class Teacher:
         self.worker_id = worker_id
         self.stop = stop or StopFlag()
         self.names = Names(transport.namespace)
-        self.client = connect(transport.redis_url)
+        self.client = connect_role(transport)
         self.registry = registry or CollectorRegistry()
         self.metrics: TeacherMetrics = teacher_metrics(self.registry)
         self.inbox = StreamQueue(

@@ -265,6 +265,15 @@ class StepJournal:
     def __len__(self) -> int:
         return len(self._ids)
 
+    def intact(self) -> bool:
+        """Whether Redis still holds every entry this rank journaled since its checkpoint.
+
+        False after Redis came back from a crash without its last writes (AOF ``everysec`` loses up to
+        about a second on power loss): the lost steps are in this process's weights but no longer in the
+        journal, so a restart could not replay them; the caller checkpoints at once (docs/reliability.md).
+        """
+        return int(self.client.xlen(self.key)) >= len(self._ids)
+
     def _delete(self, ids: list[str]) -> None:
         for i in range(0, len(ids), 1000):
             self.client.xdel(self.key, *ids[i:i + 1000])

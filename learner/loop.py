@@ -50,9 +50,10 @@ from protocol.config import TransportConfig
 from protocol.files import check_model_dir
 from protocol.messages import ScoredPrefix, WeightsAnnouncement
 from protocol.names import Names
+from protocol.reconnect import OUTAGES
 from protocol.runtime import StopFlag, announce_weights, latest_weights, register_endpoint, resolve_device
 from protocol.state import LearnerState, publish_state, read_state
-from protocol.streams import Delivery, connect
+from protocol.streams import Delivery, connect_role
 from protocol.telemetry import LearnerMetrics, MetricsServer, learner_metrics
 
 log = logging.getLogger(__name__)
@@ -196,7 +197,7 @@ class Learner:
         self.device = self.dist.device(resolve_device(cfg.device))
         torch.manual_seed(cfg.seed)
         self.names = Names(transport.namespace)
-        self.client = connect(transport.redis_url)
+        self.client = connect_role(transport)
         self.registry = registry or CollectorRegistry()
         self.metrics: LearnerMetrics = learner_metrics(self.registry)
         self.queue = LearnerQueue(
@@ -244,6 +245,7 @@ class Learner:
             log.info("resumed from %s at step %d, policy v%d", ckpt, self.step, self.version)
         self.summary = LearnerSummary()
         self._held: list[Delivery] = []  # several ranks: fresh samples held over for the next step
+        self._outages_seen = OUTAGES.count  # Redis outages this process rode out (protocol/reconnect.py)
         self._replay()
         self._move_version_forward()
         self._resume_measurements()
@@ -479,6 +481,21 @@ class Learner:
         self.inflight.discard([d.entry_id for d in batch])
         self._lineage([d.message.id for d in batch], replayed=False)  # type: ignore[union-attr]
 
+    def _journal_lost(self) -> bool:
+        """After a Redis outage: did Redis come back without some of this rank's journal? Then checkpoint now.
+
+        Several ranks would have to agree (a collective at every step): they rely on the journal's gap check
+        at restart instead, which refuses to resume with a clear error (docs/reliability.md).
+        """
+        if self.dist.enabled or self._outages_seen == OUTAGES.count:
+            return False
+        self._outages_seen = OUTAGES.count
+        if self.journal.intact():
+            return False
+        log.warning("Redis came back without some of this learner's journaled steps (a crash lost its last writes): "
+                    "checkpointing now, so that a restart does not need them")
+        return True
+
     def _lineage(self, ids: list[str], *, replayed: bool) -> None:
         """Which samples made which step (per rank): the audit trail of what the weights were trained on."""
         name = "trained_ids.jsonl" if self.dist.is_main else f"trained_ids.rank{self.dist.rank}.jsonl"
@@ -610,7 +627,7 @@ class Learner:
                 if self.step % cfg.publish_every == 0:
                     self.publish()  # before advertising the new version, so admitted work samples it
                 self._record(stats, history, idle / max(time.perf_counter() - wall0, 1e-9), waited)
-                if self.step % cfg.checkpoint_every == 0:
+                if self.step % cfg.checkpoint_every == 0 or self._journal_lost():
                     self.checkpoint()
                 if cfg.eval.every and self.step % cfg.eval.every == 0:
                     self.evaluate()

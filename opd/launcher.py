@@ -224,10 +224,10 @@ def _check_inputs(cfg: OPDConfig) -> None:
 def _watch(cfg: OPDConfig, children: list[Child], learner: Child, *, progress: bool) -> int:
     from opd.top import render, snapshot
     from protocol.names import Names
-    from protocol.streams import connect
+    from protocol.streams import connect_role
 
     assert cfg.transport.redis_url
-    client = connect(cfg.transport.redis_url)
+    client = connect_role(cfg.transport)  # rides out a Redis outage, as the roles do
     names = Names(cfg.transport.namespace)
 
     def failed() -> Child | None:

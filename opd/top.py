@@ -206,10 +206,10 @@ def run_top(cfg: OPDConfig, *, once: bool = False) -> int:
     from rich.console import Console
     from rich.live import Live
 
-    from protocol.streams import connect
+    from protocol.streams import connect, connect_role
 
     assert cfg.transport.redis_url
-    client = connect(cfg.transport.redis_url)
+    client = connect(cfg.transport.redis_url)  # the first look fails fast: a wrong URL is an error at once
     names = Names(cfg.transport.namespace)
     console = Console()
     try:
@@ -220,6 +220,7 @@ def run_top(cfg: OPDConfig, *, once: bool = False) -> int:
             else:
                 print(render_text(snap), flush=True)
             return 0
+        client = connect_role(cfg.transport)  # the live view rides out a Redis outage, as the roles do
         with Live(render(snap), console=console, refresh_per_second=2) as live:
             while True:
                 time.sleep(cfg.run.progress_interval_s)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from protocol.codec import MAX_MESSAGE_BYTES
 
 
 class TransportConfig(BaseModel):
+    """Redis and stream settings; `reconnect_*` is how every role rides out a Redis outage (protocol/reconnect.py)."""
+
     model_config = ConfigDict(extra="forbid")
 
     redis_url: str | None = Field(
@@ -19,3 +21,19 @@ class TransportConfig(BaseModel):
     high_water: int = Field(256, ge=1, description="Producers wait while a stream's backlog is at or above this.")
     backpressure_timeout_s: float = Field(600.0, gt=0, description="Longest a producer waits for room before failing loudly.")
     max_message_bytes: int = Field(MAX_MESSAGE_BYTES, ge=1024, description="Largest message accepted on either end.")
+    reconnect_base_s: float = Field(
+        0.1, gt=0, le=60, description="Redis unreachable: first wait before retrying; doubles per failed attempt "
+        "(with jitter) up to transport.reconnect_cap_s.")
+    reconnect_cap_s: float = Field(
+        5.0, gt=0, le=300, description="Redis unreachable: longest wait between two attempts (small: roles resume "
+        "soon after Redis does; not tiny: many replicas retrying at once load a recovering Redis).")
+    reconnect_give_up_s: float = Field(
+        600.0, gt=0, description="Redis unreachable this long: the role stops with an error saying so (a supervisor "
+        "restarts it); shorter outages are ridden out, one log line when they begin and one when they end.")
+
+    @model_validator(mode="after")
+    def _backoff_is_bounded(self) -> TransportConfig:
+        if self.reconnect_cap_s < self.reconnect_base_s:
+            raise ValueError(f"transport.reconnect_cap_s ({self.reconnect_cap_s:g}) must be at least "
+                             f"transport.reconnect_base_s ({self.reconnect_base_s:g})")
+        return self

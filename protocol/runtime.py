@@ -17,6 +17,7 @@ import redis
 from protocol.errors import ProtocolError
 from protocol.messages import WeightsAnnouncement, decode, encode
 from protocol.names import Names
+from protocol.reconnect import OUTAGES
 
 
 def setup_logging(level: str, role: str) -> None:
@@ -61,6 +62,7 @@ class StopFlag:
 
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
+        OUTAGES.should_stop = self.is_set  # a role told to stop during a Redis outage stops waiting for Redis
         return self
 
     def set(self) -> None:

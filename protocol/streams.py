@@ -31,9 +31,11 @@ import redis
 
 from protocol import ledger as ledger_mod
 from protocol.codec import MAX_MESSAGE_BYTES
+from protocol.config import TransportConfig
 from protocol.errors import ProtocolError
 from protocol.messages import Message, decode, encode, peek_id
 from protocol.names import Names
+from protocol.reconnect import ReconnectPolicy, RideOutRetry, server_name
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +125,24 @@ class DeadLetter:
     payload: bytes
 
 
-def connect(url: str) -> redis.Redis:
-    """A client from a URL (`redis://:password@host:port/db`); the password travels in the URL."""
-    return redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=10, health_check_interval=15)
+def connect(url: str, *, reconnect: ReconnectPolicy | None = None) -> redis.Redis:
+    """A client from a URL (`redis://:password@host:port/db`); the password travels in the URL.
+
+    Without `reconnect` a call fails soon when Redis is unreachable (one-shot commands: `opd top --once`,
+    `opd cache stats`); with it every call rides out an outage (see `connect_role`).
+    """
+    kwargs: dict[str, Any] = {"socket_timeout": 30, "socket_connect_timeout": 10, "health_check_interval": 15}
+    if reconnect is not None:
+        kwargs["retry"] = RideOutRetry(reconnect, server_name(url))
+    return redis.Redis.from_url(url, **kwargs)
+
+
+def connect_role(transport: TransportConfig) -> redis.Redis:
+    """The client of a long-running process (every role, the launcher, `opd top`'s live view): each call
+    waits for an unreachable Redis with bounded back-off (`transport.reconnect_*`, protocol/reconnect.py)."""
+    if not transport.redis_url:
+        raise ValueError("transport.redis_url is not set")
+    return connect(transport.redis_url, reconnect=ReconnectPolicy.from_transport(transport))
 
 
 class StreamQueue:

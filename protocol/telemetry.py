@@ -14,6 +14,8 @@ from urllib.parse import urlsplit
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from protocol.reconnect import OutageCollector
+
 HORIZON_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 
@@ -43,6 +45,7 @@ class CommonMetrics:
 
 
 def common_metrics(registry: CollectorRegistry) -> CommonMetrics:
+    registry.register(OutageCollector())  # opd_redis_outages_total, opd_redis_outage_seconds_total
     return CommonMetrics(
         queue_depth=Gauge("opd_queue_depth", "Backlog (undelivered + pending) per stream", ["stream"], registry=registry),
         dead_letters=Counter("opd_dead_letters", "Messages moved to the dead-letter stream", ["stream", "reason"], registry=registry),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -136,3 +137,57 @@ def assert_conserved_and_trained_once(client: redis.Redis, names: Names, learner
     in_ledger = {k.decode() for k, v in client.hgetall(names.ledger).items() if v == ledger.TRAINED.encode()}
     assert set(trained) == in_ledger
     return {**counts, "duplicates": ledger.duplicates(client, names)}
+
+
+class RedisServer:
+    """A redis-server of the test's own (AOF on, fsync everysec: the default), to kill and restart.
+
+    `kill` is SIGKILL (no shutdown save); `start` (again) on the same port and data dir loads the AOF.
+    """
+
+    def __init__(self, data_dir: Path, port: int, *extra: str) -> None:
+        self.data_dir, self.port, self.extra = data_dir, port, extra
+        self.proc: subprocess.Popen[bytes] | None = None
+        data_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, password: str | None = None) -> None:
+        binary = shutil.which("redis-server")
+        assert binary is not None, "redis-server not found on PATH (apt-get install redis-server)"
+        auth = ["--requirepass", password] if password else []
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir), "--appendonly",
+             "yes", "--appendfsync", "everysec", "--save", "", "--protected-mode", "yes",
+             "--logfile", str(self.data_dir / "redis.log"), *auth, *self.extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        client = redis.Redis.from_url(self.url, password=password)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"redis-server did not start:\n{self.log()[-2000:]}") from None
+                time.sleep(0.05)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def log(self) -> str:
+        path = self.data_dir / "redis.log"
+        return path.read_text(errors="replace") if path.exists() else ""
