@@ -6,7 +6,7 @@ Layout (root is a local directory or an fsspec URL zarr can open)::
     <root>/locks/<writer_id>.lock          local roots only: flock held by the live writer
     <root>/shards/<writer_id>/<seq>-<uid>/ one shard: fixed-capacity arrays, appended by one process
         logprobs_N        float32[N]        teacher logprob of the token at that row
-        topk_ids_NK       int32[N, K]       (absent when K == 0)
+        topk_ids_NK       int32[N, K]       (absent when K == 0; bit-shuffled, see `_compressors`)
         topk_logprobs_NK  float16|32[N, K]  (absent when K == 0)
         records_NR        uint8[N, 36]      the shard's manifest: one fixed-width record per entry
 
@@ -151,11 +151,20 @@ async def _collect(it: AsyncIterator[str]) -> list[str]:
     return [x async for x in it]
 
 
-def _compressors(name: str) -> Any:
+def _compressors(name: str, *, bitshuffle: bool = False) -> Any:
+    """The codec `name` stands for. `bitshuffle` (blosc only) shuffles bits instead of bytes.
+
+    WHY bitshuffle for top-k ids: an id below 2^18 (a 152k vocabulary) leaves 14 of its 32 bits zero.
+    Byte shuffle only removes the all-zero top byte (measured: 2.5 B per id with blosc-lz4); bitshuffle
+    removes every zero bit plane, down to the ids' bit width (2.25 B per id for 152k ids, 2.0 for 32k).
+    For floats it does not help (their mantissas are noise). The codec is recorded in each array's
+    zarr.json, so shards written with byte shuffle read as before.
+    """
+    shuffle = "bitshuffle" if bitshuffle else "shuffle"
     if name == "blosc-lz4":
-        return BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+        return BloscCodec(cname="lz4", clevel=5, shuffle=shuffle)
     if name == "blosc-zstd":
-        return BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+        return BloscCodec(cname="zstd", clevel=3, shuffle=shuffle)
     if name == "zstd":
         return ZstdCodec(level=1)
     if name == "none":
@@ -346,7 +355,7 @@ class CacheRoot:
         if k > 0:
             size = np.dtype(topk_dtype).itemsize
             group.create_array(TOPK_IDS, shape=(capacity, k), dtype="<i4", chunks=(rows_for(4 * k), k),
-                               compressors=comp, fill_value=0)
+                               compressors=_compressors(compression, bitshuffle=True), fill_value=0)
             group.create_array(TOPK_LOGPROBS, shape=(capacity, k), dtype=np.dtype(topk_dtype).newbyteorder("<"),
                                chunks=(rows_for(size * k), k), compressors=comp, fill_value=0.0)
         # Records are rewritten on every put, so their chunks are kept small (1/16 of a data chunk):
