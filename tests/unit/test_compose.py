@@ -1,8 +1,9 @@
 """The deployment files agree with the Compose Specification, with each other and with the code.
 
 Pins:
-- docker-compose.yml validates against the Compose Specification's JSON Schema
-  (`../shared/schemas/compose-spec.json` next to the repository root);
+- docker-compose.yml validates against the Compose Specification's JSON Schema (the copy that
+  check-jsonschema ships, `--builtin-schema vendor.compose-spec`: nothing outside the repository
+  and its test dependencies), and that check rejects a file that breaks the schema;
 - host ports of redis/grafana/prometheus are bound to 127.0.0.1; replicated roles have neither
   `container_name` nor host ports, so `--scale` works;
 - the SGLang services reserve an NVIDIA GPU; every long-running service has a healthcheck and every
@@ -20,6 +21,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,6 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-SCHEMA = ROOT.parent / "shared" / "schemas" / "compose-spec.json"
 COMPOSE = ROOT / "docker-compose.yml"
 PROMETHEUS = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "opd.json"
@@ -93,15 +94,31 @@ def _depends_on(service: dict[str, Any]) -> dict[str, dict[str, Any]]:
 # ----------------------------------------------------------------- compose
 
 
-def test_compose_validates_against_the_compose_spec(compose: dict[str, Any]) -> None:
-    if not SCHEMA.is_file():
-        pytest.skip(f"Compose Specification schema not found at {SCHEMA} (expected next to the repository root)")
-    import jsonschema
+def check_jsonschema() -> str:
+    """The check-jsonschema CLI of this interpreter's environment (the `test` extra installs it)."""
+    found = shutil.which("check-jsonschema", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if found is None:
+        pytest.fail("check-jsonschema not found: pip install -e '.[test]' (it carries the Compose Specification schema)")
+    return found
 
-    schema = json.loads(SCHEMA.read_text())
-    validator = jsonschema.Draft7Validator(schema)
-    errors = sorted(validator.iter_errors(compose), key=lambda e: list(e.absolute_path))
-    assert not errors, "\n".join(f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors)
+
+def validate_compose_spec(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([check_jsonschema(), "--builtin-schema", "vendor.compose-spec", str(path)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_compose_validates_against_the_compose_spec() -> None:
+    result = validate_compose_spec(COMPOSE)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_schema_check_rejects_a_broken_file(compose: dict[str, Any], tmp_path: Path) -> None:
+    broken = json.loads(json.dumps(compose))
+    broken["services"]["redis"]["restart_policy"] = "always"  # not a service key (`restart` is)
+    path = tmp_path / "docker-compose.yml"
+    path.write_text(yaml.safe_dump(broken))
+    result = validate_compose_spec(path)
+    assert result.returncode != 0 and "restart_policy" in result.stdout + result.stderr, result.stdout + result.stderr
 
 
 def test_expected_services_exist(services: dict[str, Any]) -> None:
@@ -257,7 +274,8 @@ def test_dashboard_uses_only_documented_metrics(dashboard: dict[str, Any]) -> No
         unknown = names - allowed
         assert not unknown, f"panel {title!r}: metrics not in docs/architecture.md: {sorted(unknown)}"
         used |= names
-    for needed in ("opd_queue_depth", "opd_actor_horizon_tokens_bucket", "opd_actor_tokens_saved_total",
+    for needed in ("opd_queue_depth", "opd_actor_horizon_tokens_bucket", "opd_actor_tokens_saved_bound_total",
+                   "opd_actor_tokens_saved_estimate",
                    "opd_teacher_tokens_cached_total", "opd_compute_saved_flops_total", "opd_learner_staleness_bucket",
                    "opd_learner_dropped_total", "opd_learner_idle_fraction", "opd_learner_reverse_kl",
                    "opd_dead_letters_total", "opd_learner_tokens_per_second"):
