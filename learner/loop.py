@@ -50,7 +50,7 @@ from protocol.config import TransportConfig
 from protocol.files import check_model_dir
 from protocol.messages import ScoredPrefix, WeightsAnnouncement
 from protocol.names import Names
-from protocol.reconnect import OUTAGES
+from protocol.reconnect import OUTAGES, RedisUnavailable
 from protocol.runtime import StopFlag, announce_weights, latest_weights, register_endpoint, resolve_device
 from protocol.state import LearnerState, publish_state, read_state
 from protocol.streams import Delivery, connect_role
@@ -130,6 +130,8 @@ class Prefetcher:
             self.error = exc
 
     def get(self, timeout: float) -> Delivery | None:
+        if isinstance(self.error, RedisUnavailable):  # one clear line (the CLI prints it), not a traceback
+            raise RedisUnavailable(f"reading {self.q.stream}: {self.error}")
         if self.error is not None:
             raise RuntimeError(f"reading {self.q.stream} failed: {self.error}") from self.error
         try:

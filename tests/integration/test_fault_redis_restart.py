@@ -13,7 +13,9 @@ Pins:
   flight), and no prefix is trained twice (each trained id once in the learner's lineage);
 - Redis restarted from an older AOF (the last writes lost, as a power loss within `everysec` would):
   the learner sees its journal lost a trained step and checkpoints at once, so a later SIGKILL and
-  restart resumes from that checkpoint rather than refusing a journal with a gap.
+  restart resumes from that checkpoint rather than refusing a journal with a gap;
+- Redis gone for longer than `transport.reconnect_give_up_s`: the learner stops with exit code 1 and
+  one error line naming the key, no traceback.
 """
 
 from __future__ import annotations
@@ -162,3 +164,27 @@ def test_learner_checkpoints_when_redis_comes_back_without_its_journal(tiny_asse
     assert "without some of this learner's journaled steps" in text
     assert "resumed from" in text and "step-000004" in text
     assert "Traceback" not in text
+
+
+def test_a_role_gives_up_after_reconnect_give_up_s_with_one_clear_line(tiny_assets: Path, tmp_path: Path) -> None:
+    """Redis gone for good: the learner (two threads on Redis) stops with one error line naming the key."""
+    server = RedisServer(tmp_path / "redis", free_port())
+    server.start()
+    names = Names("giveup")
+    client = redis.Redis.from_url(server.url, socket_timeout=10)
+    overrides = [*learner_overrides(server.url, names.namespace, tiny_assets, tmp_path / "learner", batch_size=BATCH,
+                                    steps=2, read_timeout_s=300),
+                 "transport.reconnect_base_s=0.05", "transport.reconnect_cap_s=0.2", "transport.reconnect_give_up_s=2"]
+    log_path = tmp_path / "learner.log"
+    proc = start(learner_command(overrides), log_path)
+    try:
+        wait_for("the learner's state", lambda: _step_or_down(client, names) == 0, proc, log_path)
+        server.kill()
+        assert proc.wait(timeout=120) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.stop()
+    text = log_path.read_text()
+    assert "transport.reconnect_give_up_s" in text and "opd learner: error:" in text, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
