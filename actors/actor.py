@@ -24,7 +24,7 @@ from protocol import ledger
 from protocol.config import TransportConfig
 from protocol.messages import RolloutPrefix
 from protocol.names import Names
-from protocol.runtime import StopFlag, control_flag, latest_weights, register_endpoint, resolve_device
+from protocol.runtime import StopFlag, control_flag, latest_weights, register_endpoint
 from protocol.savings import ProbeTally, estimate_savings, probe_saving, saving_bound
 from protocol.state import LearnerState, StateUnavailable, read_state
 from protocol.streams import StreamQueue, connect_role
@@ -48,18 +48,6 @@ class ActorSummary:
         if est is None:
             return "unknown (no probes yet)"
         return f"{est.tokens:.0f}" + (f" +- {est.stderr:.0f}" if est.stderr is not None else "")
-
-
-def make_engine(cfg: ActorConfig) -> RolloutEngine:
-    if cfg.engine == "sglang":
-        from actors.engines.sglang import SGLangRolloutEngine
-
-        if not cfg.sglang_url:
-            raise ValueError("actor.sglang_url is required when actor.engine is 'sglang'")
-        return SGLangRolloutEngine(cfg.sglang_url, timeout_s=cfg.sglang_timeout_s, model_dir=cfg.model_dir or None)
-    from actors.engines.hf import HFRolloutEngine
-
-    return HFRolloutEngine(cfg.model_dir, device=resolve_device(cfg.device))
 
 
 class Admission:
@@ -147,7 +135,7 @@ class Actor:
             max_bytes=transport.max_message_bytes,
         )
         self.backpressure_timeout_s = transport.backpressure_timeout_s
-        self.engine = make_engine(cfg)
+        self.engine: RolloutEngine = cfg.engine.build(cfg.model_dir)
         self.params = self.engine.num_parameters()
         tokenizer = AutoTokenizer.from_pretrained(cfg.model_dir)
         self.prompts = load_prompts(cfg.prompts_file, tokenizer, use_chat_template=cfg.use_chat_template,
@@ -198,10 +186,6 @@ class Actor:
         state = self.admission.refresh()
         return state if isinstance(state, LearnerState) else LearnerState.assumed(self.version)
 
-    def _retryable(self, exc: Exception) -> bool:
-        """Server-side engines fail transiently (a weight reload aborts requests in flight)."""
-        return self.cfg.engine == "sglang" and not isinstance(exc, ValueError | TypeError)
-
     def stopping(self) -> bool:
         return self.stop.is_set() or control_flag(self.client, self.names, "stop_producing") or (
             self.cfg.max_prefixes is not None and self.summary.prefixes >= self.cfg.max_prefixes
@@ -229,13 +213,13 @@ class Actor:
         except Exception as exc:
             if self.cfg.admission_control:
                 self.admission.release(n)
-            if not self._retryable(exc):
+            if not self.engine.is_transient(exc):
                 raise
             self.failures += 1
-            if self.failures > self.cfg.max_engine_failures:
+            if self.failures > self.engine.max_failures:
                 raise RuntimeError(f"{self.actor_id}: {self.failures} engine failures in a row, last: {exc}") from exc
             log.warning("%s: generation failed (%s); retrying (%d/%d)", self.actor_id, exc, self.failures,
-                        self.cfg.max_engine_failures)
+                        self.engine.max_failures)
             self.stop.wait(min(30.0, 0.5 * 2**self.failures))
             return 0
         self.failures = 0
@@ -311,7 +295,7 @@ class Actor:
     def run(self) -> ActorSummary:
         self.maybe_reload(force=True)
         log.info("%s: %d prompts, engine=%s, schedule=%s, %d params", self.actor_id, len(self.prompts),
-                 self.cfg.engine, self.cfg.schedule.kind, self.params)
+                 self.cfg.engine.kind, self.cfg.schedule.kind, self.params)
         t0 = time.perf_counter()
         while not self.stopping():
             self.step()

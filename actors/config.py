@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from actors.engines import FLAT_KEYS, EngineConfig, HFEngineConfig
 from actors.schedules import FixedScheduleConfig, ScheduleConfig
+from protocol.components import adopt_flat_keys
 from protocol.files import UserPath
 
 
@@ -19,29 +21,35 @@ class ActorConfig(BaseModel):
     add_bos: bool | None = Field(
         None, description="Start every prompt with the BOS token (None: as the tokenizer does, i.e. `tokenizer(text)`; "
         "also how `opd cache warm` and held-out evaluation encode prompts).")
-    engine: Literal["hf", "sglang"] = Field("hf", description="Rollout engine: embedded transformers or an SGLang server.")
-    sglang_url: str | None = Field(None, description="SGLang server base URL (engine=sglang).")
-    sglang_timeout_s: float = Field(120.0, gt=0, description="Timeout of each SGLang request.")
-    max_engine_failures: int = Field(5, ge=0, description="sglang: consecutive failed requests tolerated (retried with back-off).")
+    engine: EngineConfig = Field(default_factory=HFEngineConfig, description="Rollout engine (one file each in "
+                                 "actors/engines/): embedded transformers or an SGLang server; a bare name such as "
+                                 "`sglang` means that engine. The flat keys of earlier configs (actor.sglang_url, "
+                                 "actor.sglang_timeout_s, actor.max_engine_failures, actor.device) are still read.")
     batch_size: int = Field(16, ge=1, description="Prompts sampled together.")
     max_new_tokens: int = Field(64, ge=1, description="Full-rollout response budget; the schedule truncates below it.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature; each rollout carries it and the learner "
                                "computes log pi under the same transform (protocol/sampling.py).")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling (hf engine only; sglang cannot report "
-                         "the renormalised nucleus logprob the learner needs, so it requires 1.0).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling (an engine that cannot report the "
+                         "renormalised nucleus logprob the learner needs, such as sglang, requires 1.0).")
     schedule: ScheduleConfig = Field(default_factory=FixedScheduleConfig, description="Truncation schedule (one file "
                                      "each in actors/schedules/); a bare name such as `full` means that schedule with its defaults.")
     probe_fraction: float = Field(0.05, ge=0, lt=1, description="Fraction of truncated rollouts sampled to full length "
                                   "instead, as probes (seeded per actor): they measure what truncation saves and the "
                                   "KL past the horizon; the learner never trains on them. 0: no probes (the estimate "
                                   "of tokens saved is then unknown).")
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N.")
     seed: int = Field(0, description="Base seed; each actor adds its index.")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus port (0: a free port).")
     metrics_host: str = Field("127.0.0.1", description="Bind address of /metrics (0.0.0.0 in containers).")
     weights_poll_s: float = Field(1.0, gt=0, description="How often to look for newly published weights.")
     admission_control: bool = Field(True, description="Do not start work that would be stale on arrival.")
     max_prefixes: int | None = Field(None, ge=1, description="Stop after producing this many prefixes (tests).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_engine_keys(cls, data: Any) -> Any:
+        """`actor.sglang_url` and the other flat engine keys of earlier configs, read as `actor.engine.*`."""
+        return adopt_flat_keys(data, field="engine", flat_keys=FLAT_KEYS, union=EngineConfig,
+                               default_kind=HFEngineConfig.model_fields["kind"].default)
 
     @model_validator(mode="after")
     def _schedule_fits_the_budget(self) -> ActorConfig:
@@ -54,18 +62,7 @@ class ActorConfig(BaseModel):
 
     @model_validator(mode="after")
     def _engine_reports_the_sampled_distribution(self) -> ActorConfig:
-        """Refuse a sampling setting whose behaviour logprobs the engine cannot report exactly.
-
-        The learner recomputes log pi under `protocol/sampling.py`'s transform (temperature, then the
-        top-p nucleus, renormalised). SGLang's returned logprobs are `log_softmax(logits / T)` over the
-        whole vocabulary, taken before its top-p filter and never renormalised on the nucleus, so with
-        top_p < 1 every importance ratio would be off by the nucleus mass. Checked at start, not mid-run.
-        """
-        if self.engine == "sglang" and self.top_p < 1:
-            raise ValueError(
-                f"actor.top_p={self.top_p} is not supported with actor.engine=sglang: SGLang reports "
-                "log_softmax(logits / temperature) before its top-p filter, not the renormalised nucleus the "
-                "tokens were drawn from, so the learner's importance ratio would be wrong. Set actor.top_p=1.0 "
-                "(temperature is fine) or use actor.engine=hf"
-            )
+        """The engine refuses a sampling setting whose behaviour logprobs it cannot report exactly (the
+        learner's importance ratio would be wrong): checked at start, not mid-run."""
+        self.engine.check_sampling(self.temperature, self.top_p)
         return self

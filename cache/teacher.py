@@ -44,7 +44,7 @@ from protocol import ledger
 from protocol.config import TransportConfig
 from protocol.messages import Message, RolloutPrefix, ScoredPrefix
 from protocol.names import Names
-from protocol.runtime import StopFlag, register_endpoint, resolve_device
+from protocol.runtime import StopFlag, register_endpoint
 from protocol.streams import Delivery, StreamQueue, connect_role
 from protocol.telemetry import MetricsServer, TeacherMetrics, teacher_metrics
 
@@ -66,19 +66,9 @@ class TeacherSummary:
 
 
 def make_scorer(cfg: TeacherConfig) -> TeacherScorer:
-    if cfg.engine == "sglang":
-        from cache.scorers.sglang import SGLangTeacherScorer
-
-        if not cfg.sglang_url:
-            raise ValueError("teacher.sglang_url is required when teacher.engine is 'sglang'")
-        return SGLangTeacherScorer(cfg.sglang_url, temperature=cfg.temperature, revision=cfg.revision,
-                                   model_dir=cfg.model_dir or None)
-    from cache.scorers.hf import HFTeacherScorer
-
-    if not cfg.model_dir:
-        raise ValueError("teacher.model_dir is required when teacher.engine is 'hf'")
-    return HFTeacherScorer(cfg.model_dir, device=resolve_device(cfg.device), temperature=cfg.temperature,
-                           revision=cfg.revision)
+    """The scorer `teacher.engine` names, on the teacher's model, revision and temperature (the teacher
+    loop and `opd cache warm` build it the same way, so both store under the same identity)."""
+    return cfg.engine.build(cfg.model_dir, revision=cfg.revision, temperature=cfg.temperature)
 
 
 def topk_storage_dtype(cfg: TeacherConfig) -> np.dtype:

@@ -190,7 +190,7 @@ def warm(cfg: TeacherConfig, transport: TransportConfig, args: argparse.Namespac
         _note("opd cache warm: note: teacher.cache_enabled is false, so teachers of this config will not read "
               "what warm writes")
     _note(f"opd cache warm: {len(seqs)} sequences ({sum(len(s) for s in seqs):,} tokens) from {args.prompts}; "
-          f"loading the teacher ({cfg.engine})")
+          f"loading the teacher ({cfg.engine.kind})")
     scorer = _load_scorer(cfg)
     if scorer is None:
         return 1
@@ -221,12 +221,10 @@ def _options(cfg: TeacherConfig, args: argparse.Namespace) -> tuple[TeacherConfi
     batch_size = cfg.batch_size if batch_size is None else batch_size
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
-    if cfg.engine == "hf" and not cfg.model_dir:
+    if cfg.engine.needs_model_dir and not cfg.model_dir:
         raise UsageError("warm needs the teacher model: --model DIR or teacher.model_dir")
     if cfg.model_dir and not Path(cfg.model_dir).is_dir():
         raise UsageError(f"teacher model dir {cfg.model_dir!r} is not a directory")
-    if cfg.engine == "sglang" and not cfg.sglang_url:
-        raise UsageError("teacher.engine is 'sglang' but teacher.sglang_url is not set")
     writer_id = getattr(args, "writer_id", None) or default_writer_id()
     try:
         validate_writer_id(writer_id)
@@ -241,8 +239,8 @@ def _load_scorer(cfg: TeacherConfig) -> TeacherScorer | None:
         scorer = make_scorer(cfg)
         _ = scorer.identity  # the SGLang scorer asks its server here
     except Exception as exc:  # not a model dir, unreadable files, unreachable server, out of memory
-        where = cfg.sglang_url if cfg.engine == "sglang" else cfg.model_dir
-        _error("warm", f"cannot load the teacher ({cfg.engine}, {where}): {type(exc).__name__}: {exc}")
+        where = cfg.engine.server_url or cfg.model_dir
+        _error("warm", f"cannot load the teacher ({cfg.engine.kind}, {where}): {type(exc).__name__}: {exc}")
         return None
     return scorer
 

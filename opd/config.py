@@ -92,10 +92,23 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
     node = tree
     for i, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
+        if isinstance(child, str) and _is_component(parts[: i + 1]):  # `actor.engine=sglang`, then its options
+            child = node[part] = {"kind": child}
         if not isinstance(child, dict):
             raise ConfigError(f"override {key}: {'.'.join(parts[: i + 1])} is not a section")
         node = child
     node[parts[-1]] = value
+
+
+def _is_component(path: list[str]) -> bool:
+    """Whether the key `path` holds a component union (`actor.engine`, `learner.loss`), which a bare kind names."""
+    model: Any = OPDConfig
+    for part in path:
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return False
+        model = field.annotation
+    return bool(_variants(model))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> OPDConfig:
@@ -187,7 +200,7 @@ def describe(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, s
                 rows.extend((k, d, f"({kind}) {text}") for k, d, text in describe(variant, key + ".")
                             if k != f"{key}.kind")
             continue
-        rows.append((key, repr(default), field.description or ""))
+        rows.append((key, "(required)" if field.is_required() else repr(default), field.description or ""))
     return rows
 
 

@@ -213,12 +213,11 @@ def _check_inputs(cfg: OPDConfig) -> None:
         check_model_dir(cfg.learner.eval.teacher_dir, "learner.eval.teacher_dir")
         models["learner.eval.teacher_dir"] = cfg.learner.eval.teacher_dir
     check_model_dirs(models)  # whatever the engines: the local tokenizers agree and each model covers them
-    for engine, url, key, local_key in (
-        (cfg.actor.engine, cfg.actor.sglang_url, "actor.sglang_url", "actor.model_dir"),
-        (cfg.teacher.engine, cfg.teacher.sglang_url, "teacher.sglang_url", "teacher.model_dir"),
-    ):
-        if engine == "sglang" and url:  # and what a server serves agrees with them, where it can be read
-            log.info("%s", check_served_tokenizer(url, models[local_key], key, local_key))
+    for role, engine in (("actor", cfg.actor.engine), ("teacher", cfg.teacher.engine)):
+        url = engine.server_url
+        if url:  # and what a server serves agrees with them, where it can be read
+            log.info("%s", check_served_tokenizer(url, models[f"{role}.model_dir"], f"{role}.engine.url",
+                                                  f"{role}.model_dir"))
 
 
 def _watch(cfg: OPDConfig, children: list[Child], learner: Child, *, progress: bool) -> int:

@@ -29,9 +29,10 @@ import json
 import struct
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import requests
+if TYPE_CHECKING:  # imported where a call is made: the config tree (`opd --help`) loads this module
+    import requests
 
 GENERATE = "/generate"
 PAUSE = "/pause_generation"
@@ -159,6 +160,8 @@ def http_json(
 
     `timeout` is `(connect, read)` seconds, as `requests` takes it.
     """
+    import requests
+
     url = base_url + endpoint
     try:
         response = session.request(method, url, json=payload, timeout=timeout)
@@ -204,7 +207,11 @@ class SGLangClient:
         self.base_url = base_url.rstrip("/")
         self.connect_timeout_s = connect_timeout_s
         self.control_timeout_s = control_timeout_s
-        self.session = session or requests.Session()
+        if session is None:
+            import requests
+
+            session = requests.Session()
+        self.session = session
 
     def call(self, method: str, endpoint: str, payload: Any, read_timeout_s: float) -> Any:
         """`http_json` against this server, with this connect timeout and `read_timeout_s`."""

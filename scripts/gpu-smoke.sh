@@ -207,10 +207,10 @@ if [ "$ENGINE" = sglang ]; then
   TEACHER_PID=$LAST_PID
   wait_healthy "the student server" "http://127.0.0.1:$STUDENT_PORT" "$STUDENT_PID" "$WORKDIR/logs/student-sglang.log"
   wait_healthy "the teacher server" "http://127.0.0.1:$TEACHER_PORT" "$TEACHER_PID" "$WORKDIR/logs/teacher-sglang.log"
-  SETS+=(--set actor.engine=sglang --set "actor.sglang_url=http://127.0.0.1:$STUDENT_PORT"
-         --set teacher.engine=sglang --set "teacher.sglang_url=http://127.0.0.1:$TEACHER_PORT")
+  SETS+=(--set actor.engine=sglang --set "actor.engine.url=http://127.0.0.1:$STUDENT_PORT"
+         --set teacher.engine=sglang --set "teacher.engine.url=http://127.0.0.1:$TEACHER_PORT")
 else
-  SETS+=(--set actor.device=cuda --set teacher.device=cuda)
+  SETS+=(--set actor.engine.device=cuda --set teacher.engine.device=cuda)
 fi
 
 SETS+=(--set "transport.redis_url=$REDIS_URL" --set "transport.namespace=$NS" --set "run.workdir=$WORKDIR"

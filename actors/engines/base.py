@@ -20,7 +20,14 @@ class Generation:
 
 
 class RolloutEngine(Protocol):
-    """Samples continuations from the current student weights."""
+    """Samples continuations from the current student weights.
+
+    The actor asks the engine, not its name, how to treat a failure: `is_transient(exc)` says whether
+    retrying can help (a server-side engine's weight reload aborts requests in flight), and
+    `max_failures` how many such failures in a row it retries (with back-off) before giving up.
+    """
+
+    max_failures: int
 
     def generate(
         self,
@@ -35,3 +42,5 @@ class RolloutEngine(Protocol):
     def load_weights(self, path: str, version: int) -> None: ...
 
     def num_parameters(self) -> int: ...
+
+    def is_transient(self, exc: Exception) -> bool: ...

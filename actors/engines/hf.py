@@ -15,6 +15,10 @@ nucleus and renormalised (`protocol/sampling.py`, the same transform the learner
 greedy decoding; there the raw model logprob (temperature 1, no nucleus) is returned, because the
 point-mass sampling distribution would always give 0 (rollouts refuse it: `RolloutPrefix.temperature`
 must be > 0, so greedy output never reaches the learner's importance ratio).
+
+One component (docs/architecture.md, "Adding a component"): the engine, its config variant
+(`actor.engine.kind: hf`) and `build()`. torch and transformers are imported where the engine runs,
+not at the top: the config tree (and so `opd --help`) loads this module without them.
 """
 
 from __future__ import annotations
@@ -22,15 +26,16 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
-import torch
-from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from actors.engines.base import Generation
 from protocol.files import check_model_dir
-from protocol.runtime import resolve_dtype
-from protocol.sampling import sampling_logprobs
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
 
 # Config keys that differ between checkpoints of the same architecture without changing the weights' layout.
 _VOLATILE_CONFIG_KEYS = frozenset({"transformers_version", "dtype", "torch_dtype"})
@@ -51,13 +56,18 @@ def safetensors_files(model_dir: Path) -> list[Path]:
 
 
 class HFRolloutEngine:
-    """`RolloutEngine` on a transformers causal LM with a KV cache and per-row horizons."""
+    """`RolloutEngine` on a transformers causal LM with a KV cache and per-row horizons.
+
+    In-process, so a failure is a bug or a bad input, never transient: the actor retries nothing.
+    """
+
+    max_failures = 0
 
     def __init__(
         self,
         model_dir: str | Path,
         device: str | torch.device = "cpu",
-        dtype: torch.dtype | str = torch.float32,
+        dtype: torch.dtype | str = "float32",
         *,
         eos_token_ids: Sequence[int] | None = None,
     ) -> None:
@@ -66,6 +76,10 @@ class HFRolloutEngine:
         `eos_token_ids` overrides the stop tokens; by default they come from the generation config
         (falling back to the model config), as a chat model may have several.
         """
+        import torch
+
+        from protocol.runtime import resolve_dtype
+
         self.model_dir = check_model_dir(model_dir, "model_dir")
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype)
@@ -81,6 +95,10 @@ class HFRolloutEngine:
         """Parameter count (tied weights counted once), used for FLOP accounting."""
         return sum(p.numel() for p in self.model.parameters())
 
+    def is_transient(self, exc: Exception) -> bool:
+        """Nothing an in-process model raises goes away by retrying."""
+        return False
+
     def load_weights(self, path: str, version: int) -> None:
         """Switch to the weights saved at `path` (an HF directory) and remember `version`.
 
@@ -89,6 +107,8 @@ class HFRolloutEngine:
         are copied from the safetensors files into the live parameters (cast to this engine's
         dtype). Anything unexpected falls back to a full `from_pretrained`.
         """
+        from transformers import AutoConfig
+
         if version < 0:
             raise ValueError(f"version must be >= 0, got {version}")
         weights_dir = check_model_dir(path, f"published weights v{version}")
@@ -101,7 +121,6 @@ class HFRolloutEngine:
         self.model_dir = weights_dir
         self.version = version
 
-    @torch.inference_mode()
     def generate(
         self,
         prompts: list[list[int]],
@@ -116,11 +135,24 @@ class HFRolloutEngine:
         The EOS token, when sampled, is the last element of `response_ids` (with its logprob) and
         sets `finished=True`. `seed` makes the batch reproducible (same prompts, limits, settings).
         """
+        import torch
+
         self._validate(prompts, max_new_tokens, temperature, top_p)
         results = [Generation(response_ids=[], logprobs=[], finished=False) for _ in prompts]
         rows = [i for i, limit in enumerate(max_new_tokens) if limit > 0]
-        if not rows:
-            return results
+        if rows:
+            with torch.inference_mode():
+                self._decode(prompts, max_new_tokens, rows, results, temperature, top_p, seed)
+        return results
+
+    def _decode(
+        self, prompts: list[list[int]], max_new_tokens: list[int], rows: list[int], results: list[Generation],
+        temperature: float, top_p: float, seed: int | None,
+    ) -> None:
+        """The sampling loop over the rows with a budget; appends to `results[row]` in place."""
+        import torch
+        from transformers import DynamicCache
+
         generator = torch.Generator(device=self.device)
         if seed is None:
             generator.seed()
@@ -166,16 +198,20 @@ class HFRolloutEngine:
             )
             logits_BV = out.logits[:, -1, :]
             next_position_B = next_position_B + 1
-        return results
 
     # ---- helpers -------------------------------------------------------------------------------
 
     def _load_full(self, model_dir: Path) -> PreTrainedModel:
+        from transformers import AutoModelForCausalLM
+
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype)
         return model.to(self.device).eval()
 
     def _copy_weights(self, weights_dir: Path) -> bool:
         """Copy tensors into the live model; False (nothing usable) if names don't line up."""
+        import torch
+        from safetensors.torch import load_file
+
         files = safetensors_files(weights_dir)
         if not files:
             return False
@@ -237,6 +273,8 @@ class HFRolloutEngine:
 
     def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-pad so every row's next token is predicted at the last column."""
+        import torch
+
         width = max(len(p) for p in prompts)
         ids_BP = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
         mask_BP = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -255,6 +293,10 @@ def sample_tokens(
     renormalised): the one transform the learner recomputes for its importance ratio. Computed in
     float32 whatever the model dtype, so logprobs are comparable across engines.
     """
+    import torch
+
+    from protocol.sampling import sampling_logprobs
+
     if temperature == 0:
         logp_BV = torch.log_softmax(logits_BV.float(), dim=-1)
         token_B = logp_BV.argmax(dim=-1)
@@ -262,3 +304,26 @@ def sample_tokens(
     logp_BV = sampling_logprobs(logits_BV, temperature, top_p)
     token_B = torch.multinomial(logp_BV.exp(), num_samples=1, generator=generator).squeeze(1)
     return token_B, logp_BV.gather(-1, token_B[:, None]).squeeze(1)
+
+
+class HFEngineConfig(BaseModel):
+    """`actor.engine` for the embedded transformers engine (the default; CPU or a local GPU)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["hf"] = "hf"
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N (auto: cuda when torch sees one).")
+
+    @property
+    def server_url(self) -> str | None:
+        """No server: the model runs in the actor's process."""
+        return None
+
+    def check_sampling(self, temperature: float, top_p: float) -> None:
+        """Any temperature and top-p: the engine samples from `protocol/sampling.py`'s transform itself."""
+
+    def build(self, model_dir: str) -> HFRolloutEngine:
+        """The engine on the student at `model_dir` (actor.model_dir), on `device`."""
+        from protocol.runtime import resolve_device
+
+        return HFRolloutEngine(model_dir, device=resolve_device(self.device))

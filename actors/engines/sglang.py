@@ -49,7 +49,8 @@ Where we depart from the obvious mapping, and why:
   would silently mix two policy versions inside one rollout.
 
 The pure functions `build_generate_request` / `parse_generate_response` hold all the mapping and are
-unit-tested without a server; `SGLangRolloutEngine` only adds HTTP.
+unit-tested without a server; `SGLangRolloutEngine` only adds HTTP. `SGLangEngineConfig` at the end is
+this engine's `actor.engine` variant (`kind: sglang`) and its `build()`.
 """
 
 from __future__ import annotations
@@ -58,9 +59,9 @@ import contextlib
 import json
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
-import requests
+from pydantic import BaseModel, ConfigDict, Field
 
 from actors.engines.base import Generation
 
@@ -87,6 +88,9 @@ from protocol.sglang_http import (
 from protocol.sglang_http import (
     http_json as http_json,
 )
+
+if TYPE_CHECKING:
+    import requests
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +234,7 @@ class SGLangRolloutEngine:
         control_timeout_s: timeout of `/pause_generation`, `/continue_generation`, `/get_model_info`.
         load_timeout_s: timeout of `/update_weights_from_disk` (reads the whole checkpoint).
         pause_mode: `/pause_generation` mode (`abort`, `retract`, `in_place`); see the module docstring.
+        max_failures: consecutive transient failures the actor retries with back-off (`is_transient`).
         num_parameters: the student's parameter count, if known; otherwise counted from the
             safetensors headers of the last loaded weights directory or of `model_dir`.
         model_dir: a local copy of the initial student checkpoint, for `num_parameters()`.
@@ -246,6 +251,7 @@ class SGLangRolloutEngine:
         *,
         load_timeout_s: float = 900.0,
         pause_mode: str = "abort",
+        max_failures: int = 5,
         connect_timeout_s: float = CONNECT_TIMEOUT_S,
         control_timeout_s: float = CONTROL_TIMEOUT_S,
         num_parameters: int | None = None,
@@ -260,6 +266,7 @@ class SGLangRolloutEngine:
         self.timeout_s = timeout_s
         self.load_timeout_s = load_timeout_s
         self.pause_mode = pause_mode
+        self.max_failures = max_failures
         self.loaded_version: int | None = None
         self._num_parameters = num_parameters
         self._model_dir = model_dir
@@ -345,6 +352,11 @@ class SGLangRolloutEngine:
             self._num_parameters = first_checkpoint_parameters(candidates, "student", "SGLangRolloutEngine")
         return self._num_parameters
 
+    def is_transient(self, exc: Exception) -> bool:
+        """A server fails transiently (a weight reload aborts the requests in flight, a restart refuses
+        connections); a ValueError / TypeError is a bad request, which retrying would only repeat."""
+        return not isinstance(exc, ValueError | TypeError)
+
     # ---- extras
 
     def model_info(self) -> dict[str, Any]:
@@ -358,3 +370,40 @@ class SGLangRolloutEngine:
         except SGLangError:
             return False
         return True
+
+
+class SGLangEngineConfig(BaseModel):
+    """`actor.engine` for a running SGLang server (`python -m sglang.launch_server`, or compose's)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["sglang"] = "sglang"
+    url: str = Field(..., min_length=1, description="SGLang server base URL, e.g. http://student-sglang:30000.")
+    timeout_s: float = Field(120.0, gt=0, description="Timeout of each /generate batch.")
+    max_failures: int = Field(5, ge=0, description="Consecutive failed requests tolerated (retried with back-off).")
+
+    @property
+    def server_url(self) -> str | None:
+        """The server whose served model's tokenizer `opd up` checks against actor.model_dir."""
+        return self.url
+
+    def check_sampling(self, temperature: float, top_p: float) -> None:
+        """Refuse a sampling setting whose behaviour logprobs this engine cannot report exactly.
+
+        The learner recomputes log pi under `protocol/sampling.py`'s transform (temperature, then the
+        top-p nucleus, renormalised). SGLang's returned logprobs are `log_softmax(logits / T)` over the
+        whole vocabulary, taken before its top-p filter and never renormalised on the nucleus, so with
+        top_p < 1 every importance ratio would be off by the nucleus mass.
+        """
+        if top_p < 1:
+            raise ValueError(
+                f"actor.top_p={top_p} is not supported with actor.engine={self.kind}: SGLang reports "
+                "log_softmax(logits / temperature) before its top-p filter, not the renormalised nucleus the "
+                "tokens were drawn from, so the learner's importance ratio would be wrong. Set actor.top_p=1.0 "
+                "(temperature is fine) or use actor.engine=hf"
+            )
+
+    def build(self, model_dir: str) -> SGLangRolloutEngine:
+        """The engine on the server at `url`; `model_dir` (actor.model_dir, optional) counts parameters."""
+        return SGLangRolloutEngine(self.url, timeout_s=self.timeout_s, max_failures=self.max_failures,
+                                   model_dir=model_dir or None)

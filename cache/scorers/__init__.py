@@ -1,5 +1,49 @@
-"""Teacher scorers: where a teacher's logprobs come from (embedded transformers or an SGLang server)."""
+"""Teacher scorers: where a teacher's logprobs come from. One file per scorer (`hf`, `sglang`), the union here.
+
+Each scorer file holds the scorer (a `TeacherScorer`, `base.py`) and its config variant: `kind:
+Literal[...]`, its own options, `needs_model_dir` (whether teacher.model_dir is the model it runs),
+`server_url` (the server it talks to, or None), `check_temperature(temperature)` (refuses, at config load,
+a teacher.temperature it cannot score at) and `build(model_dir, revision=, temperature=)`. `ScorerConfig`
+below is what `teacher.engine` holds, a union discriminated by `kind`; the teacher loop and `opd cache warm`
+call `build()` (`cache/teacher.py`, `make_scorer`) and never branch on the name. Adding a scorer is one new
+file plus one member of `ScorerConfig` (docs/architecture.md, "Adding a component").
+
+Only the config variants are imported here: torch, transformers and requests load when a scorer is built.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Union
+
+from pydantic import BeforeValidator, Field
 
 from cache.scorers.base import Scores, TeacherScorer, empty_scores
+from cache.scorers.hf import HFScorerConfig
+from cache.scorers.sglang import SGLangScorerConfig
+from protocol.components import kind_shorthand
 
-__all__ = ["Scores", "TeacherScorer", "empty_scores"]
+
+def _kind_shorthand(value: Any) -> Any:
+    """A bare name (`--set ...engine=sglang`) is that scorer; options without a kind belong to the default (`hf`)."""
+    return kind_shorthand(value, HFScorerConfig.model_fields["kind"].default)
+
+
+ScorerConfig = Annotated[
+    Union[HFScorerConfig, SGLangScorerConfig],  # noqa: UP007 (a discriminated union, built at runtime)
+    Field(discriminator="kind"),
+    BeforeValidator(_kind_shorthand),
+]
+"""`teacher.engine`: one variant per teacher scorer, chosen by `kind`."""
+
+# Keys that sat flat in `teacher` before scorers were components: `teacher.<old>` is `teacher.engine.<new>`.
+FLAT_KEYS = {"sglang_url": "url", "device": "device"}
+
+__all__ = [
+    "FLAT_KEYS",
+    "HFScorerConfig",
+    "SGLangScorerConfig",
+    "ScorerConfig",
+    "Scores",
+    "TeacherScorer",
+    "empty_scores",
+]

@@ -6,6 +6,10 @@ those into one hash; `k` is deliberately left out because the cache adds it to i
 
 WHY `tokens_forwarded`: the point of the cache is to make the teacher compute less, so the scorer
 counts the real (non-pad) tokens it ran through the model; tests and metrics read it.
+
+One component (docs/architecture.md, "Adding a component"): the scorer, its config variant
+(`teacher.engine.kind: hf`) and `build()`. torch and transformers are imported where the scorer runs:
+the config tree (and so `opd --help`) loads this module without them.
 """
 
 from __future__ import annotations
@@ -13,15 +17,16 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from pydantic import BaseModel, ConfigDict, Field
 
 from cache.scorers.base import Scores, empty_scores
 from protocol.files import check_model_dir
-from protocol.runtime import resolve_dtype
+
+if TYPE_CHECKING:
+    import torch
 
 _HASH_CHUNK_BYTES = 8 << 20
 
@@ -78,7 +83,7 @@ class HFTeacherScorer:
         self,
         model_dir: str | Path,
         device: str | torch.device = "cpu",
-        dtype: torch.dtype | str = torch.float32,
+        dtype: torch.dtype | str = "float32",
         temperature: float = 1.0,
         revision: str | None = None,
         *,
@@ -88,6 +93,11 @@ class HFTeacherScorer:
 
         `max_batch_tokens` bounds padded tokens per forward (memory), not what gets scored.
         """
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from protocol.runtime import resolve_dtype
+
         self.model_dir = check_model_dir(model_dir, "model_dir")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -118,13 +128,14 @@ class HFTeacherScorer:
         """Parameter count (tied weights counted once), used for FLOP accounting."""
         return sum(p.numel() for p in self.model.parameters())
 
-    @torch.inference_mode()
     def score(self, sequences: list[np.ndarray], starts: list[int], k: int) -> list[Scores]:
         """Score tokens starts[i]..T_i-1 of each sequence (token t predicted from tokens < t).
 
         Logprobs are `log_softmax(logits / temperature)` in float32. Sequences whose response is
         empty (start == T) get empty arrays and cost no forward.
         """
+        import torch
+
         self._validate(sequences, starts, k)
         results: list[Scores | None] = [None] * len(sequences)
         todo: list[int] = []
@@ -135,13 +146,14 @@ class HFTeacherScorer:
                 todo.append(i)
         todo.sort(key=lambda i: -len(sequences[i]))  # similar lengths together: less padding
         batch: list[int] = []
-        for i in todo:
-            if batch and len(sequences[batch[0]]) * (len(batch) + 1) > self.max_batch_tokens:
+        with torch.inference_mode():
+            for i in todo:
+                if batch and len(sequences[batch[0]]) * (len(batch) + 1) > self.max_batch_tokens:
+                    self._score_batch(sequences, starts, k, batch, results)
+                    batch = []
+                batch.append(i)
+            if batch:
                 self._score_batch(sequences, starts, k, batch, results)
-                batch = []
-            batch.append(i)
-        if batch:
-            self._score_batch(sequences, starts, k, batch, results)
         return [r for r in results if r is not None]
 
     def _score_batch(
@@ -153,6 +165,8 @@ class HFTeacherScorer:
         results: list[Scores | None],
     ) -> None:
         """One right-padded forward; only logits from the earliest needed position on are kept."""
+        import torch
+
         lengths = [len(sequences[i]) for i in batch]
         width = max(lengths)
         ids_BT = torch.zeros((len(batch), width), dtype=torch.long)
@@ -193,3 +207,30 @@ class HFTeacherScorer:
             if seq.min() < 0 or seq.max() >= self.vocab_size:
                 raise ValueError(f"sequences[{i}] has token ids outside [0, {self.vocab_size})")
 
+
+
+class HFScorerConfig(BaseModel):
+    """`teacher.engine` for the embedded transformers scorer (the default; any teacher.temperature)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["hf"] = "hf"
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N (auto: cuda when torch sees one).")
+
+    needs_model_dir: ClassVar[bool] = True  # the model runs here: teacher.model_dir is the model
+
+    @property
+    def server_url(self) -> str | None:
+        """No server: the model runs in the teacher's process."""
+        return None
+
+    def check_temperature(self, temperature: float) -> None:
+        """Any temperature: the scorer divides the logits itself."""
+
+    def build(self, model_dir: str, *, revision: str | None, temperature: float) -> HFTeacherScorer:
+        """The scorer on the teacher at `model_dir` (teacher.model_dir), on `device`."""
+        from protocol.runtime import resolve_device
+
+        if not model_dir:
+            raise ValueError("teacher.model_dir is required when teacher.engine is 'hf'")
+        return HFTeacherScorer(model_dir, device=resolve_device(self.device), temperature=temperature, revision=revision)

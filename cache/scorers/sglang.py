@@ -17,7 +17,8 @@ shifted training signal.
 
 Prompt logprobs from SGLang are, by default, the model's own (`log_softmax` of the untempered
 logits; slime's OPD recipes patch SGLang to change that), so this scorer only scores at temperature 1
-and refuses any other (the transformers scorer in `cache/scorers/hf.py` divides by the temperature).
+and refuses any other (the transformers scorer in `cache/scorers/hf.py` divides by the temperature);
+`SGLangScorerConfig` (this scorer's `teacher.engine` variant, `kind: sglang`) refuses it at config load.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
-import requests
+from pydantic import BaseModel, ConfigDict, Field
 
 from cache.scorers.base import Scores, empty_scores
 
@@ -46,6 +47,9 @@ from protocol.sglang_http import (
     first_checkpoint_parameters,
     logprob_entry,
 )
+
+if TYPE_CHECKING:
+    import requests
 
 # --------------------------------------------------------------------------- pure mapping
 
@@ -280,3 +284,34 @@ class SGLangTeacherScorer:
         if lo < len(lengths):
             chunks.append((lo, len(lengths)))
         return chunks
+
+
+class SGLangScorerConfig(BaseModel):
+    """`teacher.engine` for a running SGLang teacher server (teacher.temperature must be 1.0)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["sglang"] = "sglang"
+    url: str = Field(..., min_length=1, description="SGLang server base URL, e.g. http://teacher-sglang:30000.")
+    timeout_s: float = Field(300.0, gt=0, description="Timeout of each scoring request.")
+
+    needs_model_dir: ClassVar[bool] = False  # the server holds the model; teacher.model_dir only counts parameters
+
+    @property
+    def server_url(self) -> str | None:
+        """The server whose served model's tokenizer `opd up` checks against teacher.model_dir."""
+        return self.url
+
+    def check_temperature(self, temperature: float) -> None:
+        """SGLang's prompt logprobs are untempered: any other teacher.temperature is refused at load."""
+        if temperature != 1.0:
+            raise ValueError(
+                f"teacher.temperature={temperature} is not supported with teacher.engine={self.kind}: SGLang returns "
+                "untempered prompt logprobs (log_softmax(logits)), so the teacher distribution would not be the one "
+                "the cache key names. Set teacher.temperature=1.0 or use teacher.engine=hf"
+            )
+
+    def build(self, model_dir: str, *, revision: str | None, temperature: float) -> SGLangTeacherScorer:
+        """The scorer on the server at `url`; `model_dir` (teacher.model_dir, optional) counts parameters."""
+        return SGLangTeacherScorer(self.url, timeout_s=self.timeout_s, temperature=temperature, revision=revision,
+                                   model_dir=model_dir or None)

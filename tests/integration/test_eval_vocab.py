@@ -160,16 +160,16 @@ def serve() -> Iterator:
 
 def test_an_sglang_server_tokenizer_is_checked_where_it_can_be(tiny_assets: Path, tmp_path: Path, serve) -> None:  # type: ignore[no-untyped-def]
     paths = asset_paths(tiny_assets)
-    same = check_served_tokenizer(serve(str(paths.teacher_dir)), paths.student_dir, "teacher.sglang_url",
+    same = check_served_tokenizer(serve(str(paths.teacher_dir)), paths.student_dir, "teacher.engine.url",
                                   "actor.model_dir")
     assert "same as actor.model_dir" in same
     swapped = other_tokenizer(tmp_path, paths.teacher_dir)
-    with pytest.raises(ValueError, match=r"actor.model_dir .* and the model teacher.sglang_url serves .* must share"):
-        check_served_tokenizer(serve(str(swapped)), paths.student_dir, "teacher.sglang_url", "actor.model_dir")
-    hub = check_served_tokenizer(serve("Qwen/Qwen2.5-7B-Instruct"), paths.student_dir, "teacher.sglang_url",
+    with pytest.raises(ValueError, match=r"actor.model_dir .* and the model teacher.engine.url serves .* must share"):
+        check_served_tokenizer(serve(str(swapped)), paths.student_dir, "teacher.engine.url", "actor.model_dir")
+    hub = check_served_tokenizer(serve("Qwen/Qwen2.5-7B-Instruct"), paths.student_dir, "teacher.engine.url",
                                  "actor.model_dir")
     assert "not checked" in hub and "not a local directory" in hub
-    assert "did not answer" in check_served_tokenizer("http://127.0.0.1:9", paths.student_dir, "teacher.sglang_url",
+    assert "did not answer" in check_served_tokenizer("http://127.0.0.1:9", paths.student_dir, "teacher.engine.url",
                                                       "actor.model_dir")
 
 
@@ -185,10 +185,11 @@ def test_launcher_checks_tokenizers_for_every_engine_pairing(
         return [f"actor.model_dir={paths.student_dir}", f"learner.model_dir={paths.student_dir}",
                 f"teacher.model_dir={teacher_dir}", f"actor.prompts_file={paths.prompts_file}",
                 f"actor.engine={actor_engine}", f"teacher.engine={teacher_engine}",
-                f"actor.sglang_url={url}", f"teacher.sglang_url={url}"]
+                *(f"{role}.engine.url={url}" for role, kind in (("actor", actor_engine), ("teacher", teacher_engine))
+                  if kind == "sglang")]
 
     _check_inputs(load_config(None, cfg(paths.teacher_dir, paths.teacher_dir)))
     with pytest.raises(ValueError, match="must share a tokenizer"):
         _check_inputs(load_config(None, cfg(swapped, paths.teacher_dir)))  # the local dirs disagree
-    with pytest.raises(ValueError, match=r"the model (actor|teacher).sglang_url serves .* must share"):
+    with pytest.raises(ValueError, match=r"the model (actor|teacher)\.engine\.url serves .* must share"):
         _check_inputs(load_config(None, cfg(paths.teacher_dir, swapped)))  # a server serves another tokenizer

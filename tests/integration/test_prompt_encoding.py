@@ -110,8 +110,8 @@ def test_evaluation_takes_the_actor_prompt_format() -> None:
 def run_config(student: Path, teacher: Path, prompts: Path, tmp_path: Path, redis_url: str,
                add_bos: bool | None) -> list[str]:
     sets = {"transport.redis_url": redis_url, "transport.namespace": "pe", "actor.model_dir": student,
-            "actor.prompts_file": prompts, "actor.device": "cpu", "teacher.model_dir": teacher, "teacher.topk": 2,
-            "teacher.device": "cpu", "teacher.cache_dir": tmp_path / "cache", "teacher.block_size": 4,
+            "actor.prompts_file": prompts, "actor.engine.device": "cpu", "teacher.model_dir": teacher, "teacher.topk": 2,
+            "teacher.engine.device": "cpu", "teacher.cache_dir": tmp_path / "cache", "teacher.block_size": 4,
             "learner.model_dir": student, "learner.eval.heldout_file": prompts, "learner.eval.teacher_dir": teacher,
             "actor.add_bos": "null" if add_bos is None else str(add_bos).lower()}
     return [f"{k}={v}" for k, v in sets.items()]

@@ -59,7 +59,7 @@ TOL = 1e-5
 
 def configs(tiny_assets: Path, tmp_path: Path, redis_url: str, **teacher: Any) -> tuple[TeacherConfig, TransportConfig]:
     base: dict[str, Any] = {"model_dir": str(asset_paths(tiny_assets).teacher_dir), "topk": K, "batch_size": 8,
-                            "device": "cpu", "cache_dir": str(tmp_path / "cache"), "block_size": BLOCK}
+                            "engine": {"kind": "hf", "device": "cpu"}, "cache_dir": str(tmp_path / "cache"), "block_size": BLOCK}
     t = TeacherConfig(**(base | teacher))
     return t, TransportConfig(redis_url=redis_url, namespace=NS, high_water=100_000, claim_idle_ms=500)
 
@@ -69,7 +69,7 @@ def cli_sets(t: TeacherConfig, tr: TransportConfig) -> list[str]:
     values = {"transport.redis_url": tr.redis_url, "transport.namespace": tr.namespace,
               "transport.high_water": tr.high_water, "transport.claim_idle_ms": tr.claim_idle_ms,
               "teacher.model_dir": t.model_dir, "teacher.topk": t.topk, "teacher.batch_size": t.batch_size,
-              "teacher.device": t.device, "teacher.cache_dir": t.cache_dir, "teacher.block_size": t.block_size}
+              "teacher.engine.device": t.engine.device, "teacher.cache_dir": t.cache_dir, "teacher.block_size": t.block_size}
     out: list[str] = []
     for key, value in values.items():
         out += ["--set", f"{key}={value}"]

@@ -99,8 +99,8 @@ def test_component_options_are_named_by_their_key() -> None:
 def test_sglang_with_top_p_below_one_is_refused_naming_the_key() -> None:
     """SGLang reports log_softmax(logits / T) before top-p: the learner could not reproduce the nucleus."""
     with pytest.raises(ConfigError, match=r"actor\.top_p=0\.9 is not supported with actor\.engine=sglang"):
-        load_config(None, ["actor.engine=sglang", "actor.sglang_url=http://x:30000", "actor.top_p=0.9"])
+        load_config(None, ["actor.engine=sglang", "actor.engine.url=http://x:30000", "actor.top_p=0.9"])
     # what it can reproduce: any temperature over the full vocabulary; and top-p on the hf engine
-    cfg = load_config(None, ["actor.engine=sglang", "actor.sglang_url=http://x:30000", "actor.temperature=0.7"])
+    cfg = load_config(None, ["actor.engine=sglang", "actor.engine.url=http://x:30000", "actor.temperature=0.7"])
     assert (cfg.actor.temperature, cfg.actor.top_p) == (0.7, 1.0)
     assert load_config(None, ["actor.top_p=0.9"]).actor.top_p == 0.9
