@@ -55,3 +55,14 @@ def test_queue_bench_settles_every_prefix_and_prints_every_path() -> None:
                    for p in ("publish only", "read + ack only", "publish -> read -> ack")] + [
         ("teacher hop (publish -> forward -> ack)", "rollout+scored")]
     assert all(r[-1].strip().endswith("x") for r in rows)
+
+
+def test_cache_bench_prints_throughput_and_storage_for_every_vocabulary() -> None:
+    out = run_bench("bench_cache.py", "--quick")
+    speed = table_rows(out, "cache write")
+    assert [(r[0].strip(), r[1].strip()) for r in speed] == [("tiny", "0"), ("tiny", "8"), ("tiny", "32"), ("1000", "32")]
+    assert all(r[2].strip() != "n/a" for r in speed), "the teacher recomputation baseline was not measured"
+    storage = table_rows(out, "disk B/tok")
+    got = {(r[0].strip(), r[1].strip(), r[2].strip()) for r in storage}
+    assert ("1000", "32", "float16") in got and ("1000", "32", "float32") in got and ("tiny", "0", "float32") in got
+    assert all(r[-1].strip() in ("met", "MISSED") for r in storage if r[1].strip() == "32")
