@@ -25,6 +25,7 @@ import yaml
 
 from opd.config import OPDConfig
 from opd.top import Snapshot
+from protocol.savings import ProbeTally, estimate_savings
 from protocol.state import LearnerState
 
 log = logging.getLogger("opd.launcher")
@@ -274,10 +275,13 @@ def _log_line(s: Snapshot) -> None:
     L, t = s.learner, s.stats
     learner = (f"step {L.step} v{L.version} loss {L.loss} kl {L.reverse_kl}" if isinstance(L, LearnerState)
                else f"learner: {L}")
+    est = estimate_savings(ProbeTally(int(t.get("actor_probes", 0)), t.get("probe_saving_sum", 0.0),
+                                      t.get("probe_saving_sq_sum", 0.0)), int(t.get("actor_truncated", 0)))
     log.info(
-        "%s | queues %s | gen %d saved %d | teacher scored %d cached %d | outcomes %s", learner,
+        "%s | queues %s | gen %d saved <=%d (bound) ~%s (probes) | teacher scored %d cached %d | outcomes %s", learner,
         s.depths, t.get("actor_tokens_generated", 0), t.get("actor_tokens_saved", 0),
-        t.get("teacher_tokens_scored", 0), t.get("teacher_tokens_cached", 0), s.outcomes,
+        "?" if est is None else f"{est.tokens:.0f}", t.get("teacher_tokens_scored", 0), t.get("teacher_tokens_cached", 0),
+        s.outcomes,
     )
 
 

@@ -27,6 +27,7 @@ from opd.config import OPDConfig
 from protocol import ledger
 from protocol.names import Names
 from protocol.runtime import endpoints
+from protocol.savings import ProbeTally, estimate_savings
 from protocol.state import LearnerState, StateUnavailable, read_state
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ class Snapshot:
 
 
 SUMMED = (
-    "opd_actor_prefixes_total", "opd_actor_tokens_generated_total", "opd_actor_tokens_saved_total",
+    "opd_actor_prefixes_total", "opd_actor_tokens_generated_total", "opd_actor_tokens_saved_bound_total",
     "opd_teacher_tokens_scored_total", "opd_teacher_tokens_cached_total", "opd_cache_hit_tokens_total",
     "opd_cache_miss_tokens_total", "opd_learner_tokens_trained_total", "opd_compute_saved_flops_total",
     "opd_learner_tokens_per_second", "opd_learner_idle_fraction", "opd_dead_letters_total",
@@ -102,15 +103,12 @@ def snapshot(client: redis.Redis, names: Names) -> Snapshot:
 def rows(snap: Snapshot, previous: Snapshot | None = None) -> list[tuple[str, str]]:
     """(what, value) pairs: the one definition of what `opd top` and the launcher show."""
     st = snap.stats
-    gen = st.get("actor_tokens_generated", 0.0)
-    saved = st.get("actor_tokens_saved", 0.0)
     scored = st.get("teacher_tokens_scored", 0.0)
     cached = st.get("teacher_tokens_cached", 0.0)
     out = _learner_rows(snap.learner)
     out += [(f"queue depth {stream}", str(depth)) for stream, depth in snap.depths.items()]
+    out += savings_rows(st)
     out += [
-        ("student tokens generated / saved by truncation",
-         f"{gen:.0f} / {saved:.0f} ({100 * saved / max(gen + saved, 1):.0f}% of the full budget)"),
         ("teacher tokens scored / served from cache",
          f"{scored:.0f} / {cached:.0f} ({100 * cached / max(scored + cached, 1):.0f}% hit)"),
         ("FLOPs saved (truncation + cache)",
@@ -164,6 +162,30 @@ def render_text(snap: Snapshot, previous: Snapshot | None = None) -> str:
         lines.append(f"{what + ':':<{width + 1}} {first}")
         lines += [f"{'':<{width + 1}} {line}" for line in rest]
     return "\n".join(lines)
+
+
+def savings_rows(st: dict[str, float]) -> list[tuple[str, str]]:
+    """Student tokens generated, and what truncation saved: the budget bound and the probes' estimate.
+
+    The bound (`max_new_tokens - horizon` per prefix cut short) is a share of the budget (rollouts x
+    max_new_tokens); the estimate (protocol/savings.py) is a share of what full rollouts would have generated,
+    the honest denominator, since many would have stopped at EOS before the budget.
+    """
+    gen, probe_tokens = st.get("actor_tokens_generated", 0.0), st.get("actor_probe_tokens", 0.0)
+    bound, budget = st.get("actor_tokens_saved", 0.0), st.get("actor_budget_tokens", 0.0)
+    tally = ProbeTally(int(st.get("actor_probes", 0)), st.get("probe_saving_sum", 0.0), st.get("probe_saving_sq_sum", 0.0))
+    est = estimate_savings(tally, int(st.get("actor_truncated", 0)))
+    if est is None:
+        estimate = "unknown: no probe yet (actor.probe_fraction)"
+    else:
+        spread = f" +- {est.stderr:.0f}" if est.stderr is not None else " (one probe: no error yet)"
+        estimate = (f"{est.tokens:.0f}{spread} ({100 * est.fraction_of_full(gen - probe_tokens):.0f}% of what full "
+                    f"rollouts would have generated; {tally.probes} probes, {tally.saving_sum:.0f} extra tokens)")
+    return [
+        ("student tokens generated (in probes)", f"{gen:.0f} ({probe_tokens:.0f})"),
+        ("saved by truncation (budget bound)", f"at most {bound:.0f} ({100 * bound / max(budget, 1):.0f}% of the budget)"),
+        ("saved by truncation (probe estimate)", estimate),
+    ]
 
 
 def _learner_rows(state: LearnerState | StateUnavailable) -> list[tuple[str, str]]:

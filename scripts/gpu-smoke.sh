@@ -300,7 +300,7 @@ print(f"gpu-smoke: engine {engine}, {len(rows)} learner steps on {gpu}, "
       f"{time.time() - t_start:.0f}s in all; rates over steps 1..{len(history)} ({t1 - t0:.1f}s, Redis {ns}:stats)")
 print(f"  {'stage':<8} {'tokens/s':>10}   what")
 print(f"  {'actor':<8} {actor_tps:>10.0f}   student tokens generated (all actors); total {totals.get('actor_tokens_generated', 0):.0f}, "
-      f"{totals.get('actor_tokens_saved', 0):.0f} saved by truncation")
+      f"at most {totals.get('actor_tokens_saved', 0):.0f} saved by truncation (budget bound; opd top shows the probe estimate)")
 print(f"  {'teacher':<8} {teacher_scored_tps + teacher_cached_tps:>10.0f}   response tokens scored + from cache "
       f"({teacher_scored_tps:.0f} + {teacher_cached_tps:.0f}); total {totals.get('teacher_tokens_scored', 0):.0f} scored, "
       f"{totals.get('teacher_tokens_cached', 0):.0f} cached")

@@ -7,6 +7,8 @@ Pins:
   pipeline keeps going;
 - every role's /metrics endpoint exposes the documented metric names;
 - truncation saved student tokens, and the teacher scored tokens;
+- probes: actors sent full-length probes, the learner measured them and trained none of them; the summary
+  shows the budget bound and the probe estimate; the learner published its KL by position in windows;
 - `run.warm_cache` scores the reference answers into the teacher cache before the run starts.
 """
 
@@ -26,6 +28,7 @@ import redis
 from protocol import ledger
 from protocol.messages import SCHEMA_VERSION
 from protocol.names import Names
+from protocol.state import LearnerState, read_state
 from protocol.streams import read_dead_letters
 
 pytestmark = pytest.mark.integration
@@ -34,11 +37,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 EXPECTED = {
     "actor": ["opd_queue_depth", "opd_actor_prefixes_total", "opd_actor_tokens_generated_total",
-              "opd_actor_tokens_saved_total", "opd_actor_horizon_tokens_bucket", "opd_compute_saved_flops_total"],
+              "opd_actor_tokens_saved_bound_total", "opd_actor_probes_total", "opd_actor_tokens_saved_estimate",
+              "opd_actor_horizon_tokens_bucket", "opd_compute_saved_flops_total"],
     "teacher": ["opd_teacher_tokens_scored_total", "opd_teacher_tokens_cached_total", "opd_cache_hit_tokens_total",
                 "opd_cache_miss_tokens_total", "opd_dead_letters_total"],
     "learner": ["opd_learner_staleness_bucket", "opd_learner_steps_total", "opd_learner_loss",
-                "opd_learner_reverse_kl", "opd_learner_tokens_per_second", "opd_learner_policy_version"],
+                "opd_learner_reverse_kl", "opd_learner_tokens_per_second", "opd_learner_policy_version",
+                "opd_learner_probes_total"],
 }
 
 
@@ -102,6 +107,16 @@ def test_pipeline_end_to_end(redis_url: str, tiny_assets: Path, tmp_path: Path) 
     dead = read_dead_letters(client, names)
     assert any(d.message_id == "bad-1" and "prompt_ids_P" in d.reason for d in dead), [d.reason for d in dead]
     assert client.xlen(names.rollouts) == 0 and client.xlen(names.scored) == 0
+
+    # probes: sent, measured by the learner (acked untrained, as dropped), in its published KL by position
+    stats = ledger.stats(client, names)
+    assert stats.get("actor_probes", 0) >= 1 and stats.get("actor_truncated", 0) >= 1, stats
+    assert 1 <= stats.get("learner_probes", 0) <= stats["actor_probes"], stats
+    assert counts[ledger.DROPPED] >= stats["learner_probes"], counts
+    state = read_state(client, names)
+    assert isinstance(state, LearnerState) and state.kl_windows and state.bucket_tokens > 0
+    assert sum(sum(w.probe_tokens_by_bucket) for w in state.kl_windows) > 0
+    assert "(bound)" in output and "(probes)" in output  # the progress line shows both savings
 
     assert "held-out reverse KL" in output
     assert "warmed the teacher cache" in output  # run.warm_cache: offline teacher caching before the run

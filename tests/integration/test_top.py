@@ -64,7 +64,10 @@ def pipeline_state(redis_url: str) -> Iterator[redis.Redis]:
     outcomes |= {f"t{i}": ledger.TRAINED for i in range(5)} | {"d0": ledger.DROPPED, "d1": ledger.DROPPED, "x0": ledger.DEAD}
     ledger.record(client, names, outcomes)
     ledger.add_stats(client, names, actor_tokens_generated=1500, actor_tokens_saved=500, teacher_tokens_scored=750,
-                     teacher_tokens_cached=250, flops_saved_truncation=2e9, flops_saved_cache=3e8)
+                     teacher_tokens_cached=250, flops_saved_truncation=2e9, flops_saved_cache=3e8,
+                     # 3 probes (300 tokens) saved 10, 20 and 30 past their drawn horizons; 30 other rollouts truncated
+                     actor_budget_tokens=2500, actor_truncated=30, actor_probes=3, actor_probe_tokens=300,
+                     probe_saving_sum=60, probe_saving_sq_sum=1400)
     registry = CollectorRegistry()
     metrics = actor_metrics(registry)
     metrics.tokens_generated.inc(321)
@@ -111,7 +114,11 @@ def test_top_once_prints_the_key_numbers(pipeline_state: redis.Redis, redis_url:
     assert shown["learner tokens/s, idle fraction"] == ["1234, 0.12"]
     assert shown[f"queue depth {NS}:rollouts"] == ["3"]
     assert shown[f"queue depth {NS}:scored"] == ["2"]
-    assert shown["student tokens generated / saved by truncation"] == ["1500 / 500 (25% of the full budget)"]
+    assert shown["student tokens generated (in probes)"] == ["1500 (300)"]
+    assert shown["saved by truncation (budget bound)"] == ["at most 500 (20% of the budget)"]
+    # 30 x mean(10, 20, 30) = 600 +- sd 10 x sqrt(30^2 / 3 + 30); 600 / (1500 - 300 + 600) of full rollouts
+    assert shown["saved by truncation (probe estimate)"] == [
+        "600 +- 182 (33% of what full rollouts would have generated; 3 probes, 60 extra tokens)"]
     assert shown["teacher tokens scored / served from cache"] == ["750 / 250 (25% hit)"]
     assert shown["FLOPs saved (truncation + cache)"] == ["2e+09 + 3e+08"]
     assert shown["prefixes in flight / trained / dropped / dead"] == ["4 / 5 / 2 / 1"]
