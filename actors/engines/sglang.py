@@ -98,13 +98,8 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- pure mapping
 
 # SGLang `SamplingParams` fields that would change the sampled distribution: each at its "off" value.
-_NEUTRAL_FILTERS: dict[str, Any] = {
-    "top_k": -1,
-    "min_p": 0.0,
-    "repetition_penalty": 1.0,
-    "frequency_penalty": 0.0,
-    "presence_penalty": 0.0,
-}
+_NEUTRAL_FILTERS: dict[str, Any] = {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "frequency_penalty": 0.0,
+                                    "presence_penalty": 0.0}
 
 
 def build_generate_request(
@@ -388,13 +383,8 @@ class SGLangEngineConfig(BaseModel):
         return self.url
 
     def check_sampling(self, temperature: float, top_p: float) -> None:
-        """Refuse a sampling setting whose behaviour logprobs this engine cannot report exactly.
-
-        The learner recomputes log pi under `protocol/sampling.py`'s transform (temperature, then the
-        top-p nucleus, renormalised). SGLang's returned logprobs are `log_softmax(logits / T)` over the
-        whole vocabulary, taken before its top-p filter and never renormalised on the nucleus, so with
-        top_p < 1 every importance ratio would be off by the nucleus mass.
-        """
+        """Refuse top_p < 1: SGLang's logprobs are `log_softmax(logits / T)` taken before its top-p filter,
+        never renormalised on the nucleus (module docstring), so every importance ratio would be off."""
         if top_p < 1:
             raise ValueError(
                 f"actor.top_p={top_p} is not supported with actor.engine={self.kind}: SGLang reports "

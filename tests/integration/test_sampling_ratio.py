@@ -43,7 +43,7 @@ def _actor_rollouts(redis_url: str, root: Path, temperature: float, top_p: float
     paths = asset_paths(root)
     namespace = f"ratio-{uuid.uuid4().hex[:8]}"
     cfg = ActorConfig.model_validate({
-        "model_dir": str(paths.student_dir), "prompts_file": str(paths.prompts_file), "device": "cpu",
+        "model_dir": str(paths.student_dir), "prompts_file": str(paths.prompts_file), "engine": {"kind": "hf", "device": "cpu"},
         "batch_size": PER_SETTING, "max_prefixes": PER_SETTING, "max_new_tokens": MAX_NEW_TOKENS,
         "temperature": temperature, "top_p": top_p, "admission_control": False, "schedule": {"kind": "full"},
         "seed": int(temperature * 10 + top_p * 100),
