@@ -95,7 +95,8 @@ def config_docs() -> str:
         lines += [f"## `{section}`", "", "| key | default | meaning |", "|---|---|---|"]
         model = OPDConfig.model_fields[section].annotation
         for key, default, text in describe(model, prefix=f"{section}."):  # type: ignore[arg-type]
-            lines.append(f"| `{key}` | `{default}` | {text} |")
+            cell = text.replace("|", "\\|")  # a literal '|' in a description would split the table row
+            lines.append(f"| `{key}` | `{default}` | {cell} |")
         lines.append("")
     return "\n".join(lines)
 
