@@ -111,7 +111,7 @@ def rows(snap: Snapshot, previous: Snapshot | None = None) -> list[tuple[str, st
     out += [
         ("teacher tokens scored / served from cache",
          f"{scored:.0f} / {cached:.0f} ({100 * cached / max(scored + cached, 1):.0f}% hit)"),
-        ("FLOPs saved (truncation + cache)",
+        ("FLOPs saved (truncation bound + cache)",
          f"{st.get('flops_saved_truncation', 0.0):.3g} + {st.get('flops_saved_cache', 0.0):.3g}"),
     ]
     if previous is not None and snap.taken_at > previous.taken_at:

@@ -33,8 +33,9 @@ TEACHER_COMPUTE_STAGE = "teacher_cache"
 # that saving is the server's and is not counted here).
 COMPUTE_SAVED_HELP = (
     "Estimated forward FLOPs not spent (2 x parameters x tokens). actor_truncation: tokens past the horizon "
-    "never generated; teacher_cache: tokens of fully cached sequences the teacher never ran (a partial hit "
-    "still runs the teacher over the whole sequence, so it counts nothing here)"
+    "never generated, counted as the budget bound (max_new_tokens - horizon: at most what was saved, see "
+    "opd_actor_tokens_saved_estimate); teacher_cache: tokens of fully cached sequences the teacher never ran "
+    "(a partial hit still runs the teacher over the whole sequence, so it counts nothing here)"
 )
 
 

@@ -120,7 +120,7 @@ def test_top_once_prints_the_key_numbers(pipeline_state: redis.Redis, redis_url:
     assert shown["saved by truncation (probe estimate)"] == [
         "600 +- 182 (33% of what full rollouts would have generated; 3 probes, 60 extra tokens)"]
     assert shown["teacher tokens scored / served from cache"] == ["750 / 250 (25% hit)"]
-    assert shown["FLOPs saved (truncation + cache)"] == ["2e+09 + 3e+08"]
+    assert shown["FLOPs saved (truncation bound + cache)"] == ["2e+09 + 3e+08"]
     assert shown["prefixes in flight / trained / dropped / dead"] == ["4 / 5 / 2 / 1"]
     assert shown["dead-letter stream length"] == ["1"]
     assert shown["tokens so far per live replica"] == ["actor-0: 321"]
