@@ -23,6 +23,7 @@ instant queries would rightly return nothing.
 
 from __future__ import annotations
 
+import http.server
 import json
 import math
 import os
@@ -32,6 +33,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -45,6 +47,17 @@ import msgpack
 import pytest
 import redis
 from prometheus_client import CollectorRegistry
+from promql import (
+    METRIC,
+    Prometheus,
+    PrometheusUnavailable,
+    Query,
+    dashboard_queries,
+    grafana_variables,
+    misspelt,
+    queries_without_data,
+    substitute,
+)
 
 from protocol.names import Names
 from protocol.state import LearnerState, read_state
@@ -67,115 +80,6 @@ STEPS = 1_000_000
 READY_STEP = 10  # learner steps done before the dashboard is judged: every stage has produced work
 DEADLINE_S = 360.0
 
-_METRIC = re.compile(r"\bopd_[a-zA-Z0-9_:]*")
-_VARIABLE = re.compile(r"\$\{(\w+)(?::[^}]*)?\}|\[\[(\w+)(?::[^\]]*)?\]\]|\$(\w+)")
-
-
-# ----------------------------------------------------------------- dashboard and PromQL helpers
-
-
-@dataclass(frozen=True)
-class Query:
-    panel: str
-    ref: str
-    expr: str
-
-    def __str__(self) -> str:
-        return f"panel {self.panel!r} query {self.ref}: {self.expr}"
-
-
-def dashboard_queries(dashboard: dict[str, Any]) -> list[Query]:
-    """Every target expression, including those of panels nested in collapsed rows."""
-    out: list[Query] = []
-    for panel in dashboard["panels"]:
-        for p in (panel, *panel.get("panels", [])):
-            out += [Query(p["title"], t.get("refId", "?"), t["expr"]) for t in p.get("targets", []) if t.get("expr")]
-    return out
-
-
-def grafana_variables(dashboard: dict[str, Any], *, range_s: int) -> dict[str, str]:
-    """Values for Grafana's built-in interval variables and the dashboard's own template variables.
-
-    A template variable takes its saved current value; "All" (or nothing saved) becomes its allValue,
-    or `.*`, which is what Grafana sends for a regex matcher.
-    """
-    values = {
-        "__rate_interval": RATE_INTERVAL, "__interval": RATE_INTERVAL, "__interval_ms": str(30_000),
-        "__range": f"{range_s}s", "__range_s": str(range_s), "__range_ms": str(range_s * 1000),
-    }
-    for var in dashboard.get("templating", {}).get("list", []):
-        current = var.get("current", {}).get("value")
-        if isinstance(current, list):
-            current = "|".join(current)
-        if current in (None, "", "$__all") or "$__all" in str(current):
-            current = var.get("allValue") or ".*"
-        values[var["name"]] = str(current)
-    return values
-
-
-def substitute(expr: str, variables: dict[str, str]) -> str:
-    """Replace `$name`, `${name}`, `${name:format}` and `[[name]]`; an unknown variable is an error."""
-
-    def replace(match: re.Match[str]) -> str:
-        name = match.group(1) or match.group(2) or match.group(3)
-        if name not in variables:
-            raise KeyError(f"unknown Grafana variable ${name} in {expr!r}")
-        return variables[name]
-
-    return _VARIABLE.sub(replace, expr)
-
-
-class Prometheus:
-    """The HTTP query API of one Prometheus server."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-
-    def query(self, expr: str, at: float | None = None) -> list[dict[str, Any]]:
-        """Instant query; the result as a list of series (a scalar or string becomes one entry)."""
-        params = {"query": expr}
-        if at is not None:
-            params["time"] = f"{at:.3f}"
-        try:
-            with urllib.request.urlopen(f"{self.url}/api/v1/query?{urllib.parse.urlencode(params)}", timeout=10) as resp:
-                body = json.loads(resp.read())
-        except urllib.error.HTTPError as exc:  # 400/422: the expression does not parse or evaluate
-            body = json.loads(exc.read() or b"{}")
-        if body.get("status") != "success":
-            raise ValueError(f"{expr}: {body.get('errorType')}: {body.get('error')}")
-        data = body["data"]
-        if data["resultType"] in ("scalar", "string"):
-            return [{"metric": {}, "value": data["result"]}]
-        return list(data["result"])
-
-    def value(self, expr: str, at: float | None = None) -> float | None:
-        """The single value of an aggregating expression, or None when there is no data."""
-        result = self.query(expr, at)
-        return float(result[0]["value"][1]) if result else None
-
-
-def queries_without_data(prom: Prometheus, queries: list[Query], variables: dict[str, str], at: float) -> list[str]:
-    """One line per query that errors, returns no series, or returns only NaN (e.g. 0/0) at `at`."""
-    problems = []
-    for q in queries:
-        expr = substitute(q.expr, variables)
-        try:
-            result = prom.query(expr, at)
-        except ValueError as exc:
-            problems.append(f"{q}\n    error: {exc}")
-            continue
-        if not result:
-            problems.append(f"{q}\n    no data (evaluated: {expr})")
-        elif all(math.isnan(float(r["value"][1])) for r in result):
-            problems.append(f"{q}\n    only NaN (evaluated: {expr})")
-    return problems
-
-
-def misspelt(expr: str, metric: str) -> str:
-    """`expr` with every occurrence of the metric name `metric` (and only that name) misspelt."""
-    return re.sub(rf"\b{re.escape(metric)}\b", metric + "_typo", expr)
-
-
 # ----------------------------------------------------------------- the run
 
 
@@ -189,7 +93,7 @@ def _prometheus_binary() -> str:
     binary = shutil.which("prometheus")
     if binary is None:
         reason = ("prometheus not found on PATH: install it with `apt-get install prometheus` "
-                  "(scripts/test.sh does, through OPD_WITH_PROMETHEUS=1 bash scripts/setup.sh)")
+                  "(scripts/test.sh does, through OPD_WITH_TEST_TOOLS=1 bash scripts/setup.sh)")
         if os.environ.get("CI"):
             pytest.fail(reason)
         pytest.skip(reason)
@@ -279,6 +183,8 @@ def scraped_run(redis_server: str, tiny_assets: Path, tmp_path_factory: pytest.T
         launcher = subprocess.Popen(cmd, cwd=REPO, stdout=llog, stderr=subprocess.STDOUT)
         try:
             prom = Prometheus(f"http://127.0.0.1:{port}")
+            # /-/ready answers 503 until the TSDB is open (seconds on a loaded machine): wait for it.
+            prom.wait_ready(DEADLINE_S, alive=lambda: prom_proc.poll() is None)
             at = _wait_until_scraped(prom, prom_proc, prom_log, launcher, launcher_log, client, names, targets)
             yield ScrapedRun(prom, at, math.ceil(at - prom_started))
         finally:
@@ -317,8 +223,8 @@ def _wait_until_scraped(prom: Prometheus, prom_proc: subprocess.Popen[bytes], pr
             up = {r["metric"]["job"]: int(float(r["value"][1])) for r in prom.query("count by (job) (up == 1)")}
             scrapes = prom.value("min(count_over_time(up[10m]))")
             oldest_scrape = prom.value("min(timestamp(up))")
-        except OSError:
-            time.sleep(0.2)  # Prometheus not listening yet
+        except OSError:  # PrometheusUnavailable: not listening, or 503 while it (re)loads
+            time.sleep(0.2)
             continue
         learner = read_state(client, names)
         step = learner.step if isinstance(learner, LearnerState) else 0
@@ -359,7 +265,7 @@ def test_a_misspelt_metric_name_returns_no_data(scraped_run: ScrapedRun, dashboa
     assert queries_without_data(prom, [good], variables, at) == []
     assert len(queries_without_data(prom, [typo], variables, at)) == 1
     mutants = [Query(q.panel, f"{q.ref} ({metric} misspelt)", misspelt(q.expr, metric))
-               for q in dashboard_queries(dashboard) for metric in sorted(set(_METRIC.findall(q.expr)))]
+               for q in dashboard_queries(dashboard) for metric in sorted(set(METRIC.findall(q.expr)))]
     assert len(mutants) >= 20
     missed = [str(m) for m in mutants if not queries_without_data(prom, [m], variables, at)]
     assert not missed, "queries that still return data with a misspelt metric (e.g. `or vector(0)`):\n" + "\n".join(missed)
@@ -380,6 +286,49 @@ def test_drop_reasons_are_exported_before_any_drop(scraped_run: ScrapedRun) -> N
 
 
 # ----------------------------------------------------------------- no Prometheus needed
+
+
+class _Starting(http.server.BaseHTTPRequestHandler):
+    """Answers like a Prometheus that is still opening its TSDB: 503 and a plain-text body."""
+
+    ready_after = 3  # requests answered 503 before /-/ready and queries succeed
+    seen = 0
+
+    def do_GET(self) -> None:
+        type(self).seen += 1
+        if type(self).seen <= self.ready_after:
+            body, status, ctype = b"Service Unavailable", 503, "text/plain"
+        elif self.path.startswith("/api/v1/query"):
+            body, status, ctype = b'{"status":"success","data":{"resultType":"vector","result":[]}}', 200, "application/json"
+        else:
+            body, status, ctype = b"Prometheus Server is Ready.", 200, "text/plain"
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_starting_prometheus_is_waited_for_not_an_error() -> None:
+    """503 "Service Unavailable" (not JSON) while Prometheus starts is retried, never a query error."""
+    _Starting.seen = 0
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Starting)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        prom = Prometheus(f"http://127.0.0.1:{server.server_address[1]}")
+        with pytest.raises(PrometheusUnavailable, match="503"):
+            prom.query("up")
+        assert isinstance(PrometheusUnavailable("x"), OSError)  # what the polling loops retry
+        prom.wait_ready(60)
+        assert prom.query("up") == []
+    finally:
+        server.shutdown()
+        server.server_close()
+
 
 
 def test_grafana_variables_are_substituted() -> None:
