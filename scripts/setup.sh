@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Set up everything a fresh Debian/Ubuntu machine needs: redis-server (apt, when missing),
 # a virtualenv in .venv with CPU PyTorch 2.13.0 and the project. Idempotent; prints what it does.
+# OPD_WITH_TEST_TOOLS=1 (scripts/test.sh sets it) adds what the whole test suite uses: the apt
+# packages prometheus and shellcheck, and a Docker engine with Compose v2 (scripts/setup-docker.sh
+# install) for the compose test. OPD_WITH_PROMETHEUS=1 / OPD_WITH_DOCKER=1 add only the one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -8,7 +11,11 @@ SUDO=""
 if [ "$(id -u)" != "0" ] && command -v sudo >/dev/null 2>&1; then SUDO="sudo"; fi
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
-if [ "${OPD_WITH_PROMETHEUS:-0}" = "1" ]; then command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus); fi
+TEST_TOOLS=${OPD_WITH_TEST_TOOLS:-0}
+if [ "$TEST_TOOLS" = "1" ] || [ "${OPD_WITH_PROMETHEUS:-0}" = "1" ]; then
+  command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus)
+fi
+if [ "$TEST_TOOLS" = "1" ]; then command -v shellcheck >/dev/null 2>&1 || need_apt+=(shellcheck); fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" != "0" ] && [ -z "$SUDO" ]; then
     echo "setup: need ${need_apt[*]} from apt, but this user is not root and has no sudo;" >&2
@@ -40,5 +47,12 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q "torch==2.13.0"
   .venv/bin/python -m pip install -q -e ".[test]"
   touch "$stamp"
+fi
+if [ "$TEST_TOOLS" = "1" ] || [ "${OPD_WITH_DOCKER:-0}" = "1" ]; then
+  if [ "$(id -u)" = "0" ] || [ -n "$SUDO" ]; then
+    bash scripts/setup-docker.sh install
+  else
+    echo "setup: not root and no sudo: no Docker engine installed (the compose test will be skipped)" >&2
+  fi
 fi
 echo "==> ready: $(.venv/bin/python -c 'import torch, transformers, zarr; print("torch", torch.__version__, "transformers", transformers.__version__, "zarr", zarr.__version__)')"
