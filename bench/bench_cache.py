@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import fmt, print_table, ratio, realistic_scores, redis_server, timed
 from cache import ops
-from cache.shards import COMPRESSIONS, LOGPROBS, RECORDS, SHARDS, TOPK_IDS, TOPK_LOGPROBS
+from cache.layout import COMPRESSIONS, LOGPROBS, RECORDS, SHARDS, TOPK_IDS, TOPK_LOGPROBS
 from cache.store import TeacherCache
 
 Scores3 = tuple[np.ndarray, np.ndarray, np.ndarray]

@@ -45,7 +45,7 @@ def run(command: str, cfg: TeacherConfig, transport: TransportConfig, args: argp
     if handler is None:
         _error(command, f"unknown cache command {command!r} (known: {', '.join(handlers)})")
         return 2
-    from cache.shards import CacheError
+    from cache.layout import CacheError
 
     try:
         return handler(cfg, transport, args)
@@ -101,7 +101,7 @@ def _redis(command: str, transport: TransportConfig) -> redis.Redis:
 
 def _existing_root(cfg: TeacherConfig) -> str:
     """teacher.cache_dir, checked to hold a teacher cache (commands other than warm never create one)."""
-    from cache.shards import CacheRoot
+    from cache.root import CacheRoot
 
     try:
         CacheRoot(cfg.cache_dir, create=False)

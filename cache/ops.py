@@ -34,20 +34,18 @@ import numpy as np
 import redis as redis_lib
 
 from cache.index import DEFAULT_REDIS_PREFIX, IndexEntry, RedisNames, connect_redis, delete_index_if_equal
-from cache.shards import (
+from cache.layout import (
     LOGPROBS,
     TOPK_IDS,
     TOPK_LOGPROBS,
     CacheError,
-    CacheRoot,
-    RecordScan,
-    Shard,
     ShardIncomplete,
     ShardRecord,
     ShardUnavailable,
-    WriterLock,
     entry_checksum,
 )
+from cache.root import CacheRoot, WriterLock
+from cache.shards import RecordScan, Shard
 
 COUNTERS = ("lookups", "hit_tokens", "miss_tokens", "corrupt_blocks", "puts", "blocks_written",
             "tokens_written", "bytes_written")

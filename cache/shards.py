@@ -1,374 +1,48 @@
-"""The teacher cache's on-disk half: Zarr shards, their manifests, writer locks, a decoded-chunk LRU.
+"""One shard of the teacher cache: fixed-capacity arrays plus their manifest, written by one process,
+read through a bounded LRU of decoded chunks.
 
-Layout (root is a local directory or an fsspec URL zarr can open)::
-
-    <root>/zarr.json                       root group, attrs {"format": "opd-teacher-cache", "version": 1}
-    <root>/locks/<writer_id>.lock          local roots only: flock held by the live writer
-    <root>/shards/<writer_id>/<seq>-<uid>/ one shard: fixed-capacity arrays, appended by one process
-        logprobs_N        float32[N]        teacher logprob of the token at that row
-        topk_ids_NK       int32[N, K]       (absent when K == 0; bit-shuffled, see `_compressors`)
-        topk_logprobs_NK  float16|32[N, K]  (absent when K == 0)
-        records_NR        uint8[N, 36]      the shard's manifest: one fixed-width record per entry
-
-Why one writer per shard: zarr-python has no cross-process locking, and two processes writing the
-same chunk (or resizing the same array) lose each other's data. So every writer process owns
-`shards/<writer_id>/` (guarded by an flock on local roots) and only ever appends to its own arrays.
 Arrays are created at their final capacity (`shard_rows`) so nobody ever resizes anything: readers
 can hold array handles forever, and only chunk files change. When a shard is full the writer seals
 it (attrs) and starts the next one, which is what lets `ops.evict` drop old shards whole.
-
-Why checksums everywhere: LocalStore replaces chunk files by rename, so a chunk is never torn on a
-local disk; every record carries its own CRC and every entry a CRC of its data anyway, so a torn or
-corrupted chunk on any store reads as a miss, never as garbage.
 
 Chunks are ~`chunk_bytes` (1 MiB) uncompressed per array, so a lookup decodes a whole chunk even
 for a few rows. Readers keep a bounded LRU of decoded chunks; a stale cached chunk (the writer
 appended to it since) shows up as a checksum mismatch and is re-read from disk once before the
 entry counts as corrupt.
 
-The order in which rows, records and index fields are written (and why a crash at any point is
-safe) is in `cache.store`.
+The names and record format are in `cache.layout`, the root that holds the shards in `cache.root`; the
+order in which rows, records and index fields are written (and why a crash at any point is safe) is in
+`cache.store`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import os
-import re
-import shutil
 import time
 import uuid
-import zlib
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, ZstdCodec
-from zarr.core.sync import sync as zarr_sync
-from zarr.errors import ContainsGroupError
 
-ROOT_FORMAT = "opd-teacher-cache"
-SHARD_FORMAT = "opd-teacher-cache-shard"
-FORMAT_VERSION = 1
-SHARDS = "shards"
-LOCKS = "locks"
-LOGPROBS = "logprobs_N"
-TOPK_IDS = "topk_ids_NK"
-TOPK_LOGPROBS = "topk_logprobs_NK"
-RECORDS = "records_NR"
-TOPK_DTYPES = ("float16", "float32")
-COMPRESSIONS = ("blosc-lz4", "blosc-zstd", "zstd", "none")
-
-_WRITER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-_MAGIC = b"OPDR"
-RECORD_DTYPE = np.dtype(
-    [("magic", "V4"), ("key", "V16"), ("row", "<u4"), ("length", "<u4"), ("checksum", "<u4"), ("rec_crc", "<u4")]
+from cache.layout import (
+    FORMAT_VERSION,
+    LOGPROBS,
+    RECORD_BYTES,
+    RECORDS,
+    SHARD_FORMAT,
+    SHARDS,
+    TOPK_IDS,
+    TOPK_LOGPROBS,
+    CacheError,
+    ShardIncomplete,
+    ShardRecord,
+    ShardUnavailable,
+    compressors,
+    parse_records,
 )
-RECORD_BYTES = RECORD_DTYPE.itemsize
-"""36 bytes: magic, 16-byte key, row, length, data CRC32, CRC32 of the preceding 32 bytes."""
-
-
-class CacheError(RuntimeError):
-    """A cache-level failure that is not bad input (e.g. the writer id is held by another process)."""
-
-
-class ShardUnavailable(CacheError):
-    """A shard cannot be opened: missing (evicted), not fully created, or unreadable metadata."""
-
-
-class ShardIncomplete(ShardUnavailable):
-    """A shard whose creation never finished (its writer died creating it): no entries, not damage."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Records (the per-shard manifest) and checksums
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ShardRecord:
-    """One manifest record: entry `key_hex` is rows [row, row+length) of its shard, data CRC `checksum`."""
-
-    index: int
-    key_hex: str
-    row: int
-    length: int
-    checksum: int
-
-    @property
-    def end(self) -> int:
-        return self.row + self.length
-
-
-def pack_records(records: Sequence[tuple[str, int, int, int]]) -> np.ndarray:
-    """(key_hex, row, length, checksum) tuples -> uint8[n, RECORD_BYTES], each with its own CRC."""
-    out = np.zeros(len(records), dtype=RECORD_DTYPE)
-    for i, (key_hex, row, length, checksum) in enumerate(records):
-        out[i]["magic"] = np.void(_MAGIC)
-        out[i]["key"] = np.void(bytes.fromhex(key_hex))
-        out[i]["row"], out[i]["length"], out[i]["checksum"] = row, length, checksum
-        out[i]["rec_crc"] = zlib.crc32(out[i : i + 1].tobytes()[:32])
-    return out.view(np.uint8).reshape(len(records), RECORD_BYTES)
-
-
-def parse_records(raw_NR: np.ndarray, first_index: int) -> tuple[list[ShardRecord], int]:
-    """Decode record slots; returns (valid records, count of non-empty slots that fail their CRC)."""
-    raw_NR = np.ascontiguousarray(raw_NR, dtype=np.uint8)
-    used = np.flatnonzero(raw_NR.any(axis=1))
-    recs = raw_NR.view(RECORD_DTYPE).reshape(-1)
-    out: list[ShardRecord] = []
-    torn = 0
-    for i in used.tolist():
-        b = raw_NR[i].tobytes()
-        if b[:4] != _MAGIC or zlib.crc32(b[:32]) != int(recs[i]["rec_crc"]):
-            torn += 1
-            continue
-        r = recs[i]
-        out.append(ShardRecord(first_index + i, b[4:20].hex(), int(r["row"]), int(r["length"]), int(r["checksum"])))
-    return out, torn
-
-
-def entry_checksum(logprobs_N: np.ndarray, topk_ids_NK: np.ndarray, topk_logprobs_NK: np.ndarray) -> int:
-    """CRC32 over the stored bytes of one entry (logprobs, then top-k ids, then top-k logprobs)."""
-    crc = zlib.crc32(np.ascontiguousarray(logprobs_N))
-    if topk_ids_NK.size:
-        crc = zlib.crc32(np.ascontiguousarray(topk_ids_NK), crc)
-        crc = zlib.crc32(np.ascontiguousarray(topk_logprobs_NK), crc)
-    return crc
-
-
-# ---------------------------------------------------------------------------------------------
-# Storage root, locks, shards
-# ---------------------------------------------------------------------------------------------
-
-
-async def _collect(it: AsyncIterator[str]) -> list[str]:
-    return [x async for x in it]
-
-
-def _compressors(name: str, *, bitshuffle: bool = False) -> Any:
-    """The codec `name` stands for. `bitshuffle` (blosc only) shuffles bits instead of bytes.
-
-    WHY bitshuffle for top-k ids: an id below 2^18 (a 152k vocabulary) leaves 14 of its 32 bits zero.
-    Byte shuffle only removes the all-zero top byte (measured: 2.5 B per id with blosc-lz4); bitshuffle
-    removes every zero bit plane, down to the ids' bit width (2.25 B per id for 152k ids, 2.0 for 32k).
-    For floats it does not help (their mantissas are noise). The codec is recorded in each array's
-    zarr.json, so shards written with byte shuffle read as before.
-    """
-    shuffle = "bitshuffle" if bitshuffle else "shuffle"
-    if name == "blosc-lz4":
-        return BloscCodec(cname="lz4", clevel=5, shuffle=shuffle)
-    if name == "blosc-zstd":
-        return BloscCodec(cname="zstd", clevel=3, shuffle=shuffle)
-    if name == "zstd":
-        return ZstdCodec(level=1)
-    if name == "none":
-        return None
-    raise ValueError(f"compression must be one of {COMPRESSIONS}, got {name!r}")
-
-
-def validate_writer_id(writer_id: str) -> str:
-    if not isinstance(writer_id, str) or not _WRITER_ID.match(writer_id):
-        raise ValueError(f"writer_id must match {_WRITER_ID.pattern} (it names a directory), got {writer_id!r}")
-    return writer_id
-
-
-class WriterLock:
-    """An exclusive flock on `<root>/locks/<writer_id>.lock`; the kernel drops it when the process dies."""
-
-    def __init__(self, path: Path, fd: int) -> None:
-        self.path = path
-        self._fd: int | None = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-
-
-class CacheRoot:
-    """The Zarr root of a cache: opens (or creates) it, lists, opens, sizes and deletes shards.
-
-    Local directories get extras that object stores cannot offer: fsync of written chunk files and
-    per-writer flocks. fsspec URLs work through zarr's FsspecStore without them.
-    """
-
-    def __init__(self, root: str | os.PathLike[str], *, create: bool, storage_options: dict[str, Any] | None = None) -> None:
-        url = os.fspath(root)
-        if not url:
-            raise ValueError("cache root must be a non-empty path or URL")
-        self.url = url
-        self.local: Path | None
-        if "://" in url and not url.startswith("file://"):
-            self.local = None
-            self.store: Any = zarr.storage.FsspecStore.from_url(url, storage_options=storage_options, read_only=False)
-        else:
-            self.local = Path(url.removeprefix("file://")).resolve()
-            if not create and not (self.local / "zarr.json").exists():
-                raise FileNotFoundError(f"no teacher cache at {self.local} (missing zarr.json)")
-            self.store = zarr.storage.LocalStore(self.local)
-        if create:
-            self.group = self._require_group("", {"format": ROOT_FORMAT, "version": FORMAT_VERSION})
-        else:
-            try:
-                self.group = zarr.open_group(self.store, mode="r+")
-            except FileNotFoundError as exc:
-                raise FileNotFoundError(f"no teacher cache at {url}") from exc
-        if self.group.attrs.get("format") != ROOT_FORMAT:
-            raise ValueError(f"{url} is a zarr group but not a teacher cache (attrs {dict(self.group.attrs)})")
-
-    def _require_group(self, path: str, attributes: dict[str, Any] | None = None) -> zarr.Group:
-        """Open or create a group; tolerant of another process creating it at the same moment."""
-        try:
-            return zarr.open_group(self.store, path=path, mode="r+")
-        except FileNotFoundError:
-            pass
-        try:
-            return zarr.create_group(self.store, path=path, attributes=attributes or {})
-        except ContainsGroupError:
-            return zarr.open_group(self.store, path=path, mode="r+")
-
-    # -- listing ---------------------------------------------------------------------------------
-
-    def _list(self, prefix: str) -> list[str]:
-        return sorted(zarr_sync(_collect(self.store.list_dir(prefix))))
-
-    def list_writers(self) -> list[str]:
-        return [w for w in self._list(SHARDS) if _WRITER_ID.match(w)]
-
-    def list_shards(self, writer_id: str | None = None) -> list[str]:
-        """Shard ids (`writer/seq-uid`), in creation order per writer."""
-        writers = [writer_id] if writer_id is not None else self.list_writers()
-        out: list[str] = []
-        for w in writers:
-            out += [f"{w}/{s}" for s in self._list(f"{SHARDS}/{w}") if s[:1].isdigit()]
-        return out
-
-    def shard_path(self, shard_id: str) -> str:
-        return f"{SHARDS}/{shard_id}"
-
-    def shard_exists(self, shard_id: str) -> bool:
-        return bool(zarr_sync(self.store.exists(f"{self.shard_path(shard_id)}/zarr.json")))
-
-    def shard_nbytes(self, shard_id: str) -> int:
-        """Bytes the shard's files take (file sizes), metadata included."""
-        if self.local is not None:
-            total = 0
-            for dirpath, _dirs, files in os.walk(self.local / self.shard_path(shard_id)):
-                for f in files:
-                    with contextlib.suppress(FileNotFoundError):
-                        total += os.stat(os.path.join(dirpath, f)).st_size
-            return total
-        return int(zarr_sync(self.store.getsize_prefix(self.shard_path(shard_id))))
-
-    def delete_shard(self, shard_id: str) -> None:
-        if self.local is not None:
-            shutil.rmtree(self.local / self.shard_path(shard_id), ignore_errors=True)
-        else:
-            zarr_sync(self.store.delete_dir(self.shard_path(shard_id)))
-
-    # -- durability and locks (local roots) ----------------------------------------------------
-
-    def fsync_keys(self, keys: Iterable[str]) -> None:
-        """fsync written files and their directories (renames are durable only once the dir is)."""
-        if self.local is None:
-            return
-        dirs: set[Path] = set()
-        for key in keys:
-            path = self.local / key
-            with contextlib.suppress(FileNotFoundError):  # zarr deletes chunks equal to the fill value
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            dirs.add(path.parent)
-        for d in dirs:
-            with contextlib.suppress(FileNotFoundError):
-                fd = os.open(d, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-
-    def acquire_writer_lock(self, writer_id: str, timeout_s: float) -> WriterLock | None:
-        """Lock `writer_id` for this process (None on non-local roots, which cannot flock).
-
-        Raises CacheError if another live process holds it past `timeout_s`.
-        """
-        if self.local is None:
-            return None
-        path = self.local / LOCKS / f"{validate_writer_id(writer_id)}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + max(0.0, timeout_s)
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return WriterLock(path, fd)
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    raise CacheError(
-                        f"writer_id {writer_id!r} is held by another live process ({path}); "
-                        "every writer process needs its own writer_id"
-                    ) from None
-                time.sleep(0.05)
-
-    # -- shards ---------------------------------------------------------------------------------
-
-    def create_shard(
-        self, writer_id: str, *, k: int, topk_dtype: str, capacity: int, chunk_bytes: int, compression: str
-    ) -> Shard:
-        """A new empty shard for `writer_id`, named `<seq>-<uid>` so an id is never reused.
-
-        Never reused matters: readers cache decoded chunks by shard id, and an evicted shard's id
-        coming back with different data must not alias the cached chunks.
-        """
-        existing = self._list(f"{SHARDS}/{writer_id}")
-        seq = 1 + max((int(s.split("-")[0]) for s in existing if s.split("-")[0].isdigit()), default=0)
-        shard_id = f"{writer_id}/{seq:06d}-{uuid.uuid4().hex[:8]}"
-        self._require_group(SHARDS)
-        self._require_group(f"{SHARDS}/{writer_id}")
-        now = time.time()
-        group = zarr.create_group(
-            self.store,
-            path=self.shard_path(shard_id),
-            attributes={
-                "format": SHARD_FORMAT, "version": FORMAT_VERSION, "ready": False, "writer_id": writer_id,
-                "k": k, "topk_dtype": topk_dtype, "capacity": capacity, "created_at": now, "sealed": False,
-            },
-        )
-        comp = _compressors(compression)
-
-        def rows_for(row_bytes: int) -> int:
-            return max(1, min(capacity, chunk_bytes // row_bytes))
-
-        group.create_array(LOGPROBS, shape=(capacity,), dtype="<f4", chunks=(rows_for(4),),
-                           compressors=comp, fill_value=0.0)
-        if k > 0:
-            size = np.dtype(topk_dtype).itemsize
-            group.create_array(TOPK_IDS, shape=(capacity, k), dtype="<i4", chunks=(rows_for(4 * k), k),
-                               compressors=_compressors(compression, bitshuffle=True), fill_value=0)
-            group.create_array(TOPK_LOGPROBS, shape=(capacity, k), dtype=np.dtype(topk_dtype).newbyteorder("<"),
-                               chunks=(rows_for(size * k), k), compressors=comp, fill_value=0.0)
-        # Records are rewritten on every put, so their chunks are kept small (1/16 of a data chunk):
-        # the >= 1 MiB rule is about data throughput, and a 1 MiB record chunk would double put cost.
-        group.create_array(RECORDS, shape=(capacity, RECORD_BYTES), dtype="u1",
-                           chunks=(max(1, min(capacity, chunk_bytes // 16 // RECORD_BYTES)), RECORD_BYTES),
-                           compressors=comp, fill_value=0)
-        group.update_attributes({"ready": True})
-        self.fsync_keys(
-            [f"{self.shard_path(shard_id)}/{name}/zarr.json" for name in (LOGPROBS, TOPK_IDS, TOPK_LOGPROBS, RECORDS)]
-            + [f"{self.shard_path(shard_id)}/zarr.json"]
-        )
-        return Shard.open(self, shard_id)
+from cache.root import CacheRoot
 
 
 @dataclass
@@ -405,6 +79,54 @@ class Shard:
             self.arrays[TOPK_IDS] = group[TOPK_IDS]
             self.arrays[TOPK_LOGPROBS] = group[TOPK_LOGPROBS]
         self.chunk_rows = {name: int(arr.chunks[0]) for name, arr in self.arrays.items()}
+
+    @classmethod
+    def create(
+        cls, root: CacheRoot, writer_id: str, *, k: int, topk_dtype: str, capacity: int, chunk_bytes: int, compression: str
+    ) -> Shard:
+        """A new empty shard for `writer_id`, named `<seq>-<uid>` so an id is never reused.
+
+        Never reused matters: readers cache decoded chunks by shard id, and an evicted shard's id
+        coming back with different data must not alias the cached chunks.
+        """
+        existing = root.list_dir(f"{SHARDS}/{writer_id}")
+        seq = 1 + max((int(s.split("-")[0]) for s in existing if s.split("-")[0].isdigit()), default=0)
+        shard_id = f"{writer_id}/{seq:06d}-{uuid.uuid4().hex[:8]}"
+        root.require_group(SHARDS)
+        root.require_group(f"{SHARDS}/{writer_id}")
+        now = time.time()
+        group = zarr.create_group(
+            root.store,
+            path=root.shard_path(shard_id),
+            attributes={
+                "format": SHARD_FORMAT, "version": FORMAT_VERSION, "ready": False, "writer_id": writer_id,
+                "k": k, "topk_dtype": topk_dtype, "capacity": capacity, "created_at": now, "sealed": False,
+            },
+        )
+        comp = compressors(compression)
+
+        def rows_for(row_bytes: int) -> int:
+            return max(1, min(capacity, chunk_bytes // row_bytes))
+
+        group.create_array(LOGPROBS, shape=(capacity,), dtype="<f4", chunks=(rows_for(4),),
+                           compressors=comp, fill_value=0.0)
+        if k > 0:
+            size = np.dtype(topk_dtype).itemsize
+            group.create_array(TOPK_IDS, shape=(capacity, k), dtype="<i4", chunks=(rows_for(4 * k), k),
+                               compressors=compressors(compression, bitshuffle=True), fill_value=0)
+            group.create_array(TOPK_LOGPROBS, shape=(capacity, k), dtype=np.dtype(topk_dtype).newbyteorder("<"),
+                               chunks=(rows_for(size * k), k), compressors=comp, fill_value=0.0)
+        # Records are rewritten on every put, so their chunks are kept small (1/16 of a data chunk):
+        # the >= 1 MiB rule is about data throughput, and a 1 MiB record chunk would double put cost.
+        group.create_array(RECORDS, shape=(capacity, RECORD_BYTES), dtype="u1",
+                           chunks=(max(1, min(capacity, chunk_bytes // 16 // RECORD_BYTES)), RECORD_BYTES),
+                           compressors=comp, fill_value=0)
+        group.update_attributes({"ready": True})
+        root.fsync_keys(
+            [f"{root.shard_path(shard_id)}/{name}/zarr.json" for name in (LOGPROBS, TOPK_IDS, TOPK_LOGPROBS, RECORDS)]
+            + [f"{root.shard_path(shard_id)}/zarr.json"]
+        )
+        return cls.open(root, shard_id)
 
     @classmethod
     def open(cls, root: CacheRoot, shard_id: str) -> Shard:
@@ -518,7 +240,7 @@ class Shard:
 
     def list_chunks(self, name: str) -> list[int]:
         """Indices of the chunk files that exist for one array (written chunks)."""
-        return sorted(int(x) for x in self.root._list(f"{self.arrays[name].path}/c") if x.isdigit())
+        return sorted(int(x) for x in self.root.list_dir(f"{self.arrays[name].path}/c") if x.isdigit())
 
     def read_records(self) -> RecordScan:
         """Scan the record array chunk by chunk; an unreadable chunk is reported, not raised."""

@@ -1,7 +1,8 @@
 """The teacher's content-addressed logprob cache: Zarr shards on disk, a Redis index for speed.
 
-The two halves live in their own modules: `cache.shards` (the on-disk layout: one writer per shard,
-fixed-width manifest records, checksums, writer locks) and `cache.index` (the Redis index, which is
+The two halves live in their own modules: the on-disk half in `cache.layout` (names, fixed-width
+manifest records, checksums), `cache.root` (one writer per shard, writer locks) and `cache.shards`
+(one shard's arrays, the decoded-chunk LRU), and `cache.index` (the Redis index, which is
 only an index: the shards are the source of truth). `TeacherCache` here ties them together.
 
 Why this write order: rows are written (and fsynced) first, then the entry's manifest record, then
@@ -11,7 +12,7 @@ unreferenced rows (no record: ignored, and overwritten when the writer resumes),
 index field (only ever in the active shard, which the restarted writer re-indexes; or use
 `ops.rebuild_index`), or a shard whose creation never finished (no entries; the restarted writer
 deletes it). A torn or corrupted chunk fails its CRC and reads as a miss, never as garbage (see
-`cache.shards`).
+`cache.layout`).
 
 Values: row t of an entry covering positions [start, end) holds the score of token t given all
 tokens before it. Position 0 has no teacher score: its row holds NaN logprobs and top-k ids 0.
@@ -36,21 +37,18 @@ import redis as redis_lib
 
 from cache.index import DEFAULT_REDIS_PREFIX, IndexEntry, RedisNames, connect_redis, delete_index_if_equal
 from cache.keys import BlockKey, as_token_ids, block_keys, cache_namespace
-from cache.shards import (
+from cache.layout import (
     RECORD_BYTES,
     TOPK_DTYPES,
     CacheError,
-    CacheRoot,
-    ChunkLRU,
-    RecordScan,
-    Shard,
     ShardUnavailable,
-    WriterLock,
-    _compressors,
+    compressors,
     entry_checksum,
     pack_records,
     validate_writer_id,
 )
+from cache.root import CacheRoot, WriterLock
+from cache.shards import ChunkLRU, RecordScan, Shard
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +179,7 @@ class TeacherCache:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         if shard_rows < block_size:
             raise ValueError(f"shard_rows ({shard_rows}) must be >= block_size ({block_size}): a block never spans shards")
-        _compressors(compression)
+        compressors(compression)
         if (teacher_identity is None) == (namespace is None):
             raise ValueError("pass exactly one of teacher_identity or namespace (from cache.keys.cache_namespace)")
         if namespace is None:
@@ -586,8 +584,8 @@ class TeacherCache:
         if self._active is not None:
             self._active.seal(self._next_row, self._next_record)
         assert self.writer_id is not None
-        shard = self.root.create_shard(
-            self.writer_id, k=self.k, topk_dtype=self.topk_dtype.name, capacity=self.shard_rows,
+        shard = Shard.create(
+            self.root, self.writer_id, k=self.k, topk_dtype=self.topk_dtype.name, capacity=self.shard_rows,
             chunk_bytes=self.chunk_bytes, compression=self.compression,
         )
         self.redis.zadd(self.names.shard_hits, {shard.shard_id: shard.created_at}, nx=True)

@@ -44,7 +44,7 @@ from cache.cli import (
     human_bytes,
 )
 from cache.config import TeacherConfig
-from cache.shards import validate_writer_id
+from cache.layout import validate_writer_id
 from cache.teacher import make_scorer, open_cache, score_with_cache, topk_storage_dtype
 from protocol.config import TransportConfig
 from protocol.names import Names

@@ -14,7 +14,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from cache import ops
-from cache.shards import SHARDS, TOPK_IDS
+from cache.layout import SHARDS, TOPK_IDS
 from cache.store import TeacherCache
 
 pytestmark = pytest.mark.integration

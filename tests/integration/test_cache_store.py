@@ -22,7 +22,8 @@ import redis
 from cache import ops
 from cache.index import IndexEntry, RedisNames
 from cache.keys import block_keys, cache_namespace
-from cache.shards import LOGPROBS, TOPK_IDS, CacheError, Shard, entry_checksum, pack_records
+from cache.layout import LOGPROBS, TOPK_IDS, CacheError, entry_checksum, pack_records
+from cache.shards import Shard
 from cache.store import TeacherCache
 
 pytestmark = pytest.mark.integration

@@ -48,7 +48,7 @@ def test_missing_cache_dir_is_named(capsys: pytest.CaptureFixture[str], tmp_path
 
 def test_missing_redis_url_is_named(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    from cache.shards import CacheRoot
+    from cache.root import CacheRoot
 
     monkeypatch.delenv("OPD_REDIS_URL", raising=False)
     CacheRoot(tmp_path / "c", create=True)
@@ -59,7 +59,7 @@ def test_missing_redis_url_is_named(capsys: pytest.CaptureFixture[str], tmp_path
 
 
 def test_unreachable_redis_is_a_failure_not_a_traceback(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    from cache.shards import CacheRoot
+    from cache.root import CacheRoot
 
     CacheRoot(tmp_path / "c", create=True)
     code, _, err = run(capsys, "cache", "stats", "--set", f"teacher.cache_dir={tmp_path / 'c'}",
