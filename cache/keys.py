@@ -100,3 +100,23 @@ def block_keys(ids_T: object, block_size: int, namespace: str) -> list[BlockKey]
         prev = h.digest()
         out.append(BlockKey(prev.hex(), start, end))
     return out
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What every entry of one cache shares: the key namespace (`cache_namespace`), the block size, K and
+    the top-k storage dtype. The reader and the writer of a `TeacherCache` both work from it."""
+
+    namespace: str
+    block_size: int
+    k: int
+    topk_dtype: np.dtype
+
+    def keys(self, ids_T: object) -> list[BlockKey]:
+        """The chained block keys of a token sequence under this cache's namespace."""
+        return block_keys(ids_T, self.block_size, self.namespace)
+
+    @property
+    def row_bytes(self) -> int:
+        """Uncompressed bytes of one stored position: a float32 logprob, K int32 ids, K top-k logprobs."""
+        return 4 + self.k * (4 + self.topk_dtype.itemsize)

@@ -41,6 +41,7 @@ from prometheus_client import CollectorRegistry
 from cache.config import TeacherConfig
 from cache.scorers.base import Scores, TeacherScorer
 from protocol import ledger
+from protocol.compute import forward_flops
 from protocol.config import TransportConfig
 from protocol.messages import Message, RolloutPrefix, ScoredPrefix
 from protocol.names import Names
@@ -51,7 +52,9 @@ from protocol.telemetry import MetricsServer, TeacherMetrics, teacher_metrics
 if TYPE_CHECKING:
     import redis
 
-    from cache.store import CacheHit, PutResult, TeacherCache
+    from cache.reader import CacheHit
+    from cache.store import TeacherCache
+    from cache.writer import PutResult
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +233,7 @@ class Teacher:
         self.cache = open_cache(cfg, self.scorer.identity, self.client, self.names, worker_id) if cfg.cache_enabled else None
         self.summary = TeacherSummary()
         self.flops_saved = 0
+        self.tokens_forwarded = 0  # since the last run-stats update: the teacher's FLOPs (protocol/compute.py)
         self.next_evict = 0.0
         self.batch_cache_errors = 0
 
@@ -283,6 +287,7 @@ class Teacher:
         # Counted only once the whole batch is good: a failed batch is redone one by one.
         self.metrics.compute_saved.labels(stage="teacher_cache").inc(flops_saved)
         self.flops_saved += flops_saved
+        self.tokens_forwarded += forwarded
         for seq, f, (cached, scored) in zip(seqs, full, counts, strict=True):
             self.metrics.cache_hit_tokens.inc(f.cached_upto)
             self.metrics.cache_miss_tokens.inc(len(seq) - f.cached_upto)
@@ -344,8 +349,10 @@ class Teacher:
         cached = sum(r.cached_tokens for _d, r in done)  # type: ignore[attr-defined]
         ledger.add_stats(self.client, self.names, teacher_prefixes=len(done), teacher_tokens_scored=scored,
                          teacher_tokens_cached=cached, flops_saved_cache=self.flops_saved,
-                         teacher_cache_errors=self.batch_cache_errors)
+                         teacher_cache_errors=self.batch_cache_errors, teacher_tokens_forwarded=self.tokens_forwarded,
+                         flops_teacher=forward_flops(self.params, self.tokens_forwarded))
         self.flops_saved = 0
+        self.tokens_forwarded = 0
         self.batch_cache_errors = 0
         self.summary.prefixes += len(done)
         self.metrics.prefixes.inc(len(done))

@@ -133,12 +133,12 @@ def torn_writer_proc(root: str, redis_url: str, ready: Any) -> None:
     """Store A normally; B's rows and records but no index field; then unreferenced junk rows. Then wait."""
     cache = open_cache(root, redis_url, writer_id="torn")
     score_and_put(cache, make_seq(1))
-    shard = cache._active
+    shard = cache.writer.active
     assert shard is not None
     ids_b = make_seq(2)
     lp, ti, tl = fake_scores(ids_b, 8)
     lp[0], ti[0], tl[0] = np.nan, 0, np.nan
-    row, rec = cache._next_row, cache._next_record
+    row, rec = cache.writer.next_row, cache.writer.next_record
     records = []
     for bk in block_keys(ids_b, B, cache.namespace):
         part = (lp[bk.start : bk.end], ti[bk.start : bk.end], tl[bk.start : bk.end])
@@ -501,7 +501,7 @@ def test_corrupt_chunk_is_named_by_verify_and_missed_by_lookup(
     x, y = make_seq(11), make_seq(12)
     score_and_put(cache, x)
     score_and_put(cache, y)
-    shard = cache._active
+    shard = cache.writer.active
     assert shard is not None
     chunk_key = shard.chunk_key(array, 0)
     # Uncompressed chunks: hit row 20 exactly (x's second block); compressed: any damage kills the chunk.
