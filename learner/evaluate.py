@@ -82,16 +82,22 @@ class HeldoutEvaluator:
 @torch.no_grad()
 def heldout_reverse_kl(
     student: torch.nn.Module, teacher: torch.nn.Module, prompts: list[list[int]], *, max_new_tokens: int,
-    pad_id: int, eos_id: int | None, vocab_size: int, seed: int = 1234, batch_size: int = 16,
+    pad_id: int, eos_id: int | None, vocab_size: int, seed: int = 1234, batch_size: int = 16, use_cache: bool = True,
 ) -> EvalResult:
-    """Mean per-token KL(student || teacher) over `[0, vocab_size)` on full-length student samples."""
+    """Mean per-token KL(student || teacher) over `[0, vocab_size)` on full-length student samples.
+
+    `use_cache`: sample with the student's KV cache (one token's forward per step instead of the whole sequence:
+    hundreds of tokens cost linear, not quadratic, time); False recomputes every prefix (the same samples up
+    to float rounding, kept as the reference the cached path is tested against).
+    """
     was_training = student.training
     student.eval()
     total_kl, total_tokens = 0.0, 0
     gen = torch.Generator(device="cpu").manual_seed(seed)
     for start in range(0, len(prompts), batch_size):
         ids_BT, attn_BT, resp_mask_BR, P = _sample(student, prompts[start:start + batch_size], max_new_tokens,
-                                                   pad_id=pad_id, eos_id=eos_id, vocab_size=vocab_size, gen=gen)
+                                                   pad_id=pad_id, eos_id=eos_id, vocab_size=vocab_size, gen=gen,
+                                                   use_cache=use_cache)
         R = resp_mask_BR.shape[1]
         # logits at position t predict token t+1: response positions are P-1 .. P+R-2
         pos_BT = _positions(attn_BT)
@@ -108,7 +114,7 @@ def heldout_reverse_kl(
 
 def _sample(
     student: torch.nn.Module, chunk: list[list[int]], max_new_tokens: int, *, pad_id: int, eos_id: int | None,
-    vocab_size: int, gen: torch.Generator,
+    vocab_size: int, gen: torch.Generator, use_cache: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Left-pad `chunk`, sample up to `max_new_tokens` from the student; (ids, attention, response mask, P)."""
     device = next(student.parameters()).device
@@ -121,8 +127,18 @@ def _sample(
     ids_BT, attn_BT = ids_BT.to(device), attn_BT.to(device)
     resp_mask_list = []
     done_B = torch.zeros(len(chunk), dtype=torch.bool, device=device)
+    cache: Any = None
     for _ in range(max_new_tokens):
-        logits_BV = _logits(student, ids_BT, attn_BT, _positions(attn_BT), vocab_size)[:, -1]
+        if use_cache:  # the new token only, attending to the cached keys/values of everything before it
+            from transformers import DynamicCache
+
+            new = slice(None) if cache is None else slice(-1, None)
+            cache = cache if cache is not None else DynamicCache(config=student.config)
+            out = student(input_ids=ids_BT[:, new], attention_mask=attn_BT, position_ids=_positions(attn_BT)[:, new],
+                          cache=cache, use_cache=True)
+            logits_BV = _vocab(out.logits[:, -1], vocab_size)
+        else:
+            logits_BV = _logits(student, ids_BT, attn_BT, _positions(attn_BT), vocab_size)[:, -1]
         nxt_B = torch.multinomial(torch.softmax(logits_BV, dim=-1).cpu(), 1, generator=gen).to(device).squeeze(1)
         nxt_B = torch.where(done_B, torch.full_like(nxt_B, pad_id), nxt_B)
         resp_mask_list.append(~done_B)
@@ -138,11 +154,15 @@ def _sample(
 def _logits(model: torch.nn.Module, ids_BT: torch.Tensor, attn_BT: torch.Tensor, pos_BT: torch.Tensor,
             vocab_size: int) -> torch.Tensor:
     """float32 logits over the shared tokenizer's ids only (a padded embedding's extra rows dropped)."""
-    logits_BTV = model(input_ids=ids_BT, attention_mask=attn_BT, position_ids=pos_BT).logits
-    if logits_BTV.shape[-1] < vocab_size:
-        raise ValueError(f"the model's logits have {logits_BTV.shape[-1]} entries, fewer than the tokenizer's "
+    return _vocab(model(input_ids=ids_BT, attention_mask=attn_BT, position_ids=pos_BT).logits, vocab_size)
+
+
+def _vocab(logits_BxV: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """float32 logits of the shared tokenizer's ids (a padded embedding's extra rows dropped)."""
+    if logits_BxV.shape[-1] < vocab_size:
+        raise ValueError(f"the model's logits have {logits_BxV.shape[-1]} entries, fewer than the tokenizer's "
                          f"{vocab_size} ids")
-    return logits_BTV[..., :vocab_size].float()
+    return logits_BxV[..., :vocab_size].float()
 
 
 def _positions(attn_BT: torch.Tensor) -> torch.Tensor:
