@@ -36,7 +36,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from learner.batching import Batch, Sample, collate, pack_by_tokens
-from learner.checkpoint import latest_checkpoint, load_checkpoint, publish_weights, save_checkpoint
+from learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from learner.config import LearnerConfig
 from learner.distributed import Distributed, TrainModel, allocate, checksum
 from learner.evaluate import HeldoutEvaluator
@@ -44,6 +44,7 @@ from learner.inflight import InFlight, LearnerQueue, consumer_name
 from learner.journal import StepJournal, orphaned_journals
 from learner.losses import LossOutput, token_weights
 from learner.position_kl import PositionKL
+from learner.publish import publish_weights
 from learner.staleness import split_by_staleness
 from protocol import ledger
 from protocol.config import TransportConfig
