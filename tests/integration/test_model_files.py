@@ -28,7 +28,8 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from actors.engines.hf import HFRolloutEngine
-from learner.checkpoint import publish_weights, save_checkpoint
+from learner.checkpoint import save_checkpoint
+from learner.publish import publish_weights
 from opd.tiny import asset_paths, build_tiny_assets
 from protocol.files import check_model_dir
 

@@ -1,4 +1,4 @@
-"""Tests for learner/checkpoint.py.
+"""Tests for learner/checkpoint.py (and learner/publish.py, learner/statetree.py, learner/modeldirs.py).
 
 Behaviours pinned:
 - save -> mutate -> load restores identical parameters, AdamW state (exp_avg, exp_avg_sq, step), param
@@ -30,16 +30,17 @@ import torch
 import transformers
 
 from learner import checkpoint as ckpt
+from learner import modeldirs
 from learner.checkpoint import (
     COMPLETE_MARKER,
     latest_checkpoint,
     list_checkpoints,
-    list_published,
     load_checkpoint,
-    publish_weights,
     read_meta,
     save_checkpoint,
 )
+from learner.publish import list_published, publish_weights
+from learner.statetree import decode_tree, encode_tree
 
 transformers.logging.set_verbosity_error()
 
@@ -161,7 +162,7 @@ def test_killed_writes_are_ignored_and_cleaned_up(tmp_path, monkeypatch):
     def boom(src, dst):
         raise OSError("disk vanished")
 
-    monkeypatch.setattr(ckpt.os, "replace", boom)
+    monkeypatch.setattr(modeldirs.os, "replace", boom)
     with pytest.raises(OSError, match="disk vanished"):
         save_checkpoint(tmp_path, model=model, optimizer=optimizer, step=6, policy_version=6)
     monkeypatch.undo()
@@ -268,16 +269,16 @@ def test_state_tree_encoding_roundtrip():
         "np": np.arange(3, dtype=np.uint32),
         "__tensor__": "not a tag",
     }
-    tree = ckpt._encode(obj, "", tensors, set())
+    tree = encode_tree(obj, "", tensors, set())
     json.dumps(tree, allow_nan=False)
-    back = ckpt._decode(json.loads(json.dumps(tree)), tensors)
+    back = decode_tree(json.loads(json.dumps(tree)), tensors)
     assert back["state"][0]["step"].item() == 3.0 and torch.equal(back["state"][0]["buf"], torch.arange(4))
     assert back["state"][1] == {}
     assert back["groups"][0]["betas"] == (0.9, 0.95) and back["groups"][0]["inf"] == float("inf")
     assert back["np"].dtype == np.uint32 and back["np"].tolist() == [0, 1, 2]
     assert back["__tensor__"] == "not a tag"
     with pytest.raises(ValueError, match="cannot checkpoint a object"):
-        ckpt._encode({"x": object()}, "", {}, set())
+        encode_tree({"x": object()}, "", {}, set())
 
 
 def test_latest_checkpoint_on_missing_root(tmp_path: Path):
