@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from learner.batching import Batch
     from learner.losses.common import LossOutput
 
+
 def sampled_reverse_kl_loss(
     logprobs_BT: torch.Tensor,
     behaviour_logprobs_BT: torch.Tensor,
@@ -57,21 +58,24 @@ def sampled_reverse_kl_loss(
         weights_BT: optional per-token weights (``position_weights``, ``horizon_discount``); None = 1.
         normalizer: denominator override for gradient accumulation (see module docstring).
     """
+    _check_inputs(logprobs_BT, behaviour_logprobs_BT, teacher_logprobs_BT, mask_BT, is_cap=is_cap, weights_BT=weights_BT)
+    return _tis_loss(logprobs_BT, behaviour_logprobs_BT, teacher_logprobs_BT, mask_BT, is_cap=is_cap,
+                     weights_BT=weights_BT, normalizer=normalizer)
+
+
+def _check_inputs(
+    logprobs_BT: torch.Tensor,
+    behaviour_logprobs_BT: torch.Tensor,
+    teacher_logprobs_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    *,
+    is_cap: float,
+    weights_BT: torch.Tensor | None,
+) -> None:
+    """Shapes, dtypes and ``is_cap`` of `sampled_reverse_kl_loss`'s inputs: a ValueError naming the argument."""
     # Imported here, not at the top: the config variant below is part of the config tree, which `opd --help`
     # loads without torch.
-    import torch
-
-    from learner.losses.common import (
-        LossOutput,
-        as_bool_mask,
-        check_weights,
-        masked_mean,
-        opd_advantages,
-        require_float,
-        require_ndim,
-        require_shape,
-        stat_mean,
-    )
+    from learner.losses.common import check_weights, require_float, require_ndim, require_shape
 
     require_ndim("logprobs_BT", logprobs_BT, 2)
     shape = tuple(logprobs_BT.shape)
@@ -92,7 +96,24 @@ def sampled_reverse_kl_loss(
     if isinstance(is_cap, bool) or not (isinstance(is_cap, int | float) and is_cap > 0):
         raise ValueError(f"is_cap must be a positive number (math.inf to disable truncation), got {is_cap!r}")
 
+
+def _tis_loss(
+    logprobs_BT: torch.Tensor,
+    behaviour_logprobs_BT: torch.Tensor,
+    teacher_logprobs_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    *,
+    is_cap: float,
+    weights_BT: torch.Tensor | None,
+    normalizer: float | torch.Tensor | None,
+) -> LossOutput:
+    """The math of `sampled_reverse_kl_loss` on checked inputs (see its docstring)."""
+    import torch
+
+    from learner.losses.common import LossOutput, as_bool_mask, masked_mean, opd_advantages, stat_mean
+
     mask_BT = as_bool_mask(mask_BT)
+    shape = tuple(logprobs_BT.shape)
     dtype = torch.promote_types(logprobs_BT.dtype, torch.float32)
     zeros_BT = torch.zeros(shape, dtype=dtype, device=logprobs_BT.device)
     logprobs_BT = logprobs_BT.to(dtype)
