@@ -265,17 +265,9 @@ def build_tiny_assets(
     Prompt files carry the reference `continuation` next to `prompt` (loaders ignore extra keys).
     Measured facts (parameter counts, losses, build time) go to `root/build_info.json`.
     """
-    for name, value, low in (
-        ("teacher_steps", teacher_steps, 0),
-        ("student_warmup_steps", student_warmup_steps, 0),
-        ("batch_size", batch_size, 1),
-        ("n_train_prompts", n_train_prompts, 1),
-        ("n_heldout_prompts", n_heldout_prompts, 1),
-    ):
-        if value < low:
-            raise ValueError(f"{name} must be >= {low}, got {value}")
-    if teacher_train_seconds <= 0:
-        raise ValueError(f"teacher_train_seconds must be > 0, got {teacher_train_seconds}")
+    _check_build_args(teacher_train_seconds=teacher_train_seconds, teacher_steps=teacher_steps,
+                      student_warmup_steps=student_warmup_steps, batch_size=batch_size,
+                      n_train_prompts=n_train_prompts, n_heldout_prompts=n_heldout_prompts)
     emit = log or (lambda _msg: None)
     root = Path(root)
     paths = asset_paths(root)
@@ -302,6 +294,38 @@ def build_tiny_assets(
 
     vocab = len(tokenizer)
     info: dict[str, object] = {"seed": seed, "vocab_size": vocab}
+    trained, results = _train_models(vocab, sample_batch, seed=seed, teacher_steps=teacher_steps,
+                                     student_warmup_steps=student_warmup_steps,
+                                     max_seconds=teacher_train_seconds, log=emit)
+    _save_models(trained, results, paths, tokenizer, info, teacher_steps=teacher_steps,
+                 student_warmup_steps=student_warmup_steps, log=emit)
+    info["build_seconds"] = round(time.monotonic() - started, 3)
+    (root / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    (root / COMPLETE_MARKER).write_text("")
+    emit(f"tiny: built in {info['build_seconds']}s under {root}")
+    return paths
+
+
+def _check_build_args(*, teacher_train_seconds: float, teacher_steps: int, student_warmup_steps: int, batch_size: int,
+                      n_train_prompts: int, n_heldout_prompts: int) -> None:
+    for name, value, low in (
+        ("teacher_steps", teacher_steps, 0),
+        ("student_warmup_steps", student_warmup_steps, 0),
+        ("batch_size", batch_size, 1),
+        ("n_train_prompts", n_train_prompts, 1),
+        ("n_heldout_prompts", n_heldout_prompts, 1),
+    ):
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+    if teacher_train_seconds <= 0:
+        raise ValueError(f"teacher_train_seconds must be > 0, got {teacher_train_seconds}")
+
+
+def _train_models(
+    vocab: int, sample_batch: Callable[[], list[list[int]]], *, seed: int, teacher_steps: int, student_warmup_steps: int,
+    max_seconds: float, log: Callable[[str], None],
+) -> tuple[dict[str, LlamaForCausalLM], dict[str, tuple[int, float]]]:
+    """The teacher and the student, built from `seed` and trained on `sample_batch` (single thread, forked RNG)."""
     with torch.random.fork_rng(devices=[]), single_thread():
         torch.manual_seed(seed)
         teacher = LlamaForCausalLM(make_config(vocab, hidden=160, layers=2, heads=4, intermediate=320))
@@ -312,22 +336,30 @@ def build_tiny_assets(
                 sample_batch,
                 steps=teacher_steps,
                 lr=3e-3,
-                max_seconds=teacher_train_seconds,
-                log=emit,
+                max_seconds=max_seconds,
+                log=log,
             ),
             "student": train_lm(
                 student,
                 sample_batch,
                 steps=student_warmup_steps,
                 lr=1e-3,
-                max_seconds=teacher_train_seconds,
-                log=emit,
+                max_seconds=max_seconds,
+                log=log,
             ),
         }
+    return {"teacher": teacher, "student": student}, results
+
+
+def _save_models(
+    trained: dict[str, LlamaForCausalLM], results: dict[str, tuple[int, float]], paths: TinyAssets,
+    tokenizer: PreTrainedTokenizerFast, info: dict[str, object], *, teacher_steps: int, student_warmup_steps: int, log: Callable[[str], None],
+) -> None:
+    """Each model as an HF dir with the tokenizer, readable by other users; its measured facts into `info`."""
     with quiet_progress_bars():
         for name, model, d in (
-            ("teacher", teacher, paths.teacher_dir),
-            ("student", student, paths.student_dir),
+            ("teacher", trained["teacher"], paths.teacher_dir),
+            ("student", trained["student"], paths.student_dir),
         ):
             model.generation_config.eos_token_id = EOS_ID
             model.generation_config.bos_token_id = BOS_ID
@@ -342,9 +374,4 @@ def build_tiny_assets(
                 "requested_steps": teacher_steps if name == "teacher" else student_warmup_steps,
                 "final_loss": loss if steps else None,
             }
-            emit(f"tiny: {name} {info[name]}")
-    info["build_seconds"] = round(time.monotonic() - started, 3)
-    (root / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    (root / COMPLETE_MARKER).write_text("")
-    emit(f"tiny: built in {info['build_seconds']}s under {root}")
-    return paths
+            log(f"tiny: {name} {info[name]}")
