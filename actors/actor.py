@@ -21,6 +21,7 @@ from actors.config import ActorConfig
 from actors.engines.base import RolloutEngine
 from actors.schedules import Schedule
 from protocol import ledger
+from protocol.compute import forward_flops
 from protocol.config import TransportConfig
 from protocol.messages import RolloutPrefix
 from protocol.names import Names
@@ -236,7 +237,8 @@ class Actor:
             waited = self.queue.wait_for_room(timeout_s=self.backpressure_timeout_s, should_stop=self.stop.is_set)
             self.metrics.admission_wait.inc(waited)
             self.queue.publish(msg, ledger_outcome=ledger.PRODUCED)
-        self.account(horizons, drawn, probes, [(len(g.response_ids), g.finished) for g in gens])
+        self.account(horizons, drawn, probes, [(len(g.response_ids), g.finished) for g in gens],
+                     prompt_tokens=sum(len(self.prompts[i]) for i in indices))
         self.metrics.queue_depth.labels(stream=self.names.rollouts).set(self.queue.depth())
         return len(gens)
 
@@ -252,10 +254,12 @@ class Actor:
                   for h in drawn]
         return drawn, probes, [max_new if p else h for h, p in zip(drawn, probes, strict=True)]
 
-    def account(self, horizons: list[int], drawn: list[int], probes: list[bool], outcomes: list[tuple[int, bool]]) -> None:
+    def account(self, horizons: list[int], drawn: list[int], probes: list[bool], outcomes: list[tuple[int, bool]],
+                *, prompt_tokens: int = 0) -> None:
         """Count one published batch: tokens generated, the budget bound, the probes' savings; metrics and run stats.
 
-        `outcomes` holds (tokens generated, finished at EOS) per rollout.
+        `outcomes` holds (tokens generated, finished at EOS) per rollout; `prompt_tokens` is the batch's prompt
+        tokens (prefilled: part of the generation FLOPs, `protocol/compute.py`).
         """
         max_new, s = self.cfg.max_new_tokens, self.summary
         bound = probe_tokens = budget = truncated = 0
@@ -290,7 +294,8 @@ class Actor:
                          actor_tokens_saved=bound, flops_saved_truncation=2 * self.params * bound,
                          actor_budget_tokens=budget, actor_truncated=truncated, actor_probes=tally.probes,
                          actor_probe_tokens=probe_tokens, probe_saving_sum=tally.saving_sum,
-                         probe_saving_sq_sum=tally.saving_sq_sum)
+                         probe_saving_sq_sum=tally.saving_sq_sum, actor_prompt_tokens=prompt_tokens,
+                         flops_generation=forward_flops(self.params, prompt_tokens + generated_total))
 
     def run(self) -> ActorSummary:
         self.maybe_reload(force=True)

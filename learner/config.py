@@ -29,6 +29,9 @@ class LearnerConfig(BaseModel):
     model_dir: UserPath = Field("", description="Initial student (Hugging Face format).")
     workdir: UserPath = Field("runs/learner", description="Checkpoints and published weights go under here.")
     steps: int = Field(100, ge=1, description="Optimizer steps to train.")
+    max_flops: float | None = Field(
+        None, gt=0, description="Also stop (and drain) once the run has spent this many FLOPs: generation + teacher "
+        "scoring + learner, from the run stats every role adds to (protocol/compute.py). None: steps alone decide.")
     batch_size: int = Field(16, ge=1, description="Prefixes per optimizer step (global batch: under torchrun the "
                             "ranks share it).")
     micro_batch_tokens: int = Field(4096, ge=16, description="Token budget of one micro-batch (gradient accumulation).")

@@ -47,6 +47,7 @@ from learner.position_kl import PositionKL
 from learner.publish import publish_weights
 from learner.staleness import split_by_staleness
 from protocol import ledger
+from protocol.compute import ComputeTally, format_flops, train_flops
 from protocol.config import TransportConfig
 from protocol.files import check_model_dir
 from protocol.messages import ScoredPrefix, WeightsAnnouncement
@@ -73,6 +74,7 @@ class StepStats:
     clip_fraction: float = 0.0
     padding_fraction: float = 0.0
     seconds: float = 0.0
+    sequence_tokens: int = 0  # prompt + response tokens forwarded and back-propagated (protocol/compute.py)
 
 
 @dataclass
@@ -225,6 +227,7 @@ class Learner:
         self.pad_id = _pad_id(self.tokenizer)
         self.model = AutoModelForCausalLM.from_pretrained(cfg.model_dir, dtype=torch.float32).to(self.device)
         self.model.train()
+        self.params = sum(p.numel() for p in self.model.parameters())  # before any sharding
         self.step = 0
         self.version = 0
         ckpt = latest_checkpoint(self.workdir / "checkpoints")
@@ -417,8 +420,10 @@ class Learner:
         groups = pack_by_tokens(lengths, cfg.micro_batch_tokens) if samples else []
         local_tokens = sum(len(s.response_ids) for s in samples)
         total_tokens, total_samples, n_micro = local_tokens, len(samples), len(groups)
+        sequence_tokens = sum(lengths)
         if self.dist.enabled:
-            total_tokens, total_samples = (int(v) for v in self.dist.sum([local_tokens, len(samples)]))
+            total_tokens, total_samples, sequence_tokens = (
+                int(v) for v in self.dist.sum([local_tokens, len(samples), sequence_tokens]))
             n_micro = int(self.dist.max([len(groups)])[0])
         # DDP and FSDP average gradients over ranks, hence the division by the world size.
         normalizer = max(total_tokens, 1) / self.dist.world_size
@@ -461,7 +466,7 @@ class Learner:
             loss=acc["loss"], reverse_kl=acc["kl"] / denom, tokens=total_tokens, samples=total_samples,
             ratio_mean=acc["rmean"] / denom if acc["rmean"] else 1.0, ratio_max=acc["rmax"] or 1.0,
             clip_fraction=acc["clip"] / denom, padding_fraction=acc["pad"] / max(acc["slots"], 1),
-            seconds=time.perf_counter() - t0,
+            seconds=time.perf_counter() - t0, sequence_tokens=sequence_tokens,
         )
 
     def _empty_micro_batch(self, autocast: contextlib.AbstractContextManager[Any]) -> None:
@@ -598,14 +603,15 @@ class Learner:
         drain_error: TimeoutError | None = None
         try:
             while True:
-                if self.step >= cfg.steps and not draining:
+                reason = None if draining else self._done_reason()
+                if reason is not None:
                     if not cfg.drain:
                         break
                     draining = True
                     if self.dist.is_main:
                         self.client.hset(self.names.control, "stop_producing", "1")
                     self.advertise(phase="draining")
-                    log.info("reached %d steps: draining in-flight prefixes", cfg.steps)
+                    log.info("%s: draining in-flight prefixes", reason)
                 deadline = 2.0 if draining else cfg.read_timeout_s
                 batch, waited, total, stopping, drained = self._collect(prefetch, deadline_s=deadline, draining=draining)
                 idle += waited
@@ -651,6 +657,25 @@ class Learner:
             raise drain_error
         return self.summary
 
+    def _done_reason(self) -> str | None:
+        """Why training should stop now (`learner.steps` reached, or the run's FLOPs reached `learner.max_flops`), or None.
+
+        The FLOPs are the run stats every role adds to (protocol/compute.py), so the budget covers generation and
+        teacher scoring too; under several ranks they agree through a max, as they read Redis at different times.
+        """
+        if self.step >= self.cfg.steps:
+            return f"reached {self.cfg.steps} steps"
+        if self.cfg.max_flops is None:
+            return None
+        spent = ComputeTally.from_stats(ledger.stats(self.client, self.names)).total
+        over = spent >= self.cfg.max_flops
+        if self.dist.enabled:
+            over = bool(self.dist.max([float(over)])[0])
+        if not over:
+            return None
+        return (f"spent the compute budget at step {self.step} ({format_flops(spent)} of learner.max_flops="
+                f"{format_flops(self.cfg.max_flops)})")
+
     def _drained(self) -> bool:
         """Nothing in flight and no actor still producing: the run's books are closed."""
         return int(self.client.scard(self.names.key("actors"))) == 0 and ledger.counts(self.client, self.names)[ledger.PRODUCED] == 0
@@ -679,6 +704,8 @@ class Learner:
         m.queue_depth.labels(stream=self.names.scored).set(self.queue.depth())
         if history is None:
             return
+        ledger.add_stats(self.client, self.names, learner_steps=1, learner_tokens=s.sequence_tokens,
+                         learner_response_tokens=s.tokens, flops_learner=train_flops(self.params, s.sequence_tokens))
         row = {"step": self.step, "version": self.version, "loss": s.loss, "reverse_kl": s.reverse_kl, "tokens": s.tokens,
                "samples": s.samples, "seconds": s.seconds, "waited_s": waited_s, "tokens_per_second": tps,
                "idle_fraction": idle_fraction,
