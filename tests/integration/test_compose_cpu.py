@@ -61,10 +61,12 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.compose, py
 ROLES = ("actor", "teacher", "learner")
 START = {"actor": 2, "teacher": 2, "learner": 1}
 SCALED = {"actor": 2, "teacher": 3, "learner": 1}
-# Learner steps of the run (OPD_CPU_STEPS). Enough that the scale-up and the scrapes below happen
-# while it trains on a loaded 2-core machine (measured: ~3 steps/s with 6 other jobs running); a run
-# that ends sooner fails with a message saying so rather than passing on a finished pipeline.
-STEPS = 600
+# Learner steps of the run (OPD_CPU_STEPS). The scale-up and the scrapes below must happen while it
+# trains; they wait on fixed intervals (health checks every 5 s, DNS discovery every 10 s, scrapes
+# every 5 s) while the run's pace follows the CPU. Measured on 2 cores: 3-5 steps/s, everything
+# below done by step ~260; 1000 leaves room for a machine twice as fast. A run that ends sooner fails
+# with a message saying so rather than passing on a finished pipeline.
+STEPS = 1000
 NAMESPACE = "opd"  # configs/compose-cpu.yaml keeps the default transport.namespace
 SCRAPE_INTERVAL_S = 5  # deploy/prometheus/prometheus.yml
 RATE_INTERVAL_S = 30
@@ -209,10 +211,8 @@ def scenario(compose: Compose) -> Run:
     prom = Prometheus(f"http://127.0.0.1:{_env_value(compose, 'PROMETHEUS_HOST_PORT')}")
     run_ = Run(compose, client, Names(NAMESPACE), prom)
     deadline = time.monotonic() + DEADLINE_S
+    _models_as_the_roles_see_them(run_)
     _wait(run_, "every replica healthy", lambda: _all_healthy(run_, START), deadline)
-    teacher = next(c for c in _role_containers(run_) if c.service == "teacher")
-    run_.roles_uid = compose.exec(teacher, "id", "-u").strip()
-    run_.unreadable_models = compose.exec(teacher, "find", "/data/assets", "!", "-perm", "-0004")
     # A malformed message (valid msgpack, wrong schema): the dead-letter panels need one.
     bad = msgpack.packb({"kind": "rollout", "v": 1, "id": BAD_ID, "prompt_ids_P": "oops"})
     client.xadd(run_.names.rollouts, {b"m": bad})
@@ -226,6 +226,21 @@ def scenario(compose: Compose) -> Run:
     run_.note(f"quiet for {QUIET_S:.0f}s after the run")
     print("compose scenario:\n  " + "\n  ".join(run_.log))  # shown with -s or -rP
     return run_
+
+
+def _models_as_the_roles_see_them(run_: Run) -> None:
+    """Files under /data/assets that others cannot read, seen from a one-off container of the teacher
+    service (its user, its mounts): a role that cannot read its model fails with a misleading
+    "No such file or directory", so this is checked and named before the roles are waited for."""
+    script = "id -u; find /data/assets ! -perm -0004 2>&1"
+    out = run_.compose("run", "--rm", "--no-deps", "-T", "--entrypoint", "sh", "teacher", "-c", script,
+                       timeout_s=300, check=False)
+    lines = out.stdout.splitlines()
+    run_.roles_uid = lines[0].strip() if lines else ""
+    run_.unreadable_models = "\n".join(lines[1:]) + out.stderr[-2000:] * (out.returncode != 0)
+    if run_.unreadable_models:
+        _fail(run_, f"models not readable by the roles' user (uid {run_.roles_uid}):\n{run_.unreadable_models}")
+    run_.note(f"models readable by uid {run_.roles_uid}")
 
 
 def _scale_up(run_: Run, deadline: float) -> None:
