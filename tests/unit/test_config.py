@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from opd.commands import config_docs
 from opd.config import ConfigError, OPDConfig, apply_override, load_config
@@ -19,7 +20,16 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_shipped_configs_validate(path: Path) -> None:
+def test_shipped_configs_validate(path: Path, tmp_path: Path) -> None:
+    if "rows" in (yaml.safe_load(path.read_text()) or {}):  # an experiment (opd experiment run): its own schema,
+        from opd.experiment.config import load_experiment  # and every row's pipeline config validates
+        from opd.experiment.runner import pipeline_config, plan
+
+        for quick in (False, True):
+            cfg = load_experiment(path, quick=quick)
+            for spec in plan(cfg, tmp_path / cfg.name):
+                assert isinstance(pipeline_config(cfg, spec, vocab_size=64), OPDConfig)
+        return
     cfg = load_config(path)
     assert isinstance(cfg, OPDConfig)
 

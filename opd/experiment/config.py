@@ -1,0 +1,164 @@
+"""The experiment's configuration (`configs/experiment-*.yaml`): rows, seeds, the compute budget, evaluation.
+
+One file describes the whole comparison. `pipeline` is an ordinary `opd up` config tree shared by every OPD
+row; a row changes only what it compares (its truncation schedule, its loss, the teacher's top-k, any other
+`--set`-style key), so two rows differ in exactly what their names say. The runner fills in what must differ
+per run (model paths, work dirs, seeds, the budget) and validates every row's config before anything starts.
+
+`quick` replaces rows, seeds, budget and evaluation sizes for `--quick` (a subset that fits this 2-core
+machine in under 30 minutes); the report says which rows and seeds it ran.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from protocol.files import UserPath
+
+ROW_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+class RowConfig(BaseModel):
+    """One line of the table: an OPD pipeline variant, or the TRL peer baseline."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., pattern=ROW_NAME, description="Row name (its runs go to runs/<name>/seed<k>/).")
+    kind: Literal["opd", "trl"] = Field("opd", description="opd: the pipeline; trl: TRL's GKDTrainer (reverse KL).")
+    label: str = Field("", description="What the row is, for the table (default: its name).")
+    schedule: str | dict[str, Any] | None = Field(None, description="actor.schedule (None: the pipeline's).")
+    loss: str | dict[str, Any] | None = Field(None, description="learner.loss (None: the experiment's `loss`).")
+    teacher_topk: int | Literal["vocab"] | None = Field(
+        None, description="teacher.topk; `vocab`: the whole vocabulary (topk_kl is then the exact KL). None: the "
+        "experiment's `teacher_topk`.")
+    set: list[str] = Field(default_factory=list, description="More KEY=VALUE overrides of the pipeline config.")
+
+    @model_validator(mode="after")
+    def _trl_takes_no_pipeline_options(self) -> RowConfig:
+        if self.kind == "trl" and (self.schedule is not None or self.loss is not None or self.set):
+            raise ValueError(f"rows.{self.name}: a trl row has no schedule, loss or set (it always trains on full "
+                             "rollouts with the exact reverse KL)")
+        return self
+
+
+class EvalSettings(BaseModel):
+    """Held-out evaluation of every checkpoint (outside the compute budget)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kl_prompts: int = Field(64, ge=1, description="Held-out prompts for the full-length reverse KL to the teacher.")
+    accuracy_prompts: int = Field(200, ge=0, description="Held-out problems for greedy exact match (0: skip).")
+    checker: Literal["task", "none"] = Field("task", description="task: the binary task's checker; none: KL only "
+                                             "(your own models and prompts).")
+    max_new_tokens: int | None = Field(None, ge=1, description="Generation budget (None: actor.max_new_tokens).")
+    batch_size: int = Field(32, ge=1, description="Prompts per evaluation batch.")
+    seed: int = Field(1234, description="Seed of the KL's samples (the same for every checkpoint: paired).")
+
+
+class TRLSettings(BaseModel):
+    """The peer baseline's own options; everything else (models, prompts, lr, batch, budget) is the pipeline's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lmbda: float = Field(1.0, ge=0, le=1, description="GKD's on-policy fraction (1: always student samples).")
+    beta: float = Field(1.0, ge=0, le=1, description="GKD's JSD interpolation (1: reverse KL, what OPD minimises).")
+    threads: int = Field(1, ge=1, description="torch threads of the TRL process.")
+    timeout_s: float = Field(3600.0, gt=0, description="Give up on the TRL run after this long.")
+
+
+class QuickSettings(BaseModel):
+    """What `--quick` runs instead: a subset, fewer seeds, a smaller budget and evaluation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rows: list[str] | None = None
+    seeds: list[int] | None = None
+    budget_flops: float | None = Field(None, gt=0)
+    checkpoints: int | None = Field(None, ge=1)
+    eval: dict[str, Any] = Field(default_factory=dict, description="Overrides of `eval`.")
+    set: list[str] = Field(default_factory=list, description="More pipeline overrides for every OPD row.")
+
+
+class ExperimentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("truncation", pattern=ROW_NAME)
+    out_dir: UserPath = Field("runs/experiment", description="Results go to <out_dir>/<name>[-quick]/.")
+    models_dir: UserPath = Field("models/task", description="teacher/, student/, prompts.jsonl, heldout.jsonl "
+                                 "(what `opd experiment train-teacher` / `train-student` write).")
+    student_dir: UserPath | None = Field(None, description="Student model dir (None: <models_dir>/student).")
+    teacher_dir: UserPath | None = Field(None, description="Teacher model dir (None: <models_dir>/teacher).")
+    prompts_file: UserPath | None = Field(None, description="Training prompts (None: <models_dir>/prompts.jsonl).")
+    heldout_file: UserPath | None = Field(None, description="Held-out prompts (None: <models_dir>/heldout.jsonl).")
+    pipeline: dict[str, Any] = Field(default_factory=dict, description="The `opd up` config tree every OPD row "
+                                     "starts from.")
+    loss: str | dict[str, Any] | None = Field(None, description="learner.loss of rows that name none.")
+    teacher_topk: int | Literal["vocab"] | None = Field(None, description="teacher.topk of rows that name none.")
+    budget_flops: float = Field(..., gt=0, description="Compute budget of every run (protocol/compute.py).")
+    checkpoints: int = Field(5, ge=1, description="Evaluate at budget x i / checkpoints, i = 1..checkpoints.")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    reference_row: str = Field("full", description="The row whose final accuracy the others must reach.")
+    threads: int = Field(1, ge=1, description="torch threads of the evaluation (the runner's process).")
+    keep_weights: bool = Field(True, description="Keep each run's checkpoint weights after evaluating them (false "
+                               "for big models: checkpoints x runs copies of the student).")
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+    trl: TRLSettings = Field(default_factory=TRLSettings)
+    rows: list[RowConfig] = Field(..., min_length=1)
+    quick: QuickSettings | None = None
+
+    @model_validator(mode="after")
+    def _rows_unique(self) -> ExperimentConfig:
+        names = [r.name for r in self.rows]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"rows: duplicate names {dup}")
+        if self.quick is not None and self.quick.rows is not None:
+            unknown = sorted(set(self.quick.rows) - set(names))
+            if unknown:
+                raise ValueError(f"quick.rows: {unknown} are not rows (rows: {names})")
+        return self
+
+    def path(self, name: Literal["student_dir", "teacher_dir", "prompts_file", "heldout_file"]) -> Path:
+        """A model or data path: the explicit key, else its place under `models_dir`."""
+        given = getattr(self, name)
+        if given is not None:
+            return Path(given)
+        default = {"student_dir": "student", "teacher_dir": "teacher", "prompts_file": "prompts.jsonl",
+                   "heldout_file": "heldout.jsonl"}[name]
+        return Path(self.models_dir) / default
+
+    def for_quick(self) -> ExperimentConfig:
+        """The `--quick` variant: the `quick` section applied, named `<name>-quick`."""
+        if self.quick is None:
+            raise ValueError("--quick: the config has no `quick` section")
+        q = self.quick
+        rows = [r for r in self.rows if q.rows is None or r.name in q.rows]
+        data = self.model_dump(mode="python")
+        data.update(name=f"{self.name}-quick", rows=[r.model_dump() for r in rows], quick=None,
+                    seeds=q.seeds or self.seeds, budget_flops=q.budget_flops or self.budget_flops,
+                    checkpoints=q.checkpoints or self.checkpoints,
+                    eval={**self.eval.model_dump(), **q.eval})
+        if q.set:
+            data["rows"] = [{**r, "set": [*q.set, *r["set"]]} if r["kind"] == "opd" else r for r in data["rows"]]
+        return ExperimentConfig.model_validate(data)
+
+
+def load_experiment(path: str | Path, *, quick: bool = False) -> ExperimentConfig:
+    """The experiment config in `path` (the `--quick` variant if asked); ValueError naming the key on a mistake."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"experiment config {p} does not exist")
+    try:
+        tree = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"experiment config {p} is not valid YAML: {exc}") from None
+    try:
+        cfg = ExperimentConfig.model_validate(tree)
+        return cfg.for_quick() if quick else cfg
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(str(x) for x in e['loc']) or '(top level)'}: {e['msg']}" for e in exc.errors()]
+        raise ValueError(f"invalid experiment config {p}:\n" + "\n".join(lines)) from None

@@ -1,0 +1,71 @@
+"""Held-out evaluation of a student checkpoint: full-length reverse KL to the teacher, greedy exact match.
+
+Both numbers answer "is the student closer to the teacher on complete answers", whatever it was trained on:
+- the reverse KL is the learner's own held-out measure (`learner/evaluate.py`): the exact per-token
+  KL(student || teacher) over the vocabulary on full-length student samples, prompts encoded as the actors
+  encode training prompts (`protocol/prompts.py`), the same prompts and sampling seed for every checkpoint;
+- exact match is the task's checker on complete greedy generations (`opd/experiment/train.py`
+  `greedy_accuracy`): the answer must be right and end with EOS, so a student trained on prefixes that
+  forgot how to finish scores 0.
+
+The same code evaluates the pipeline's checkpoints and the TRL baseline's saved student.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from opd.experiment.config import EvalSettings
+
+
+class Evaluator:
+    """The teacher and the held-out sets, loaded once; `evaluate(model_dir)` per checkpoint."""
+
+    def __init__(self, settings: EvalSettings, *, teacher_dir: Path, heldout_file: Path, max_new_tokens: int,
+                 use_chat_template: bool | None, add_bos: bool | None, threads: int) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        from opd.experiment import task
+        from protocol.prompts import PromptFormat, load_prompts
+        from protocol.vocab import load_tokenizer, shared_vocab_size
+
+        torch.set_num_threads(threads)
+        hf_logging.disable_progress_bar()  # a bar per checkpoint loaded would bury the experiment's progress
+        self.settings, self.max_new_tokens = settings, max_new_tokens
+        self.tokenizer = load_tokenizer(str(teacher_dir))
+        self.vocab_size = shared_vocab_size(self.tokenizer)
+        self.teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+        fmt = PromptFormat(use_chat_template=use_chat_template, add_bos=add_bos)
+        self.kl_prompts = load_prompts(heldout_file, self.tokenizer, fmt, limit=settings.kl_prompts)
+        self.problems: list[Any] = []
+        if settings.checker == "task" and settings.accuracy_prompts:
+            texts = task.read_prompts(heldout_file)[: settings.accuracy_prompts]
+            self.problems = [task.make_problem(task.number_in_prompt(t)) for t in texts]
+        self.pad_id = next(int(i) for i in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, 0) if i is not None)
+        self.eos_id = self.tokenizer.eos_token_id
+
+    def evaluate(self, model_dir: str | Path) -> dict[str, Any]:
+        """{"reverse_kl", "kl_tokens", "mean_response_len", "accuracy", "finished", "mean_greedy_tokens", "seconds"}."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from learner.evaluate import heldout_reverse_kl
+        from opd.experiment.train import greedy_accuracy
+
+        t0 = time.monotonic()
+        student = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        kl = heldout_reverse_kl(student, self.teacher, self.kl_prompts, max_new_tokens=self.max_new_tokens,
+                                pad_id=self.pad_id, eos_id=self.eos_id, vocab_size=self.vocab_size,
+                                seed=self.settings.seed, batch_size=self.settings.batch_size)
+        out: dict[str, Any] = {"reverse_kl": kl.reverse_kl, "kl_tokens": kl.tokens,
+                               "mean_response_len": kl.mean_response_len}
+        if self.problems:
+            acc = greedy_accuracy(student, self.tokenizer, self.problems, batch_size=self.settings.batch_size,
+                                  max_new_tokens=self.max_new_tokens)
+            out.update(accuracy=acc["accuracy"], finished=acc["finished"], mean_greedy_tokens=acc["mean_tokens"])
+        out["seconds"] = round(time.monotonic() - t0, 2)
+        return out

@@ -1,0 +1,181 @@
+"""The peer baseline: TRL's `GKDTrainer` (trl.experimental.gkd) with the reverse KL, at the same compute budget.
+
+What a user would otherwise run: synchronous on-policy distillation (generate with the student, score with
+the teacher, train, repeat, in one process). Same student, teacher, training prompts (encoded as the actors
+encode them), learning rate, warm-up, gradient clip, batch size, sampling temperature and generation budget
+as the pipeline's rows; `beta=1` makes GKD's generalised JSD the reverse KL(student || teacher) over the
+whole vocabulary at every generated position and `lmbda=1` trains on student samples only.
+
+Two choices, so the comparison is like for like:
+- batches hold prompts of one length (no padding in front of a prompt: the models saw position 0 at the
+  prompt's first token, as the pipeline's actors give it to them);
+- the loss is the mean over the batch's generated tokens (GKD would otherwise divide by the token count of
+  the dataset's reference completions), the learner's token mean;
+- activation (gradient) checkpointing off: TRL turns it on by default, and GKD then generates without a KV
+  cache (quadratic in the answer length); these models are far too small to need it.
+
+Compute is counted with the pipeline's formula (protocol/compute.py) from the tokens each step really ran:
+generation 2 N_s (prompt + generated), teacher 2 N_t (prompt + generated), training 6 N_s (prompt +
+generated), padding excluded. Weights are saved when the FLOPs reach each mark (budget x i / checkpoints)
+and training stops at the budget. Evaluation is the runner's (opd/experiment/evaluate.py), on these saves.
+
+Run as `python -m opd.experiment.trl_baseline SPEC.json` (a subprocess of the runner, so TRL, accelerate and
+datasets stay out of the runner's process); exit code 3 with one line on stderr when TRL does not import.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from protocol.compute import ComputeTally, forward_flops, train_flops
+
+UNAVAILABLE = 3
+
+
+def _batches_by_length(prompts: list[list[int]], batch_size: int, seed: int, count: int) -> list[list[int]]:
+    """`count` prompts arranged so that every run of `batch_size` has one prompt length (seeded shuffle)."""
+    rng = random.Random(seed)
+    by_len: dict[int, list[list[int]]] = {}
+    for p in prompts:
+        by_len.setdefault(len(p), []).append(p)
+    out: list[list[int]] = []
+    while len(out) < count:
+        chunks = []
+        for group in by_len.values():
+            group = group[:]
+            rng.shuffle(group)
+            chunks += [group[i:i + batch_size] for i in range(0, len(group) - batch_size + 1, batch_size)]
+        if not chunks:
+            raise ValueError(f"no prompt length has {batch_size} prompts: lower learner.batch_size")
+        rng.shuffle(chunks)
+        out += [p for chunk in chunks for p in chunk]
+    return out[:count]
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train until the budget; returns the record (marks with their FLOPs, wall-clock, steps)."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, TrainerCallback
+
+    from protocol.prompts import PromptFormat, load_prompts
+    from protocol.vocab import load_tokenizer
+
+    try:
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+    except ImportError as exc:
+        raise ModuleNotFoundError(f"trl.experimental.gkd does not import ({exc}): pip install -e '.[trl]'") from exc
+
+    torch.set_num_threads(int(spec["threads"]))
+    torch.manual_seed(int(spec["seed"]))
+    out = Path(spec["out"])
+    tokenizer = load_tokenizer(spec["student_dir"])
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    fmt = PromptFormat(use_chat_template=spec.get("use_chat_template"), add_bos=spec.get("add_bos"))
+    prompts = load_prompts(spec["prompts_file"], tokenizer, fmt)
+    batch = int(spec["batch_size"])
+    student = AutoModelForCausalLM.from_pretrained(spec["student_dir"], dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(spec["teacher_dir"], dtype=torch.float32)
+    n_s = sum(p.numel() for p in student.parameters())
+    n_t = sum(p.numel() for p in teacher.parameters())
+    marks = sorted(float(m) for m in spec["marks"])
+    # Enough batches for the budget even if every answer were one token long (training stops at the budget).
+    cheapest_batch = batch * (8 * n_s + 2 * n_t) * (min(len(p) for p in prompts) + 1)
+    max_batches = int(marks[-1] // cheapest_batch) + 2
+    ordered = _batches_by_length(prompts, batch, int(spec["seed"]), count=batch * max_batches)
+    dataset = Dataset.from_list([{"prompt_ids": p} for p in ordered])
+    state: dict[str, Any] = {"tally": ComputeTally(), "marks": [], "t0": None, "steps": 0}
+
+    class Trainer(GKDTrainer):  # type: ignore[misc]
+        def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Any:
+            return torch.utils.data.SequentialSampler(self.train_dataset)  # keeps the one-length batches
+
+        def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
+            tokens = int(inputs["attention_mask"].sum())  # prompt + generated (EOS included), no padding
+            state["tally"] = state["tally"] + ComputeTally(generation=forward_flops(n_s, tokens),
+                                                           teacher=forward_flops(n_t, tokens),
+                                                           learner=train_flops(n_s, tokens))
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=None)
+
+    class Budget(TrainerCallback):  # type: ignore[misc]
+        def on_train_begin(self, args: Any, st: Any, control: Any, **kw: Any) -> None:
+            state["t0"] = time.monotonic()
+
+        def on_step_end(self, args: Any, st: Any, control: Any, **kw: Any) -> None:
+            state["steps"] = st.global_step
+            tally: ComputeTally = state["tally"]
+            if st.global_step % 5 == 0:
+                _log(f"trl: step {st.global_step}: {tally.total:.4g} FLOPs")
+            while len(state["marks"]) < len(marks) and tally.total >= marks[len(state["marks"])]:
+                index = len(state["marks"]) + 1
+                dest = out / "checkpoints" / f"c{index}"
+                trainer.model.save_pretrained(dest)
+                tokenizer.save_pretrained(dest)
+                state["marks"].append({"index": index, "mark_flops": marks[index - 1], "flops": tally.as_dict(),
+                                       "wall_s": round(time.monotonic() - state["t0"], 3), "step": st.global_step,
+                                       "version": st.global_step, "weights": str(dest)})
+                _log(f"trl: step {st.global_step}: {tally.total:.3g} FLOPs, kept checkpoint {index}/{len(marks)}")
+            if len(state["marks"]) == len(marks):
+                control.should_training_stop = True
+
+    args = GKDConfig(
+        output_dir=str(out / "trainer"), per_device_train_batch_size=batch, gradient_accumulation_steps=1,
+        learning_rate=float(spec["lr"]), lr_scheduler_type="constant_with_warmup",
+        warmup_steps=int(spec["warmup_steps"]), max_grad_norm=float(spec["grad_clip"]), weight_decay=0.0,
+        max_steps=max_batches, lmbda=float(spec["lmbda"]), beta=float(spec["beta"]),
+        temperature=float(spec["temperature"]), max_new_tokens=int(spec["max_new_tokens"]), seed=int(spec["seed"]),
+        report_to="none", save_strategy="no", logging_steps=10, use_cpu=True, dataloader_num_workers=0,
+        disable_tqdm=True, bf16=False, fp16=False, max_length=None, activation_checkpointing=False,
+    )
+    trainer = Trainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
+                      processing_class=tokenizer, data_collator=_collator(tokenizer), callbacks=[Budget()])
+    trainer.train()
+    tally = state["tally"]
+    return {"marks": state["marks"], "final_flops": tally.as_dict(), "steps": state["steps"],
+            "wall_s": round(time.monotonic() - (state["t0"] or time.monotonic()), 3),
+            "params": {"student": n_s, "teacher": n_t}}
+
+
+def _collator(tokenizer: Any) -> Any:
+    """Batches of one-length prompts: `prompts` to generate from (GKD's on-policy path replaces the rest)."""
+    import torch
+
+    def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        lengths = {len(r["prompt_ids"]) for r in rows}
+        if len(lengths) != 1:
+            raise ValueError(f"a TRL batch mixes prompt lengths {sorted(lengths)}")
+        ids_BP = torch.tensor([r["prompt_ids"] for r in rows], dtype=torch.long)
+        ones_BP = torch.ones_like(ids_BP)
+        return {"prompts": ids_BP, "prompt_attention_mask": ones_BP, "input_ids": ids_BP, "attention_mask": ones_BP,
+                "labels": torch.full_like(ids_BP, -100)}
+
+    return collate
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m opd.experiment.trl_baseline SPEC.json", file=sys.stderr)
+        return 2
+    spec = json.loads(Path(argv[0]).read_text())
+    try:
+        record = run(spec)
+    except ModuleNotFoundError as exc:
+        print(f"trl baseline unavailable: {exc}", file=sys.stderr)
+        return UNAVAILABLE
+    Path(spec["out"], "record.json").write_text(json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
