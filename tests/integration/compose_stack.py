@@ -48,7 +48,8 @@ def engine_answers() -> bool:
 def ensure_engine() -> bool:
     """Install and start a Docker engine unless one answers; True if this call started it."""
     if engine_answers():
-        run(["bash", str(SETUP_DOCKER), "install"], timeout_s=900)  # the compose plugin, if missing
+        if subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=60).returncode != 0:
+            run(["bash", str(SETUP_DOCKER), "install"], timeout_s=900)  # the Compose v2 plugin
         return False
     run(["bash", str(SETUP_DOCKER), "install"], timeout_s=900)
     run(["bash", str(SETUP_DOCKER), "start"], timeout_s=300)
