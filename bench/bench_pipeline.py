@@ -172,7 +172,7 @@ def run_sync(cfg: OPDConfig, steps: int, warmup: int, *, threads: int) -> Result
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, samples: list[Sample], pad_id: int,
                micro_batch_tokens: int, loss: Loss, grad_clip: float) -> int:
-    """The learner's step (`learner.loop.Learner.train_step`, single process, the configured `learner.loss`)."""
+    """The learner's step (`learner.step.Trainer.step`, single process, the configured `learner.loss`)."""
     lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
     total = sum(len(s.response_ids) for s in samples)
     optimizer.zero_grad(set_to_none=True)

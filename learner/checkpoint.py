@@ -67,6 +67,20 @@ class StatefulObject(Protocol):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
 
 
+class Stash:
+    """A `StatefulObject` that only holds a state dict: what `load_checkpoint` fills before the optimizer
+    exists (``learner/resume.py``), or a gathered FSDP optimizer state for `save_checkpoint`."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, Any] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.state = state_dict
+
+
 @dataclass(frozen=True)
 class CheckpointMeta:
     """What ``load_checkpoint`` returns: the checkpoint's ``meta.json`` plus where it was read from."""

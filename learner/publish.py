@@ -1,7 +1,10 @@
-"""Weight publication: the policy the actors sample from, as a bare HF dir ``root/v000123/``.
+"""What the learner tells the others: its weights and its state.
 
-Written atomically like a checkpoint (``learner/modeldirs.py``: tmp dir + rename), with the modes a plain
-write would have, so actors, SGLang servers and other users can read it.
+Weights: the policy the actors sample from, as a bare HF dir ``root/v000123/`` (``publish_weights``), written
+atomically like a checkpoint (``learner/modeldirs.py``: tmp dir + rename) with the modes a plain write would
+have, so actors, SGLang servers and other users can read it; then announced (``protocol/runtime.py``). State:
+the typed, versioned ``LearnerState`` (``protocol/state.py``) that admission control, truncation schedules and
+``opd top`` read. ``Publisher`` does both for the learner's loop.
 """
 
 from __future__ import annotations
@@ -10,9 +13,15 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
+import redis
+import torch
+
+from learner.config import LearnerConfig
+from learner.distributed import Distributed, TrainModel
 from learner.modeldirs import (
     PretrainedModel,
     commit_dir,
@@ -23,6 +32,12 @@ from learner.modeldirs import (
     save_model,
     tree_nbytes,
 )
+from protocol import ledger
+from protocol.messages import WeightsAnnouncement
+from protocol.names import Names
+from protocol.runtime import announce_weights
+from protocol.state import LearnerState, publish_state
+from protocol.telemetry import LearnerMetrics
 
 _VERSION_RE = re.compile(r"^v(\d{6,})$")
 
@@ -85,3 +100,75 @@ def publish_weights(
     remove_leftovers(root, "v")
     prune_older(numbered_dirs(root, _VERSION_RE, marker=None), version, keep_last)
     return final, nbytes
+
+
+class FullWeights:
+    """An HF model plus its gathered (unsharded) weights, saved as a plain HF directory (FSDP)."""
+
+    def __init__(self, module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+        self.module = module
+        self.weights = weights
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> Any:
+        return self.module.save_pretrained(save_directory, state_dict=self.weights, **kwargs)  # type: ignore[operator]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.weights
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> Any:
+        raise NotImplementedError("gathered weights are written, never loaded")
+
+
+class Publisher:
+    """What the learner tells actors, schedules and `opd top`: its weights (an HF dir, then an announcement)
+    and its `LearnerState` (``protocol/state.py``). Rank 0 writes; under FSDP every rank takes part in
+    gathering the weights."""
+
+    def __init__(self, cfg: LearnerConfig, client: redis.Redis, names: Names, dist: Distributed,
+                 metrics: LearnerMetrics, model: torch.nn.Module, train_model: TrainModel, tokenizer: SavesPretrained,
+                 workdir: Path) -> None:
+        self.cfg = cfg
+        self.client = client
+        self.names = names
+        self.dist = dist
+        self.metrics = metrics
+        self.model = model
+        self.train_model = train_model
+        self.tokenizer = tokenizer
+        self.workdir = workdir
+        self.measured: dict[str, Any] = {}  # the latest measurements, republished with every state
+
+    def saveable(self) -> Any:
+        """What checkpoint/publish write: the model itself, or (FSDP, a collective) its gathered weights."""
+        if self.train_model.mode != "fsdp":
+            return self.model
+        return FullWeights(self.model, self.train_model.full_state_dict())
+
+    def weights(self, *, version: int, step: int) -> None:
+        """Write the weights as an HF dir and announce the version (rank 0; every rank gathers under FSDP)."""
+        t0 = time.perf_counter()
+        model = self.saveable()
+        if not self.dist.is_main:
+            return
+        path, nbytes = publish_weights(model, self.workdir / "weights", version, self.cfg.keep_published,
+                                       tokenizer=self.tokenizer)
+        announce_weights(self.client, self.names, WeightsAnnouncement(
+            version=version, path=str(Path(path).resolve()), step=step, nbytes=nbytes))
+        dt = time.perf_counter() - t0
+        self.metrics.publish_seconds.set(dt)
+        self.metrics.publish_bytes.inc(nbytes)
+        self.metrics.policy_version.set(version)
+
+    def state(self, *, version: int, step: int, **measured: Any) -> None:
+        """Publish the learner's `LearnerState`: admission control, schedules and `opd top` read it.
+        `measured` updates the measurements carried along (phase, loss, held-out KL, ...)."""
+        if not self.dist.is_main:
+            return
+        self.measured.update(measured)
+        # `retired` is read now, after the weights of `version` are published: actors admit new work
+        # against it, so a slot freed by this step is only taken by work sampled with this step's weights.
+        retired = sum(ledger.counts(self.client, self.names)[o] for o in ledger.TERMINAL)
+        publish_state(self.client, self.names, LearnerState(
+            version=version, step=step, batch_size=self.cfg.batch_size, max_staleness=self.cfg.max_staleness,
+            ranks=self.dist.world_size, retired=retired, **self.measured,
+        ))

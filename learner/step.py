@@ -1,0 +1,178 @@
+"""One optimizer step of the learner: token-budget micro-batches, gradient accumulation, the configured loss.
+
+Why every rank runs the same number of micro-batches: the collectives inside the forward (FSDP) and the one
+gradient all-reduce per step (DDP) must line up, so a rank with fewer pads with a zero-loss one. The loss is
+normalised by all ranks' response tokens, so a step is the token mean over the global batch however the
+samples are split. The loss is a component (``learner.loss``, one file each in ``learner/losses/``), built
+once with ``cfg.loss.build()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from learner.batching import Batch, Sample, collate, pack_by_tokens
+from learner.config import LearnerConfig
+from learner.distributed import Distributed, TrainModel
+from learner.losses import LossOutput, token_weights
+from protocol.messages import ScoredPrefix
+from protocol.telemetry import LearnerMetrics
+
+
+@dataclass
+class StepStats:
+    """What one step did, summed or averaged over all ranks (the metrics, ``history.jsonl`` and the state)."""
+
+    loss: float
+    reverse_kl: float
+    tokens: int
+    samples: int = 0
+    ratio_mean: float = 1.0
+    ratio_max: float = 1.0
+    clip_fraction: float = 0.0
+    padding_fraction: float = 0.0
+    seconds: float = 0.0
+    sequence_tokens: int = 0  # prompt + response tokens forwarded and back-propagated (protocol/compute.py)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+    def export(self, metrics: LearnerMetrics, *, version: int, idle_fraction: float) -> None:
+        """Set the step's Prometheus metrics."""
+        metrics.steps.inc()
+        metrics.loss.set(self.loss)
+        metrics.reverse_kl.set(self.reverse_kl)
+        metrics.tokens_trained.inc(self.tokens)
+        metrics.tokens_per_second.set(self.tokens_per_second)
+        metrics.policy_version.set(version)
+        metrics.idle_fraction.set(idle_fraction)
+        metrics.ratio_mean.set(self.ratio_mean)
+        metrics.ratio_max.set(self.ratio_max)
+        metrics.clip_fraction.set(self.clip_fraction)
+        metrics.padding_fraction.set(self.padding_fraction)
+
+    def history_row(self, *, step: int, version: int, waited_s: float, idle_fraction: float) -> dict[str, Any]:
+        """The step's line of ``history.jsonl``."""
+        return {"step": step, "version": version, "loss": self.loss, "reverse_kl": self.reverse_kl, "tokens": self.tokens,
+                "samples": self.samples, "seconds": self.seconds, "waited_s": waited_s,
+                "tokens_per_second": self.tokens_per_second, "idle_fraction": idle_fraction,
+                "ratio_mean": self.ratio_mean, "ratio_max": self.ratio_max, "clip_fraction": self.clip_fraction,
+                "padding_fraction": self.padding_fraction, "time": time.time()}
+
+
+@dataclass
+class _Plan:
+    """This rank's micro-batches, and the step's totals over all ranks."""
+
+    samples: list[Sample]
+    groups: list[list[int]]  # indices into samples, one list per micro-batch
+    n_micro: int  # micro-batches every rank runs (the most any rank has)
+    tokens: int  # response tokens: the loss normalizer
+    samples_total: int
+    sequence_tokens: int
+
+
+class Trainer:
+    """The model being trained, its optimizer and LR schedule, and the loss: `step` takes one optimizer step."""
+
+    def __init__(self, cfg: LearnerConfig, train_model: TrainModel, dist: Distributed, device: torch.device,
+                 pad_id: int) -> None:
+        self.cfg = cfg
+        self.train_model = train_model
+        self.dist = dist
+        self.device = device
+        self.pad_id = pad_id
+        self.loss = cfg.loss.build()
+        self.optimizer = torch.optim.AdamW(train_model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        warmup = cfg.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
+        )
+
+    def step(self, messages: list[ScoredPrefix]) -> StepStats:
+        """One optimizer step on this rank's share (possibly empty when several ranks train)."""
+        t0 = time.perf_counter()
+        plan = self._plan(messages)
+        # DDP and FSDP average gradients over ranks, hence the division by the world size.
+        normalizer = max(plan.tokens, 1) / self.dist.world_size
+        self.optimizer.zero_grad(set_to_none=True)
+        acc = {"loss": 0.0, "kl": 0.0, "rmean": 0.0, "rmax": 0.0, "clip": 0.0, "pad": 0.0, "slots": 0.0}
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
+        for i in range(plan.n_micro):
+            with self.train_model.grad_sync(i == plan.n_micro - 1):
+                if i >= len(plan.groups):
+                    self._empty_micro_batch(autocast)
+                    continue
+                batch = collate([plan.samples[j] for j in plan.groups[i]], self.pad_id).to(self.device)
+                with autocast:
+                    logits_BTV = self.train_model(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).logits
+                out = self._loss(batch, logits_BTV, normalizer=normalizer)
+                out.loss.backward()
+            _accumulate(acc, out, batch)
+        torch.nn.utils.clip_grad_norm_(self.train_model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return self._stats(acc, plan, t0)
+
+    def _plan(self, messages: list[ScoredPrefix]) -> _Plan:
+        """Pack this rank's samples into micro-batches of at most `learner.micro_batch_tokens`; agree on totals."""
+        samples = [Sample.from_record(m) for m in messages]
+        lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
+        groups = pack_by_tokens(lengths, self.cfg.micro_batch_tokens) if samples else []
+        local_tokens = sum(len(s.response_ids) for s in samples)
+        total_tokens, total_samples, n_micro = local_tokens, len(samples), len(groups)
+        sequence_tokens = sum(lengths)
+        if self.dist.enabled:
+            total_tokens, total_samples, sequence_tokens = (
+                int(v) for v in self.dist.sum([local_tokens, len(samples), sequence_tokens]))
+            n_micro = int(self.dist.max([len(groups)])[0])
+        return _Plan(samples, groups, n_micro, total_tokens, total_samples, sequence_tokens)
+
+    def _empty_micro_batch(self, autocast: contextlib.AbstractContextManager[Any]) -> None:
+        """A forward/backward that changes nothing, for a rank with fewer micro-batches than the others."""
+        ids_BT = torch.full((1, 1), self.pad_id, dtype=torch.long, device=self.device)
+        with autocast:
+            logits_BTV = self.train_model(input_ids=ids_BT, attention_mask=torch.ones_like(ids_BT)).logits
+        (logits_BTV.float().sum() * 0.0).backward()
+
+    def _loss(self, batch: Batch, logits_BTV: torch.Tensor, *, normalizer: float) -> LossOutput:
+        """The configured loss component (``learner.loss``), with the per-token weights the config asks for."""
+        weights_BT = token_weights(batch, position_gamma=self.cfg.position_gamma,
+                                   horizon_discount_factor=self.cfg.horizon_discount)
+        return self.loss(batch, logits_BTV, weights_BT=weights_BT, normalizer=normalizer)
+
+    def _stats(self, acc: dict[str, float], plan: _Plan, t0: float) -> StepStats:
+        """The step's statistics over all ranks (token-weighted means, the max of the ratio maxima)."""
+        if self.dist.enabled:
+            keys = ("loss", "kl", "rmean", "clip", "pad", "slots")
+            for key, value in zip(keys, self.dist.sum([acc[k] for k in keys]), strict=True):
+                acc[key] = value
+            acc["loss"] /= self.dist.world_size
+            acc["rmax"] = self.dist.max([acc["rmax"]])[0]
+        denom = max(plan.tokens, 1)
+        return StepStats(
+            loss=acc["loss"], reverse_kl=acc["kl"] / denom, tokens=plan.tokens, samples=plan.samples_total,
+            ratio_mean=acc["rmean"] / denom if acc["rmean"] else 1.0, ratio_max=acc["rmax"] or 1.0,
+            clip_fraction=acc["clip"] / denom, padding_fraction=acc["pad"] / max(acc["slots"], 1),
+            seconds=time.perf_counter() - t0, sequence_tokens=plan.sequence_tokens,
+        )
+
+
+def _accumulate(acc: dict[str, float], out: LossOutput, batch: Batch) -> None:
+    """Add one micro-batch's loss output to the step's sums (token-weighted, so ranks and micro-batches combine)."""
+    n = float(out.tokens)
+    acc["loss"] += float(out.loss.detach())
+    acc["kl"] += float(out.reverse_kl) * n
+    if out.ratio_mean is not None:
+        acc["rmean"] += float(out.ratio_mean) * n
+        acc["rmax"] = max(acc["rmax"], float(out.ratio_max))
+        acc["clip"] += float(out.clip_fraction) * n
+    slots = batch.attention_mask_BT.numel()
+    acc["pad"] += batch.padding_fraction * slots
+    acc["slots"] += slots
