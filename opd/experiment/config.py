@@ -57,6 +57,8 @@ class EvalSettings(BaseModel):
     max_new_tokens: int | None = Field(None, ge=1, description="Generation budget (None: actor.max_new_tokens).")
     batch_size: int = Field(32, ge=1, description="Prompts per evaluation batch.")
     seed: int = Field(1234, description="Seed of the KL's samples (the same for every checkpoint: paired).")
+    device: str = Field("auto", description="Device of the KL evaluation: auto | cpu | cuda | cuda:N (the task's "
+                        "greedy exact match runs on the CPU).")
 
 
 class TRLSettings(BaseModel):
@@ -67,6 +69,7 @@ class TRLSettings(BaseModel):
     lmbda: float = Field(1.0, ge=0, le=1, description="GKD's on-policy fraction (1: always student samples).")
     beta: float = Field(1.0, ge=0, le=1, description="GKD's JSD interpolation (1: reverse KL, what OPD minimises).")
     threads: int = Field(1, ge=1, description="torch threads of the TRL process.")
+    device: str = Field("auto", description="auto (cuda when torch sees one) | cpu | cuda.")
     timeout_s: float = Field(3600.0, gt=0, description="Give up on the TRL run after this long.")
 
 

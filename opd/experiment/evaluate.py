@@ -31,6 +31,7 @@ class Evaluator:
 
         from opd.experiment import task
         from protocol.prompts import PromptFormat, load_prompts
+        from protocol.runtime import resolve_device
         from protocol.vocab import load_tokenizer, shared_vocab_size
 
         torch.set_num_threads(threads)
@@ -38,7 +39,8 @@ class Evaluator:
         self.settings, self.max_new_tokens = settings, max_new_tokens
         self.tokenizer = load_tokenizer(str(teacher_dir))
         self.vocab_size = shared_vocab_size(self.tokenizer)
-        self.teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+        self.device = torch.device(resolve_device(settings.device))
+        self.teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).to(self.device).eval()
         fmt = PromptFormat(use_chat_template=use_chat_template, add_bos=add_bos)
         self.kl_prompts = load_prompts(heldout_file, self.tokenizer, fmt, limit=settings.kl_prompts)
         self.problems: list[Any] = []
@@ -57,14 +59,14 @@ class Evaluator:
         from opd.experiment.train import greedy_accuracy
 
         t0 = time.monotonic()
-        student = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        student = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(self.device).eval()
         kl = heldout_reverse_kl(student, self.teacher, self.kl_prompts, max_new_tokens=self.max_new_tokens,
                                 pad_id=self.pad_id, eos_id=self.eos_id, vocab_size=self.vocab_size,
                                 seed=self.settings.seed, batch_size=self.settings.batch_size)
         out: dict[str, Any] = {"reverse_kl": kl.reverse_kl, "kl_tokens": kl.tokens,
                                "mean_response_len": kl.mean_response_len}
         if self.problems:
-            acc = greedy_accuracy(student, self.tokenizer, self.problems, batch_size=self.settings.batch_size,
+            acc = greedy_accuracy(student.to("cpu"), self.tokenizer, self.problems, batch_size=self.settings.batch_size,
                                   max_new_tokens=self.max_new_tokens)
             out.update(accuracy=acc["accuracy"], finished=acc["finished"], mean_greedy_tokens=acc["mean_tokens"])
         out["seconds"] = round(time.monotonic() - t0, 2)

@@ -95,9 +95,11 @@ def aggregate(cfg: Any, records: list[dict[str, Any]], *, quick: bool, command: 
     for row in rows:
         flops = row["reach"].get("flops")
         row["reach"]["vs_reference"] = ref_reach / flops if flops and ref_reach else None  # None: 0 / 0 or unknown
+    initial = ref["checkpoints"][0]["accuracy"] if ref is not None else None
     return {"name": cfg.name, "command": command, "quick": quick, "budget_flops": cfg.budget_flops,
             "checkpoints": cfg.checkpoints, "seeds": cfg.seeds, "reference_row": cfg.reference_row,
-            "target_accuracy": target, "rows": rows}
+            "target_accuracy": target, "target_trivial": target is not None and initial is not None and target <= initial,
+            "rows": rows}
 
 
 def _pm(mean: float | None, std: float | None, scale: float = 1.0, digits: int = 1) -> str:
@@ -144,6 +146,9 @@ def markdown(summary: dict[str, Any]) -> str:
             f"{row['wall_s']:.0f}" if row["wall_s"] is not None else "-",
             f"{row['generated']:.0f}" if row["generated"] is not None else "-",
             f"{100 * row['saved_fraction']:.0f}%" if row["saved_fraction"] is not None else "-"]) + " |")
+    if summary.get("target_trivial"):
+        lines += ["", f"The student already had `{summary['reference_row']}`'s final accuracy before training: this "
+                  "table says nothing here; compare the KL."]
     notes = [f"- `{row['name']}` skipped: {row['skipped']}" for row in rows if row["skipped"]]
     notes += [f"- `{row['name']}` seed {seed} failed: {reason.splitlines()[0]}" for row in rows
               for seed, reason in row["failed"].items()]

@@ -148,6 +148,8 @@ def run_trl(cfg: ExperimentConfig, spec: RunSpec, pipe: OPDConfig, marks: list[f
     """The TRL baseline in a subprocess; raises `Skipped` where TRL does not import."""
     import importlib.util
 
+    from protocol.runtime import resolve_device
+
     if importlib.util.find_spec("trl") is None:
         raise Skipped("trl is not installed (pip install -e '.[trl]')")
     spec.dir.mkdir(parents=True, exist_ok=True)
@@ -156,7 +158,8 @@ def run_trl(cfg: ExperimentConfig, spec: RunSpec, pipe: OPDConfig, marks: list[f
            "add_bos": pipe.actor.add_bos, "batch_size": pipe.learner.batch_size, "lr": pipe.learner.lr,
            "warmup_steps": pipe.learner.warmup_steps, "grad_clip": pipe.learner.grad_clip,
            "temperature": pipe.actor.temperature, "max_new_tokens": pipe.actor.max_new_tokens, "seed": spec.seed,
-           "threads": cfg.trl.threads, "lmbda": cfg.trl.lmbda, "beta": cfg.trl.beta, "marks": marks}
+           "threads": cfg.trl.threads, "lmbda": cfg.trl.lmbda, "beta": cfg.trl.beta, "marks": marks,
+           "device": resolve_device(cfg.trl.device)}
     (spec.dir / "trl_spec.json").write_text(json.dumps(job, indent=2) + "\n")
     log_path = spec.dir / "trl.log"
     cmd = [sys.executable, "-m", "opd.experiment.trl_baseline", str(spec.dir / "trl_spec.json")]

@@ -29,6 +29,7 @@ import json
 import random
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,11 +58,21 @@ def _batches_by_length(prompts: list[list[int]], batch_size: int, seed: int, cou
     return out[:count]
 
 
+@dataclass
+class Tally:
+    """What the trainer spent so far and what it kept (shared by the trainer subclass and the callback)."""
+
+    flops: ComputeTally = field(default_factory=ComputeTally)
+    marks: list[dict[str, Any]] = field(default_factory=list)
+    t0: float | None = None
+    steps: int = 0
+
+
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     """Train until the budget; returns the record (marks with their FLOPs, wall-clock, steps)."""
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import AutoModelForCausalLM
 
     from protocol.prompts import PromptFormat, load_prompts
     from protocol.vocab import load_tokenizer
@@ -73,73 +84,80 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(int(spec["threads"]))
     torch.manual_seed(int(spec["seed"]))
-    out = Path(spec["out"])
     tokenizer = load_tokenizer(spec["student_dir"])
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     fmt = PromptFormat(use_chat_template=spec.get("use_chat_template"), add_bos=spec.get("add_bos"))
     prompts = load_prompts(spec["prompts_file"], tokenizer, fmt)
-    batch = int(spec["batch_size"])
     student = AutoModelForCausalLM.from_pretrained(spec["student_dir"], dtype=torch.float32)
     teacher = AutoModelForCausalLM.from_pretrained(spec["teacher_dir"], dtype=torch.float32)
-    n_s = sum(p.numel() for p in student.parameters())
-    n_t = sum(p.numel() for p in teacher.parameters())
-    marks = sorted(float(m) for m in spec["marks"])
+    n_s, n_t = (sum(p.numel() for p in m.parameters()) for m in (student, teacher))
+    marks, batch = sorted(float(m) for m in spec["marks"]), int(spec["batch_size"])
     # Enough batches for the budget even if every answer were one token long (training stops at the budget).
-    cheapest_batch = batch * (8 * n_s + 2 * n_t) * (min(len(p) for p in prompts) + 1)
-    max_batches = int(marks[-1] // cheapest_batch) + 2
+    max_batches = int(marks[-1] // (batch * (8 * n_s + 2 * n_t) * (min(len(p) for p in prompts) + 1))) + 2
     ordered = _batches_by_length(prompts, batch, int(spec["seed"]), count=batch * max_batches)
-    dataset = Dataset.from_list([{"prompt_ids": p} for p in ordered])
-    state: dict[str, Any] = {"tally": ComputeTally(), "marks": [], "t0": None, "steps": 0}
+    tally = Tally()
+    args = GKDConfig(
+        output_dir=str(Path(spec["out"]) / "trainer"), per_device_train_batch_size=batch,
+        gradient_accumulation_steps=1, learning_rate=float(spec["lr"]), lr_scheduler_type="constant_with_warmup",
+        warmup_steps=int(spec["warmup_steps"]), max_grad_norm=float(spec["grad_clip"]), weight_decay=0.0,
+        max_steps=max_batches, lmbda=float(spec["lmbda"]), beta=float(spec["beta"]),
+        temperature=float(spec["temperature"]), max_new_tokens=int(spec["max_new_tokens"]), seed=int(spec["seed"]),
+        report_to="none", save_strategy="no", logging_steps=10, use_cpu=spec.get("device", "cpu") == "cpu", dataloader_num_workers=0,
+        disable_tqdm=True, bf16=False, fp16=False, max_length=None, activation_checkpointing=False,
+    )
+    trainer = _counting(GKDTrainer, tally, n_s, n_t)(
+        model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list([{"prompt_ids": p} for p in ordered]),
+        processing_class=tokenizer, data_collator=_collator(tokenizer),
+        callbacks=[_budget(tally, marks, Path(spec["out"]) / "checkpoints", tokenizer)])
+    trainer.train()
+    return {"marks": tally.marks, "final_flops": tally.flops.as_dict(), "steps": tally.steps,
+            "wall_s": round(time.monotonic() - (tally.t0 or time.monotonic()), 3),
+            "params": {"student": n_s, "teacher": n_t}}
 
-    class Trainer(GKDTrainer):  # type: ignore[misc]
+
+def _counting(base: Any, tally: Tally, n_s: int, n_t: int) -> Any:
+    """GKDTrainer, counting each step's FLOPs, with one-length batches and the generated-token mean."""
+    import torch
+
+    class Trainer(base):  # type: ignore[misc, valid-type]
         def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Any:
             return torch.utils.data.SequentialSampler(self.train_dataset)  # keeps the one-length batches
 
         def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
             tokens = int(inputs["attention_mask"].sum())  # prompt + generated (EOS included), no padding
-            state["tally"] = state["tally"] + ComputeTally(generation=forward_flops(n_s, tokens),
-                                                           teacher=forward_flops(n_t, tokens),
-                                                           learner=train_flops(n_s, tokens))
+            tally.flops = tally.flops + ComputeTally(generation=forward_flops(n_s, tokens),
+                                                     teacher=forward_flops(n_t, tokens), learner=train_flops(n_s, tokens))
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=None)
 
-    class Budget(TrainerCallback):  # type: ignore[misc]
-        def on_train_begin(self, args: Any, st: Any, control: Any, **kw: Any) -> None:
-            state["t0"] = time.monotonic()
+    return Trainer
 
-        def on_step_end(self, args: Any, st: Any, control: Any, **kw: Any) -> None:
-            state["steps"] = st.global_step
-            tally: ComputeTally = state["tally"]
-            if st.global_step % 5 == 0:
-                _log(f"trl: step {st.global_step}: {tally.total:.4g} FLOPs")
-            while len(state["marks"]) < len(marks) and tally.total >= marks[len(state["marks"])]:
-                index = len(state["marks"]) + 1
-                dest = out / "checkpoints" / f"c{index}"
-                trainer.model.save_pretrained(dest)
+
+def _budget(tally: Tally, marks: list[float], out: Path, tokenizer: Any) -> Any:
+    """A callback that saves the student at each compute mark and stops training at the last."""
+    from transformers import TrainerCallback
+
+    class Budget(TrainerCallback):  # type: ignore[misc]
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            tally.t0 = time.monotonic()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            tally.steps, spent = state.global_step, tally.flops
+            if state.global_step % 5 == 0:
+                _log(f"trl: step {state.global_step}: {spent.total:.4g} FLOPs")
+            while len(tally.marks) < len(marks) and spent.total >= marks[len(tally.marks)]:
+                index = len(tally.marks) + 1
+                dest = out / f"c{index}"
+                kw["model"].save_pretrained(dest)
                 tokenizer.save_pretrained(dest)
-                state["marks"].append({"index": index, "mark_flops": marks[index - 1], "flops": tally.as_dict(),
-                                       "wall_s": round(time.monotonic() - state["t0"], 3), "step": st.global_step,
-                                       "version": st.global_step, "weights": str(dest)})
-                _log(f"trl: step {st.global_step}: {tally.total:.3g} FLOPs, kept checkpoint {index}/{len(marks)}")
-            if len(state["marks"]) == len(marks):
+                tally.marks.append({"index": index, "mark_flops": marks[index - 1], "flops": spent.as_dict(),
+                                    "wall_s": round(time.monotonic() - (tally.t0 or 0.0), 3),
+                                    "step": state.global_step, "version": state.global_step, "weights": str(dest)})
+                _log(f"trl: step {state.global_step}: {spent.total:.4g} FLOPs, kept checkpoint {index}/{len(marks)}")
+            if len(tally.marks) == len(marks):
                 control.should_training_stop = True
 
-    args = GKDConfig(
-        output_dir=str(out / "trainer"), per_device_train_batch_size=batch, gradient_accumulation_steps=1,
-        learning_rate=float(spec["lr"]), lr_scheduler_type="constant_with_warmup",
-        warmup_steps=int(spec["warmup_steps"]), max_grad_norm=float(spec["grad_clip"]), weight_decay=0.0,
-        max_steps=max_batches, lmbda=float(spec["lmbda"]), beta=float(spec["beta"]),
-        temperature=float(spec["temperature"]), max_new_tokens=int(spec["max_new_tokens"]), seed=int(spec["seed"]),
-        report_to="none", save_strategy="no", logging_steps=10, use_cpu=True, dataloader_num_workers=0,
-        disable_tqdm=True, bf16=False, fp16=False, max_length=None, activation_checkpointing=False,
-    )
-    trainer = Trainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
-                      processing_class=tokenizer, data_collator=_collator(tokenizer), callbacks=[Budget()])
-    trainer.train()
-    tally = state["tally"]
-    return {"marks": state["marks"], "final_flops": tally.as_dict(), "steps": state["steps"],
-            "wall_s": round(time.monotonic() - (state["t0"] or time.monotonic()), 3),
-            "params": {"student": n_s, "teacher": n_t}}
+    return Budget()
 
 
 def _collator(tokenizer: Any) -> Any:

@@ -1,0 +1,92 @@
+"""The experiment's configuration and report, on synthetic run records (no pipeline runs here).
+
+Pins: `--quick` selects its rows, seeds, budget and evaluation; a bad row is named; mean +- std over seeds per
+compute mark; "to reach the reference's final accuracy" takes each seed's first checkpoint at or above it and
+compares compute with the reference row; skipped and failed runs are listed with their reasons; the TRL
+baseline's batches hold one prompt length.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from opd.experiment.config import ExperimentConfig, load_experiment
+from opd.experiment.report import aggregate, markdown
+from opd.experiment.trl_baseline import _batches_by_length
+
+BASE = {"budget_flops": 100.0, "checkpoints": 2, "seeds": [0, 1],
+        "rows": [{"name": "full", "schedule": "full"}, {"name": "short", "schedule": {"kind": "fixed", "fraction": 0.1}},
+                 {"name": "trl", "kind": "trl"}],
+        "quick": {"rows": ["full", "trl"], "seeds": [0], "budget_flops": 10.0, "eval": {"kl_prompts": 3}}}
+
+
+def _write(tmp_path: Path, tree: dict) -> Path:
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def test_quick_variant(tmp_path: Path) -> None:
+    cfg = load_experiment(_write(tmp_path, BASE), quick=True)
+    assert cfg.name == "truncation-quick" and [r.name for r in cfg.rows] == ["full", "trl"]
+    assert cfg.seeds == [0] and cfg.budget_flops == 10.0 and cfg.eval.kl_prompts == 3
+    assert cfg.eval.accuracy_prompts == 200  # not overridden: the full config's
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"rows": [{"name": "a"}, {"name": "a"}]}, "duplicate names"),
+    ({"quick": {"rows": ["nope"]}}, "quick.rows"),
+    ({"rows": [{"name": "t", "kind": "trl", "schedule": "full"}]}, "rows.t"),
+    ({"budget_flops": -1}, "budget_flops"),
+])
+def test_mistakes_are_named(tmp_path: Path, change: dict, named: str) -> None:
+    with pytest.raises(ValueError, match=named):
+        load_experiment(_write(tmp_path, {**BASE, **change}))
+
+
+def _run(row: str, seed: int, accs: list[float], kls: list[float], flops: list[float]) -> dict:
+    checkpoints = [{"index": i, "mark_flops": 50.0 * i, "flops": {"total": f}, "wall_s": f / 10, "step": i,
+                    "eval": {"accuracy": a, "reverse_kl": k, "finished": 1.0}}
+                   for i, (a, k, f) in enumerate(zip(accs, kls, flops, strict=True))]
+    return {"row": row, "seed": seed, "status": "ok", "reason": None, "steps": 10, "wall_s": 12.0,
+            "stats": {"actor_tokens_generated": 100.0}, "checkpoints": checkpoints}
+
+
+def test_aggregate_and_table() -> None:
+    cfg = ExperimentConfig.model_validate(BASE)
+    records = [
+        _run("full", 0, [0.1, 0.3, 0.5], [1.0, 0.5, 0.3], [0, 52, 101]),
+        _run("full", 1, [0.1, 0.5, 0.7], [1.0, 0.7, 0.5], [0, 51, 103]),
+        _run("short", 0, [0.1, 0.6, 0.4], [1.0, 0.4, 0.4], [0, 50, 100]),
+        _run("short", 1, [0.1, 0.2, 0.6], [1.0, 0.6, 0.4], [0, 54, 100]),
+        {"row": "trl", "seed": 0, "status": "skipped", "reason": "trl is not installed", "checkpoints": []},
+        {"row": "trl", "seed": 1, "status": "failed", "reason": "RuntimeError: boom\nmore", "checkpoints": []},
+    ]
+    summary = aggregate(cfg, records, quick=False, command="opd experiment run --config x")
+    full, short, trl = summary["rows"]
+    assert full["checkpoints"][1]["accuracy"] == pytest.approx(0.4)
+    assert full["checkpoints"][1]["accuracy_std"] == pytest.approx(0.1414, abs=1e-3)
+    assert full["checkpoints"][2]["kl"] == pytest.approx(0.4) and full["checkpoints"][2]["flops"] == pytest.approx(102)
+    assert summary["target_accuracy"] == pytest.approx(0.6)
+    # full: seed 0 never reaches 0.6, seed 1 at its last mark; short: seed 0 at mark 1 (50), seed 1 at mark 2 (100)
+    assert (full["reach"]["reached"], full["reach"]["flops"]) == (1, pytest.approx(103))
+    assert (short["reach"]["reached"], short["reach"]["flops"]) == (2, pytest.approx(75))
+    assert short["reach"]["vs_reference"] == pytest.approx(103 / 75)
+    assert trl["seeds"] == [] and trl["skipped"] == "trl is not installed" and trl["failed"] == {1: "RuntimeError: boom\nmore"}
+    text = markdown(summary)
+    assert "| full | 10.0 ± 0.0 | 40.0 ± 14.1 | 60.0 ± 14.1 |" in text
+    assert "| short | 75 FLOP | 1.37x |" in text
+    assert "`trl` skipped: trl is not installed" in text and "`trl` seed 1 failed: RuntimeError: boom" in text
+
+
+def test_trl_batches_hold_one_prompt_length() -> None:
+    prompts = [[1] * n for n in (3, 3, 3, 3, 5, 5, 5, 7)]
+    ordered = _batches_by_length(prompts, 2, seed=0, count=12)
+    assert len(ordered) == 12
+    for i in range(0, 12, 2):
+        assert len(ordered[i]) == len(ordered[i + 1])
+    with pytest.raises(ValueError, match="batch_size"):
+        _batches_by_length([[1], [1, 2]], 2, seed=0, count=2)
