@@ -126,6 +126,7 @@ def run_opd(spec: RunSpec, pipe: OPDConfig, marks: list[float], reporter: Report
                 sys.stdout = stdout
         result = watcher.finish()
     finally:
+        watcher.halt()
         launcher_log.removeHandler(handler)
         handler.close()
         launcher_log.propagate = True

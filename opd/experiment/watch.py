@@ -140,11 +140,15 @@ class Watcher(threading.Thread):
             return True
         return False
 
-    def finish(self) -> WatchResult:
-        """Stop polling, take a last look (the learner's final weights serve marks reached at the very end)."""
+    def halt(self) -> None:
+        """Stop polling (idempotent; before the run's Redis goes away, so the thread never waits on a dead one)."""
         self._halt.set()
         if self.is_alive():
             self.join(timeout=30)
+
+    def finish(self) -> WatchResult:
+        """Stop polling, take a last look (the learner's final weights serve marks reached at the very end)."""
+        self.halt()
         if self.error is not None:
             raise RuntimeError(f"the experiment's watcher failed: {self.error}") from self.error
         self.poll(final=True)
