@@ -7,6 +7,7 @@ Subcommands:
   cache warm|stats|verify|rebuild-index|evict   operate the teacher cache
   config show|docs     print the resolved config, or every option with its default and meaning
   top                  live terminal view of a running pipeline
+  experiment train-teacher|train-student   build the experiment task's models (models/task)
 """
 
 from __future__ import annotations
@@ -101,11 +102,25 @@ def build_parser() -> argparse.ArgumentParser:
     top = sub.add_parser("top", help="live terminal view of a running pipeline")
     _common(top, config_required=False)
     top.add_argument("--once", action="store_true", help="print one snapshot and exit")
+
+    from opd.experiment.cli import add_parser as add_experiment_parser
+
+    add_experiment_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "experiment":  # needs no pipeline config
+        from opd.experiment.cli import run as run_experiment
+
+        try:
+            return run_experiment(args)
+        except KeyboardInterrupt:
+            return 130
+        except (ValueError, OSError) as exc:
+            print(f"opd experiment: error: {exc}", file=sys.stderr)
+            return 1
     from opd.config import ConfigError, load_config
 
     try:
