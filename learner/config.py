@@ -16,6 +16,9 @@ class EvalConfig(BaseModel):
     every: int = Field(0, ge=0, description="Evaluate every N steps (0: only at start and end).")
     num_prompts: int = Field(32, ge=1, description="Held-out prompts per evaluation.")
     max_new_tokens: int = Field(64, ge=1, description="Full-length generation budget at evaluation.")
+    accuracy_prompts: int = Field(
+        0, ge=0, description="Also measure greedy exact match on the first N held-out prompts (0: off): the greedy "
+        "completion, stopped at EOS, must be the line's `response` (or `continuation`) text exactly and end with EOS.")
     use_chat_template: bool | None = Field(
         None, description="Set from actor.use_chat_template by the composed config: held-out prompts are encoded "
         "exactly as training prompts (a different value is an error).")

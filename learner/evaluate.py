@@ -11,6 +11,14 @@ models' logits are sliced to the tokenizer's ids before sampling and before the 
 (`protocol/vocab.py`). Held-out prompts are encoded exactly as the actors encode training prompts
 (`protocol/prompts.py`, with the actor's `use_chat_template` / `add_bos`, which the composed config
 copies into `learner.eval`).
+
+Optionally (`learner.eval.accuracy_prompts` > 0) also greedy exact match against reference answers in the
+held-out file (`response` or `continuation`, as `opd cache warm` reads them): a prompt counts as answered
+when the student's greedy completion, stopped at EOS, is the reference text exactly and did end with EOS.
+Why this generic rule and no task checker: roles do not import task code (opd/), and the rule needs none.
+For a deterministic task whose reference is the one correct output (the experiment task's halving trace)
+it is the task's correctness, slightly stricter than its checker (which reads only the trace's last
+line). Why EOS counts: a student trained on truncated prefixes must still finish its answers.
 """
 
 from __future__ import annotations
@@ -23,8 +31,22 @@ import torch.nn.functional as F
 
 from learner.config import LearnerConfig
 from protocol.files import check_model_dir
-from protocol.prompts import PromptFormat, load_prompts
+from protocol.prompts import PromptFormat, encode_prompt, load_prompts, load_references
 from protocol.vocab import check_model_covers, compare_tokenizers, load_tokenizer, shared_vocab_size
+
+
+@dataclass
+class AccuracyResult:
+    """Greedy exact match on held-out prompts with reference answers."""
+
+    correct: int
+    total: int
+    finished: int  # greedy answers that ended with EOS (right or wrong)
+    mean_tokens: float  # greedy answer length in tokens, EOS included
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(self.total, 1)
 
 
 @dataclass
@@ -32,6 +54,16 @@ class EvalResult:
     reverse_kl: float  # nats per response token
     tokens: int
     mean_response_len: float
+    accuracy: AccuracyResult | None = None  # only when learner.eval.accuracy_prompts > 0
+
+    def row(self) -> dict[str, float | int]:
+        """The measurements as one eval.jsonl row (the accuracy's keys only when it was measured)."""
+        row: dict[str, float | int] = {"reverse_kl": self.reverse_kl, "tokens": self.tokens,
+                                       "mean_response_len": self.mean_response_len}
+        if (acc := self.accuracy) is not None:
+            row.update(accuracy=acc.accuracy, correct=acc.correct, accuracy_prompts=acc.total,
+                       finished=acc.finished / max(acc.total, 1), mean_greedy_tokens=acc.mean_tokens)
+        return row
 
 
 def load_heldout(path: str, tokenizer: Any, limit: int, fmt: PromptFormat | None = None) -> list[list[int]]:
@@ -64,6 +96,25 @@ class HeldoutEvaluator:
         self.prompts = load_heldout(cfg.eval.heldout_file, tokenizer, cfg.eval.num_prompts, fmt)
         self.pad_id = next(int(i) for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
         self.eos_id = tokenizer.eos_token_id
+        self.tokenizer = tokenizer
+        self.accuracy_prompts: list[list[int]] = []
+        self.references: list[str] = []
+        if cfg.eval.accuracy_prompts:
+            self._load_references(fmt)
+
+    def _load_references(self, fmt: PromptFormat) -> None:
+        """Prompts and reference answers for exact match; refused when no answer could ever match."""
+        if self.eos_id is None:
+            raise ValueError("learner.eval.accuracy_prompts needs a tokenizer with an EOS token (an exact answer "
+                             "must end with EOS); this one defines none")
+        budget = self.cfg.eval.max_new_tokens
+        for ref in load_references(self.cfg.eval.heldout_file, limit=self.cfg.eval.accuracy_prompts):
+            needed = len(self.tokenizer.encode(ref.reference, add_special_tokens=False)) + 1
+            if needed > budget:
+                raise ValueError(f"learner.eval.max_new_tokens ({budget}) is shorter than the reference answer at "
+                                 f"{ref.where} ({needed} tokens with EOS): no greedy answer could match it")
+            self.accuracy_prompts.append(encode_prompt(self.tokenizer, ref.prompt, fmt))
+            self.references.append(ref.reference)
 
     @classmethod
     def maybe(cls, cfg: LearnerConfig, tokenizer: Any, device: torch.device) -> HeldoutEvaluator | None:
@@ -74,9 +125,16 @@ class HeldoutEvaluator:
         return cls(cfg, tokenizer, device)
 
     def run(self, model: torch.nn.Module) -> EvalResult:
-        return heldout_reverse_kl(model, self.teacher, self.prompts, max_new_tokens=self.cfg.eval.max_new_tokens,
-                                  pad_id=self.pad_id, eos_id=self.eos_id, seed=self.cfg.seed + 1234,
-                                  vocab_size=self.vocab_size)
+        result = heldout_reverse_kl(model, self.teacher, self.prompts, max_new_tokens=self.cfg.eval.max_new_tokens,
+                                    pad_id=self.pad_id, eos_id=self.eos_id, seed=self.cfg.seed + 1234,
+                                    vocab_size=self.vocab_size)
+        if self.accuracy_prompts:
+            assert self.eos_id is not None
+            result.accuracy = greedy_exact_match(
+                model, self.tokenizer, self.accuracy_prompts, self.references,
+                max_new_tokens=self.cfg.eval.max_new_tokens, pad_id=self.pad_id, eos_id=self.eos_id,
+                vocab_size=self.vocab_size)
+        return result
 
 
 @torch.no_grad()
@@ -112,11 +170,53 @@ def heldout_reverse_kl(
                       mean_response_len=total_tokens / len(prompts))
 
 
+@torch.no_grad()
+def greedy_exact_match(
+    student: torch.nn.Module, tokenizer: Any, prompts: list[list[int]], references: list[str], *, max_new_tokens: int,
+    pad_id: int, eos_id: int, vocab_size: int, batch_size: int = 16,
+) -> AccuracyResult:
+    """How many greedy completions (KV-cached, stopped at EOS) are their reference answer exactly, with EOS.
+
+    A completion matches when its ids are the reference's encoding or its decoded text is the reference text:
+    the text comparison also accepts the same text written in other tokens (a BPE model need not produce the
+    canonical tokenization), the ids comparison is immune to a decoder's clean-up of spaces.
+    """
+    if len(prompts) != len(references):
+        raise ValueError(f"{len(prompts)} prompts but {len(references)} reference answers")
+    was_training = student.training
+    student.eval()
+    correct, finished, tokens = 0, 0, 0
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        ids_BT, _, resp_mask_BR, P = _sample(student, chunk, max_new_tokens, pad_id=pad_id, eos_id=eos_id,
+                                             vocab_size=vocab_size, gen=None)
+        for row_ids, row_mask, reference in zip(ids_BT[:, P:].tolist(), resp_mask_BR.tolist(),
+                                                references[start:start + batch_size], strict=True):
+            response = [t for t, keep in zip(row_ids, row_mask, strict=True) if keep]
+            ended = bool(response) and response[-1] == eos_id
+            body = response[:-1] if ended else response
+            tokens += len(response)
+            finished += ended
+            correct += ended and _matches(tokenizer, body, reference)
+    student.train(was_training)
+    return AccuracyResult(correct=correct, total=len(prompts), finished=finished,
+                          mean_tokens=tokens / max(len(prompts), 1))
+
+
+def _matches(tokenizer: Any, ids: list[int], reference: str) -> bool:
+    if ids == list(tokenizer.encode(reference, add_special_tokens=False)):
+        return True
+    return bool(tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False) == reference)
+
+
 def _sample(
     student: torch.nn.Module, chunk: list[list[int]], max_new_tokens: int, *, pad_id: int, eos_id: int | None,
-    vocab_size: int, gen: torch.Generator, use_cache: bool = True,
+    vocab_size: int, gen: torch.Generator | None, use_cache: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Left-pad `chunk`, sample up to `max_new_tokens` from the student; (ids, attention, response mask, P)."""
+    """Left-pad `chunk`, sample up to `max_new_tokens` from the student; (ids, attention, response mask, P).
+
+    `gen` None: greedy (the most likely token at every step) instead of sampling.
+    """
     device = next(student.parameters()).device
     P = max(len(p) for p in chunk)
     ids_BT = torch.full((len(chunk), P), pad_id, dtype=torch.long)
@@ -139,7 +239,10 @@ def _sample(
             logits_BV = _vocab(out.logits[:, -1], vocab_size)
         else:
             logits_BV = _logits(student, ids_BT, attn_BT, _positions(attn_BT), vocab_size)[:, -1]
-        nxt_B = torch.multinomial(torch.softmax(logits_BV, dim=-1).cpu(), 1, generator=gen).to(device).squeeze(1)
+        if gen is None:
+            nxt_B = logits_BV.argmax(dim=-1)
+        else:
+            nxt_B = torch.multinomial(torch.softmax(logits_BV, dim=-1).cpu(), 1, generator=gen).to(device).squeeze(1)
         nxt_B = torch.where(done_B, torch.full_like(nxt_B, pad_id), nxt_B)
         resp_mask_list.append(~done_B)
         ids_BT = torch.cat([ids_BT, nxt_B[:, None]], dim=1)

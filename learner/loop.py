@@ -324,8 +324,7 @@ class Learner:
         result = self.evaluator.run(self.model)
         if not self.dist.is_main:
             return
-        row = {"step": self.step, "version": self.version, "reverse_kl": result.reverse_kl,
-               "tokens": result.tokens, "mean_response_len": result.mean_response_len, "time": time.time()}
+        row = {"step": self.step, "version": self.version, **result.row(), "time": time.time()}
         self.summary.evals.append(row)
         with open(self.workdir / "eval.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -333,6 +332,13 @@ class Learner:
         first = self.summary.evals[0]["reverse_kl"]
         self.advertise(eval_kl_first=first, eval_kl_last=result.reverse_kl)
         log.info("eval at step %d: held-out reverse KL %.4f (%d tokens)", self.step, result.reverse_kl, result.tokens)
+        acc = result.accuracy
+        if acc is not None:
+            self.metrics.heldout_accuracy.set(acc.accuracy)
+            ledger.set_stats(self.client, self.names, learner_eval_accuracy=acc.accuracy,
+                             learner_eval_accuracy_first=self.summary.evals[0]["accuracy"])
+            log.info("eval at step %d: held-out greedy exact match %d/%d (%.1f%%; %d ended with EOS)", self.step,
+                     acc.correct, acc.total, 100 * acc.accuracy, acc.finished)
 
     def check_replicas(self) -> str:
         """Parameter checksum of this rank, stored in Redis; under DDP every rank must hold the same one.

@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -297,9 +298,17 @@ def _summary(cfg: OPDConfig, workdir: Path) -> None:
         from opd.plots import plot_run
 
         png = plot_run(rows, eval_rows, workdir / "summary.png")
-        log.info("plot of the run (reverse KL, tokens per prefix, held-out KL): %s", png)
+        log.info("plot of the run (reverse KL, tokens per prefix, held-out KL and exact match): %s", png)
     except Exception as exc:  # plotting must never fail a finished run
         log.warning("could not plot the run: %s", exc)
     if eval_rows:
         log.info("held-out reverse KL: %.4f (step %d) -> %.4f (step %d)", eval_rows[0]["reverse_kl"],
                  eval_rows[0]["step"], eval_rows[-1]["reverse_kl"], eval_rows[-1]["step"])
+    scored = [r for r in eval_rows if "accuracy" in r]
+    if scored:
+        log.info("held-out exact match (first -> last): %s -> %s", _exact_match(scored[0]), _exact_match(scored[-1]))
+
+
+def _exact_match(row: dict[str, Any]) -> str:
+    """`40.6% (26/64, step 150)`: an eval.jsonl row's greedy exact match."""
+    return f"{100 * row['accuracy']:.1f}% ({row['correct']}/{row['accuracy_prompts']}, step {row['step']})"

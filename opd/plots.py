@@ -7,7 +7,8 @@ from typing import Any
 
 
 def plot_run(history: list[dict[str, Any]], evals: list[dict[str, Any]], out: Path) -> Path:
-    """Three panels: train-batch reverse KL, tokens per prefix (the horizon at work), held-out KL.
+    """Three panels: train-batch reverse KL, tokens per prefix (the horizon at work), held-out KL; a
+    fourth, held-out greedy exact match, when the evaluation measured it (learner.eval.accuracy_prompts).
 
     The loss itself is not plotted: the policy-gradient surrogate's value is not a divergence (it
     scales with log pi), so the sampled reverse KL is the number to watch.
@@ -17,7 +18,8 @@ def plot_run(history: list[dict[str, Any]], evals: list[dict[str, Any]], out: Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    scored = [r for r in evals if "accuracy" in r]
+    fig, axes = plt.subplots(1, 4 if scored else 3, figsize=(20 if scored else 15, 4))
     steps = [r["step"] for r in history]
     axes[0].plot(steps, [r["reverse_kl"] for r in history])
     axes[0].set_title("sampled reverse KL on training prefixes")
@@ -29,6 +31,11 @@ def plot_run(history: list[dict[str, Any]], evals: list[dict[str, Any]], out: Pa
         axes[2].plot([r["step"] for r in evals], [r["reverse_kl"] for r in evals], marker="o")
     axes[2].set_title("held-out full-length reverse KL(student || teacher)")
     axes[2].set_ylabel("nats / token")
+    if scored:
+        axes[3].plot([r["step"] for r in scored], [100 * r["accuracy"] for r in scored], marker="o")
+        axes[3].set_title(f"held-out greedy exact match ({scored[-1]['accuracy_prompts']} prompts)")
+        axes[3].set_ylabel("% answered exactly (with EOS)")
+        axes[3].set_ylim(0, 100)
     for ax in axes:
         ax.set_xlabel("learner step")
         ax.grid(alpha=0.3)

@@ -106,6 +106,9 @@ def rows(snap: Snapshot, previous: Snapshot | None = None) -> list[tuple[str, st
     scored = st.get("teacher_tokens_scored", 0.0)
     cached = st.get("teacher_tokens_cached", 0.0)
     out = _learner_rows(snap.learner)
+    if "learner_eval_accuracy" in st:  # only when learner.eval.accuracy_prompts is on
+        out.append(("held-out exact match (first -> last)",
+                    f"{100 * st.get('learner_eval_accuracy_first', 0.0):.1f}% -> {100 * st['learner_eval_accuracy']:.1f}%"))
     out += [(f"queue depth {stream}", str(depth)) for stream, depth in snap.depths.items()]
     out += savings_rows(st)
     out += [

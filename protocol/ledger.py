@@ -98,5 +98,15 @@ def add_stats(client: redis.Redis, names: Names, **increments: float) -> None:
     pipe.execute()
 
 
+def set_stats(client: redis.Redis, names: Names, **values: float) -> None:
+    """Run-wide levels (the held-out accuracy at the last evaluation...) in the same hash as the totals.
+
+    Why a second writer: a measurement is not a sum, so it is overwritten rather than incremented; keeping it
+    next to the totals lets the summary and `opd top` read one hash.
+    """
+    if values:
+        client.hset(names.key("stats"), mapping={k: float(v) for k, v in values.items()})
+
+
 def stats(client: redis.Redis, names: Names) -> dict[str, float]:
     return {k.decode(): float(v) for k, v in client.hgetall(names.key("stats")).items()}

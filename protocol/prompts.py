@@ -113,5 +113,47 @@ def load_prompts(
     return prompts
 
 
+@dataclass(frozen=True)
+class ReferencePrompt:
+    """One held-out problem with its reference answer (text, no EOS) and where it came from."""
+
+    prompt: str
+    reference: str
+    where: str  # "path:line", for error messages
+
+
+REFERENCE_KEYS = ("response", "continuation")
+
+
+def load_references(path: str | Path, *, limit: int, key: str = "learner.eval.accuracy_prompts") -> list[ReferencePrompt]:
+    """The first `limit` non-blank lines of a JSONL file as (prompt, reference answer) pairs.
+
+    The reference is `response` or `continuation`, the same keys `opd cache warm` scores as reference
+    answers, so one file serves both. (`answer`, where a task file has one, is not used: in the task's
+    files it is only the final result, not the text the model must write.) A line without one, or with
+    both, is an error naming the file, the line and `key`, the setting that asked for references.
+    """
+    path = Path(path)
+    refs: list[ReferencePrompt] = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if len(refs) >= limit:
+                break
+            if not line.strip():
+                continue
+            text = prompt_text(line, lineno, path)
+            record = json.loads(line)
+            present = [k for k in REFERENCE_KEYS if k in record]
+            if len(present) != 1 or not isinstance(record[present[0]], str):
+                what = "both 'response' and 'continuation'" if len(present) == 2 else (
+                    "no 'response' (or 'continuation') string" if not present else f"a non-string '{present[0]}'")
+                raise ValueError(f"{path}:{lineno}: {key} needs a reference answer on each of the first {limit} "
+                                 f"held-out lines; this line has {what}")
+            refs.append(ReferencePrompt(text, record[present[0]], f"{path}:{lineno}"))
+    if len(refs) < limit:
+        raise ValueError(f"{key} is {limit} but {path} has only {len(refs)} prompts")
+    return refs
+
+
 def _name(tokenizer: Any) -> str:
     return str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)

@@ -158,6 +158,7 @@ class LearnerMetrics(CommonMetrics):
     publish_seconds: Gauge
     publish_bytes: Counter
     eval_reverse_kl: Gauge
+    heldout_accuracy: Gauge
     duplicates: Counter
     probes: Counter
 
@@ -183,6 +184,8 @@ def learner_metrics(registry: CollectorRegistry) -> LearnerMetrics:
         publish_seconds=Gauge("opd_learner_publish_seconds", "Seconds to publish the last weights", registry=registry),
         publish_bytes=Counter("opd_learner_publish_bytes", "Bytes of weights published", registry=registry),
         eval_reverse_kl=Gauge("opd_learner_eval_reverse_kl", "Full-distribution reverse KL on held-out prompts", registry=registry),
+        heldout_accuracy=Gauge("opd_learner_heldout_accuracy", "Greedy exact match on held-out prompts with reference "
+                               "answers (learner.eval.accuracy_prompts; unset when off)", registry=registry),
         duplicates=Counter("opd_learner_duplicates",
                            "Scored prefixes refused untrained: a copy of an id already trained or in flight", registry=registry),
         probes=Counter("opd_learner_probes", "Full-length probe rollouts measured (KL by position) and never trained on; "
