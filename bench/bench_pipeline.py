@@ -7,7 +7,7 @@ WHY this comparison: the point of the actor -> teacher -> learner split is that 
 for generation and scoring, so it trains more tokens per second of wall time than a loop that generates,
 scores and trains in turn. Both sides run in the same invocation, on the same machine, with the same
 tiny student and teacher, the same truncation schedule, batch size, loss and learning rate
-(`configs/demo-cpu.yaml`); the synchronous loop is the baseline (ratio = async / sync).
+(`configs/tiny-cpu.yaml`); the synchronous loop is the baseline (ratio = async / sync).
 
 What is measured, over the steps after a warm-up (startup, process spawn and model loads excluded):
 - learner tokens/s: response tokens trained per second of wall time (end to end: includes waiting);
@@ -55,7 +55,7 @@ from opd.tiny import asset_paths, build_tiny_assets
 from protocol.state import LearnerState
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "configs" / "demo-cpu.yaml"
+CONFIG = REPO / "configs" / "tiny-cpu.yaml"
 SECTION = "## Pipeline: asynchronous vs synchronous (`bench/bench_pipeline.py`)"
 
 
@@ -189,7 +189,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, samples
 # ---------------------------------------------------------------------------------------------
 
 
-# Scenarios: (name, extra overrides on top of configs/demo-cpu.yaml). "demo" is the demo as shipped;
+# Scenarios: (name, extra overrides on top of configs/tiny-cpu.yaml). "demo" is that config as shipped (the
+# demo's before it moved to the task models; docs/benchmarks.md's earlier runs name it configs/demo-cpu.yaml);
 # "long" makes each step heavier (4x the tokens per step) so the fixed per-step cost of the async
 # pipeline (publish to disk, actors reload, Redis hops) weighs less against generation and training.
 SCENARIOS: dict[str, list[str]] = {
@@ -270,7 +271,7 @@ def main() -> int:
     section = "\n".join([
         f"### Pipeline: async vs sync ({time.strftime('%Y-%m-%d')})", "",
         f"Command: `{command}` on {machine()}, {time.perf_counter() - started:.0f}s in all. "
-        f"`configs/demo-cpu.yaml` ({cfg.learner.loss.kind}, lr {cfg.learner.lr}); {args.steps} steps per run, "
+        f"`configs/tiny-cpu.yaml` ({cfg.learner.loss.kind}, lr {cfg.learner.lr}); {args.steps} steps per run, "
         f"the first {args.warmup} left out.", "",
         table(rows), "", *notes, "",
     ])

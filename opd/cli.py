@@ -1,7 +1,7 @@
 """`opd`: the one command line. Parses arguments before importing torch, so `--help` is instant.
 
 Subcommands:
-  demo                 build tiny models and run the whole pipeline on this CPU (configs/demo-cpu.yaml)
+  demo                 distill the task student on this CPU, accuracy and KL reported (configs/demo-cpu.yaml)
   up --config FILE     run the whole pipeline locally: Redis (unless given), actors, teachers, learner
   actor|teacher|learner --config FILE   run one role (what docker-compose runs)
   cache warm|stats|verify|rebuild-index|evict   operate the teacher cache
@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="run the tiny CPU demo end to end")
+    demo = sub.add_parser("demo", help="the CPU demo end to end: the task student distilled toward the task teacher "
+                          "(models/task), held-out exact match and KL before and after (a few minutes)")
     _common(demo, config_required=False)
     demo.add_argument("--steps", type=int, help="learner steps (overrides learner.steps)")
     demo.add_argument("--no-progress", action="store_true", help="periodic log lines instead of the live view")

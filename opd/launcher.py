@@ -1,6 +1,6 @@
 """`opd up` / `opd demo`: the whole pipeline on one machine, each role its own OS process.
 
-Order of events: build tiny assets (demo), start a private redis-server unless a URL is given, write
+Order of events: build tiny assets (`run.tiny_assets`), start a private redis-server unless a URL is given, write
 the resolved config, start teachers, learner and actors, show live progress, and when the learner
 has finished its steps (and drained what was in flight) stop everyone. Ctrl-C stops everyone too;
 children die with the launcher (PR_SET_PDEATHSIG), so nothing is left orphaned.

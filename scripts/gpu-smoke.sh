@@ -14,7 +14,7 @@
 #   --engine sglang   student and teacher served by `python -m sglang.launch_server` on free loopback
 #                     ports (OPD_STUDENT_DIR, OPD_TEACHER_DIR, OPD_PROMPTS required), stopped at the end.
 #   --steps N         learner steps (default 20)
-#   --config FILE     base config (default: configs/demo-cpu.yaml for tiny models, configs/compose.yaml
+#   --config FILE     base config (default: configs/tiny-cpu.yaml for tiny models, configs/compose.yaml
 #                     for your own)
 #   --workdir DIR     outputs and logs (default runs/gpu-smoke-ENGINE; wiped first)
 #   --set KEY=VALUE   passed on to `opd up`, e.g. --set run.actors=2 (repeatable)
@@ -93,7 +93,7 @@ SETS=()
 if [ -z "$STUDENT$TEACHER$PROMPTS" ] && [ "$ENGINE" = hf ]; then
   ASSETS="$WORKDIR/assets"
   STUDENT="$ASSETS/student"; TEACHER="$ASSETS/teacher"; PROMPTS="$ASSETS/prompts.jsonl"
-  CONFIG=${CONFIG:-configs/demo-cpu.yaml}
+  CONFIG=${CONFIG:-configs/tiny-cpu.yaml}
   SETS+=(--set "run.tiny_assets=$ASSETS" --set "run.warm_cache=$ASSETS/prompts.jsonl" --set "learner.eval.heldout_file=$ASSETS/heldout.jsonl"
          --set "learner.eval.teacher_dir=$TEACHER")
   echo "==> tiny models built in code (set OPD_STUDENT_DIR, OPD_TEACHER_DIR, OPD_PROMPTS for your own)"

@@ -27,7 +27,7 @@ from protocol import ledger
 from protocol.names import Names
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIG = REPO / "configs" / "demo-cpu.yaml"
+CONFIG = REPO / "configs" / "tiny-cpu.yaml"
 
 
 def pipeline_overrides(redis_url: str, names: Names, root: Path, tmp: Path, **extra: object) -> list[str]:

@@ -168,7 +168,7 @@ def scraped_run(redis_server: str, tiny_assets: Path, tmp_path_factory: pytest.T
         f"learner.eval.heldout_file={tiny_assets / 'heldout.jsonl'}", f"learner.eval.teacher_dir={tiny_assets / 'teacher'}",
         "learner.eval.every=0", "learner.checkpoint_every=1000",
     ]
-    cmd = [sys.executable, "-m", "opd.cli", "up", "--config", str(REPO / "configs" / "demo-cpu.yaml"),
+    cmd = [sys.executable, "-m", "opd.cli", "up", "--config", str(REPO / "configs" / "tiny-cpu.yaml"),
            "--steps", str(STEPS), "--no-progress"]
     for o in overrides:
         cmd += ["--set", o]

@@ -66,7 +66,7 @@ def test_pipeline_end_to_end(redis_url: str, tiny_assets: Path, tmp_path: Path) 
         f"learner.eval.heldout_file={tiny_assets / 'heldout.jsonl'}", f"learner.eval.teacher_dir={tiny_assets / 'teacher'}",
         "learner.eval.every=0", "learner.checkpoint_every=1000",
     ]
-    cmd = [sys.executable, "-m", "opd.cli", "up", "--config", str(REPO / "configs" / "demo-cpu.yaml"),
+    cmd = [sys.executable, "-m", "opd.cli", "up", "--config", str(REPO / "configs" / "tiny-cpu.yaml"),
            "--steps", "16", "--no-progress"]
     for o in overrides:
         cmd += ["--set", o]
