@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from learner.losses import LossConfig, SampledReverseKLConfig
+from learner.losses import LossConfig, TopKKLConfig
 from protocol.files import UserPath
 
 
@@ -38,8 +38,10 @@ class LearnerConfig(BaseModel):
     batch_size: int = Field(16, ge=1, description="Prefixes per optimizer step (global batch: under torchrun the "
                             "ranks share it).")
     micro_batch_tokens: int = Field(4096, ge=16, description="Token budget of one micro-batch (gradient accumulation).")
-    loss: LossConfig = Field(default_factory=SampledReverseKLConfig, description="Distillation loss (one file each in "
-                             "learner/losses/); a bare name such as `topk_kl` means that loss with its defaults.")
+    loss: LossConfig = Field(default_factory=TopKKLConfig, description="Distillation loss (one file each in "
+                             "learner/losses/); a bare name such as `topk_kl` means that loss with its defaults. "
+                             "Unset: the exact reverse KL on the teacher's top-k (`topk_kl`, tail bucket), or "
+                             "`sampled_reverse_kl` when teacher.topk is 0 (docs/learner.md, 'Which loss').")
     position_gamma: float = Field(0.0, ge=0, description="Position-weighted OPD strength (0: off).")
     horizon_discount: float = Field(1.0, gt=0, le=1, description="Per-position discount (1: off).")
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")

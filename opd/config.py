@@ -57,6 +57,20 @@ class OPDConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _default_loss_follows_teacher_topk(self) -> OPDConfig:
+        """Unset ``learner.loss``: the exact top-k KL, or the sampled reverse KL when the teacher sends no top-k.
+
+        WHY: the sampled single-token estimator trails the exact loss by far at equal steps, and without its
+        baseline and clip it diverges at learning rates where the exact loss converges (docs/learner.md,
+        'Which loss'); it stays the loss for ``teacher.topk: 0``, the one setting the top-k losses cannot use.
+        """
+        if "loss" not in self.learner.model_fields_set and self.teacher.topk == 0:
+            from learner.losses import SampledReverseKLConfig
+
+            self.learner.loss = SampledReverseKLConfig()
+        return self
+
+    @model_validator(mode="after")
     def _sections_agree(self) -> OPDConfig:
         """Rules that span sections, checked at start-up rather than discovered mid-run."""
         if self.learner.loss.needs_teacher_topk and self.teacher.topk == 0:

@@ -48,13 +48,18 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+_VARIANTS = (TopKKLConfig, SampledReverseKLConfig, GKDJSDConfig)  # the first is the default (learner/config.py)
+
+
 def _kind_shorthand(value: Any) -> Any:
     """``learner.loss: topk_kl`` (or ``--set learner.loss=topk_kl``) means that loss with its defaults, and
-    options without a kind (``--set learner.loss.is_cap=3``) belong to the default loss."""
+    options without a kind belong to the loss that has them all (``--set learner.loss.is_cap=3`` is
+    ``sampled_reverse_kl``'s), else to the default loss, which then names the options it lacks."""
     if isinstance(value, str):
         return {"kind": value}
     if isinstance(value, dict) and "kind" not in value:
-        return {"kind": SampledReverseKLConfig.model_fields["kind"].default, **value}
+        owner = next((v for v in _VARIANTS if set(value) <= set(v.model_fields)), _VARIANTS[0])
+        return {"kind": owner.model_fields["kind"].default, **value}
     return value
 
 

@@ -116,7 +116,8 @@ def test_the_learners_step_sees_ratio_one_on_policy(
     from learner.loop import Learner
 
     cfg = LearnerConfig(model_dir=str(asset_paths(tiny_assets).student_dir), workdir=str(tmp_path / "learner"),
-                        device="cpu", batch_size=len(messages), steps=1)
+                        device="cpu", batch_size=len(messages), steps=1,
+                        loss="sampled_reverse_kl")  # the loss with IS statistics (the default topk_kl has none)
     learner = Learner(cfg, TransportConfig(redis_url=redis_url, namespace=f"ratio-{uuid.uuid4().hex[:8]}"))
     stats = learner.train_step(messages)
     assert stats.tokens == sum(len(m.response_ids_R) for m in messages)

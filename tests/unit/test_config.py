@@ -96,6 +96,17 @@ def test_top_k_losses_need_teacher_top_k_at_start(loss: str) -> None:
     assert load_config(None, ["learner.loss.kind=sampled_reverse_kl", "teacher.topk=0"]).teacher.topk == 0
 
 
+def test_unset_loss_is_the_top_k_kl_or_sampled_without_top_k() -> None:
+    """The default loss follows teacher.topk: exact top-k KL when the teacher sends top-k, else the sampled
+    reverse KL (with its baseline and clip); a loss set explicitly is never replaced."""
+    loss = load_config(None, []).learner.loss
+    assert (loss.kind, loss.direction, loss.tail) == ("topk_kl", "reverse", "bucket")
+    loss = load_config(None, ["teacher.topk=0"]).learner.loss
+    assert (loss.kind, loss.baseline) == ("sampled_reverse_kl", "auto") and loss.advantage_clip is not None
+    assert load_config(None, ["learner.loss.kind=sampled_reverse_kl"]).learner.loss.kind == "sampled_reverse_kl"
+    assert load_config(None, ["learner.loss.is_cap=3", "teacher.topk=4"]).learner.loss.is_cap == 3
+
+
 def test_component_options_are_named_by_their_key() -> None:
     """Errors inside a component union name `learner.loss.beta`, not pydantic's `learner.loss.gkd_jsd.beta`."""
     with pytest.raises(ConfigError) as err:

@@ -448,7 +448,7 @@ def _batch(K: int = 3, V: int = 7, seed: int = 0) -> tuple[Batch, torch.Tensor]:
 @pytest.mark.parametrize(
     ("loss", "reference"),
     [
-        ({"kind": "sampled_reverse_kl", "is_cap": 1.5},
+        ({"kind": "sampled_reverse_kl", "is_cap": 1.5, "baseline": "none", "advantage_clip": None},
          lambda b, lg, w, n: sampled_reverse_kl_loss(
              gather_response_logprobs(lg, b.input_ids_BT), b.behaviour_logprobs_BT, b.teacher_logprobs_BT, b.response_mask_BT, is_cap=1.5, weights_BT=w, normalizer=n)),
         ({"kind": "topk_kl", "direction": "forward", "tail": "renormalize"},
@@ -474,9 +474,14 @@ def test_built_loss_is_the_function_on_aligned_views(loss, reference):
 
 def test_loss_union_kinds_and_shorthand():
     """Each union member is selected by its kind; a bare name means that loss with its defaults."""
-    assert LearnerConfig().loss.kind == "sampled_reverse_kl"
+    assert LearnerConfig().loss.kind == "topk_kl" and LearnerConfig().loss.tail == "bucket"  # the exact KL
     assert LearnerConfig.model_validate({"loss": "gkd_jsd"}).loss.beta == 0.5
+    # options without a kind go to the loss that has them all, else to the default (which names the extra key)
     assert LearnerConfig.model_validate({"loss": {"is_cap": 3}}).loss.kind == "sampled_reverse_kl"
+    assert LearnerConfig.model_validate({"loss": {"beta": 0.2}}).loss.kind == "gkd_jsd"
+    assert LearnerConfig.model_validate({"loss": {"tail": "renormalize"}}).loss.kind == "topk_kl"
+    with pytest.raises(ValueError, match="bogus"):
+        LearnerConfig.model_validate({"loss": {"bogus": 1}})
     with pytest.raises(ValueError, match="does not match any of the expected tags"):
         LearnerConfig.model_validate({"loss": {"kind": "forward_kl"}})
 
