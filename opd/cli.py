@@ -38,29 +38,8 @@ def _common(p: argparse.ArgumentParser, *, config_required: bool) -> None:
                    help="override a config key, e.g. --set learner.lr=3e-4 (repeatable)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="opd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    demo = sub.add_parser("demo", help="the CPU demo end to end: the task student distilled toward the task teacher "
-                          "(models/task), held-out exact match and KL before and after (a few minutes)")
-    _common(demo, config_required=False)
-    demo.add_argument("--steps", type=int, help="learner steps (overrides learner.steps)")
-    demo.add_argument("--no-progress", action="store_true", help="periodic log lines instead of the live view")
-
-    up = sub.add_parser("up", help="run the whole pipeline locally")
-    _common(up, config_required=True)
-    up.add_argument("--steps", type=int, help="learner steps (overrides learner.steps)")
-    up.add_argument("--no-progress", action="store_true", help="periodic log lines instead of the live view")
-
-    for role, section in (("actor", "actor"), ("teacher", "teacher"), ("learner", "learner")):
-        p = sub.add_parser(role, help=f"run one {role} process", epilog=_options_table(section),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        _common(p, config_required=False)
-        p.add_argument("--index", type=int, default=int(os.environ.get("OPD_REPLICA_INDEX", "0")),
-                       help="replica index (seeds, ids)")
-        p.add_argument("--id", dest="role_id", default=None, help="replica id (default: ROLE-HOSTNAME-PID)")
-
+def _add_cache_parser(sub: argparse._SubParsersAction) -> None:
+    """`opd cache stats|verify|rebuild-index|evict|warm`."""
     cache = sub.add_parser("cache", help="operate the teacher cache (exit codes: 0 ok, 1 problems found or failed, 2 bad usage)")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
     for name, text in (("stats", "entries, tokens, bytes, bytes per token, hit rate"),
@@ -89,12 +68,38 @@ def build_parser() -> argparse.ArgumentParser:
     warm.add_argument("--model", metavar="DIR", help="teacher model dir (default: teacher.model_dir)")
     warm.add_argument("--ids-only", action="store_true", help="refuse text lines: every line must give 'ids'")
     warm.add_argument("--no-chat-template", action="store_true",
-                      help="text prompts: BOS + plain tokens even if the tokenizer has a chat template")
+                      help="text prompts: plain tokens (the tokenizer's BOS convention) even if it has a chat template")
     warm.add_argument("--append-eos", action="store_true",
                       help="text lines: end each sequence with EOS (what a finished rollout ends with)")
     warm.add_argument("--batch-size", type=int, metavar="N", help="sequences per scoring batch (default: teacher.batch_size)")
     warm.add_argument("--writer-id", metavar="ID", help="cache writer id (default: warm-HOST-PID); reuse one to resume its shard")
     warm.add_argument("--json", action="store_true", help="print the totals as JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="opd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="the CPU demo end to end: the task student distilled toward the task teacher "
+                          "(models/task), held-out exact match and KL before and after (a few minutes)")
+    _common(demo, config_required=False)
+    demo.add_argument("--steps", type=int, help="learner steps (overrides learner.steps)")
+    demo.add_argument("--no-progress", action="store_true", help="periodic log lines instead of the live view")
+
+    up = sub.add_parser("up", help="run the whole pipeline locally")
+    _common(up, config_required=True)
+    up.add_argument("--steps", type=int, help="learner steps (overrides learner.steps)")
+    up.add_argument("--no-progress", action="store_true", help="periodic log lines instead of the live view")
+
+    for role, section in (("actor", "actor"), ("teacher", "teacher"), ("learner", "learner")):
+        p = sub.add_parser(role, help=f"run one {role} process", epilog=_options_table(section),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        _common(p, config_required=False)
+        p.add_argument("--index", type=int, default=int(os.environ.get("OPD_REPLICA_INDEX", "0")),
+                       help="replica index (seeds, ids)")
+        p.add_argument("--id", dest="role_id", default=None, help="replica id (default: ROLE-HOSTNAME-PID)")
+
+    _add_cache_parser(sub)
 
     cfg = sub.add_parser("config", help="print the resolved config or the option reference")
     cfg.add_argument("what", choices=["show", "docs"])
