@@ -267,19 +267,20 @@ def summarize(rows: list[dict[str, Any]], names: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m opd.experiment.loss_probe", description=__doc__.split("\n")[0])
     parser.add_argument("--models", type=Path, default=Path(__file__).resolve().parents[2] / "models" / "task")
-    parser.add_argument("--out", type=Path, default=Path("results/loss_probe"))
-    parser.add_argument("--variants", default="sampled-nobaseline,sampled-loo,sampled-exactb,exact",
+    parser.add_argument("--out", type=Path, default=Path("runs/loss_probe"))
+    parser.add_argument("--variants", default="sampled-nobaseline,sampled-loo-clip1,topk8,topk32,exact",
                         help=f"comma-separated, from: {', '.join([*VARIANTS, *DEFAULTS])}")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=120, help="training steps per run (0: no training runs)")
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--batch", type=int, default=8, help="sequences per step")
     parser.add_argument("--lag", type=int, default=2, help="refresh the sampler's weights every N steps")
-    parser.add_argument("--eval-every", type=int, default=25, help="held-out evaluation every N steps (0: none)")
+    parser.add_argument("--eval-every", type=int, default=30, help="held-out evaluation every N steps (0: none)")
     parser.add_argument("--eval-kl", type=int, default=16, help="held-out prompts for the reverse KL")
     parser.add_argument("--eval-acc", type=int, default=32, help="held-out problems for greedy exact match")
     parser.add_argument("--grad-batches", type=int, default=0, help="also run the gradient probe on N batches")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--summary-only", action="store_true", help="only rewrite summary.md from --out's steps.jsonl")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     unknown = [n for n in names if n not in VARIANTS and n not in DEFAULTS]
@@ -287,6 +288,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--variants: unknown {unknown}; choose from {[*VARIANTS, *DEFAULTS]}")
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
+    steps_file = args.out / "steps.jsonl"
+    if not args.summary_only:
+        _train_all(args, names, steps_file)
+    # the summary covers every run recorded in the folder (earlier invocations with other variants or seeds too)
+    rows = [json.loads(line) for line in steps_file.read_text().splitlines() if line.strip()] if steps_file.exists() else []
+    if rows:
+        table = summarize(rows, list(dict.fromkeys(r["variant"] for r in rows)))
+        (args.out / "summary.md").write_text(table)
+        print(table)
+    return 0
+
+
+def _train_all(args: argparse.Namespace, names: list[str], steps_file: Path) -> None:
+    """The gradient probe (if asked) and every (seed, variant) run, appended to `steps_file` run by run."""
     env = Env(args.models, eval_kl=args.eval_kl, eval_acc=args.eval_acc)
     t0 = time.monotonic()
     log = lambda m: print(f"[{time.monotonic() - t0:6.0f} s] {m}", flush=True)  # noqa: E731
@@ -294,17 +309,12 @@ def main(argv: list[str] | None = None) -> int:
         grads = grad_probe(env, [n for n in names if n != "exact"], args.grad_batches, args.seeds[0])
         (args.out / "grads.json").write_text(json.dumps(grads, indent=2) + "\n")
         log(json.dumps(grads))
-    rows: list[dict[str, Any]] = []
-    with (args.out / "steps.jsonl").open("a") as fh:
+    if args.steps == 0:  # the gradient probe alone
+        return
+    with steps_file.open("a") as fh:
         for seed in args.seeds:
             for name in names:
-                for row in train_run(env, name, seed, args, log):
-                    fh.write(json.dumps(row) + "\n")
-                    rows.append(row)
-    if rows:
-        (args.out / "summary.md").write_text(summarize(rows, names))
-        print(summarize(rows, names))
-    return 0
+                fh.writelines(json.dumps(row) + "\n" for row in train_run(env, name, seed, args, log))
 
 
 if __name__ == "__main__":

@@ -56,5 +56,5 @@ def test_default_loss_stays_stable_where_the_old_sampled_estimator_blows_up(env:
     assert default["kl_max"] <= KL_BOUND, report
     assert default["kl_last"] < START_KL, report  # and it learned something
     # the setting discriminates: the old estimator stops ending its answers (measured: every rollout of the
-    # last 20 steps ran to the length limit) or its KL spikes past the bound
+    # last 18 steps ran to the length limit) or its KL spikes past the bound
     assert old["finished_last"] <= 0.25 or old["kl_max"] > KL_BOUND, report
