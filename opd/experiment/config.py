@@ -5,8 +5,9 @@ row; a row changes only what it compares (its truncation schedule, its loss, the
 `--set`-style key), so two rows differ in exactly what their names say. The runner fills in what must differ
 per run (model paths, work dirs, seeds, the budget) and validates every row's config before anything starts.
 
-`quick` replaces rows, seeds, budget and evaluation sizes for `--quick` (a subset that fits this 2-core
-machine in under 30 minutes); the report says which rows and seeds it ran.
+A preset (`presets.<name>`, run with `--preset <name>`) replaces rows, seeds, budget and evaluation sizes: a
+subset of the comparison that answers one question in less time. `quick` is the preset `--quick` runs (what
+fits this 2-core machine in under 30 minutes); the report says which preset, rows and seeds it ran.
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ class TRLSettings(BaseModel):
     timeout_s: float = Field(3600.0, gt=0, description="Give up on the TRL run after this long.")
 
 
-class QuickSettings(BaseModel):
-    """What `--quick` runs instead: a subset, fewer seeds, a smaller budget and evaluation."""
+class PresetSettings(BaseModel):
+    """What `--preset <name>` runs instead: a subset of rows, fewer seeds, another budget and evaluation."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -90,7 +91,7 @@ class ExperimentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field("truncation", pattern=ROW_NAME)
-    out_dir: UserPath = Field("runs/experiment", description="Results go to <out_dir>/<name>[-quick]/.")
+    out_dir: UserPath = Field("runs/experiment", description="Results go to <out_dir>/<name>[-<preset>]/.")
     models_dir: UserPath = Field("models/task", description="teacher/, student/, prompts.jsonl, heldout.jsonl "
                                  "(what `opd experiment train-teacher` / `train-student` write).")
     student_dir: UserPath | None = Field(None, description="Student model dir (None: <models_dir>/student).")
@@ -111,7 +112,8 @@ class ExperimentConfig(BaseModel):
     eval: EvalSettings = Field(default_factory=EvalSettings)
     trl: TRLSettings = Field(default_factory=TRLSettings)
     rows: list[RowConfig] = Field(..., min_length=1)
-    quick: QuickSettings | None = None
+    quick: PresetSettings | None = Field(None, description="The preset `--quick` runs (= presets.quick).")
+    presets: dict[str, PresetSettings] = Field(default_factory=dict, description="Named subsets: `--preset <name>`.")
 
     @model_validator(mode="after")
     def _rows_unique(self) -> ExperimentConfig:
@@ -119,11 +121,18 @@ class ExperimentConfig(BaseModel):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"rows: duplicate names {dup}")
-        if self.quick is not None and self.quick.rows is not None:
-            unknown = sorted(set(self.quick.rows) - set(names))
+        if self.quick is not None and "quick" in self.presets:
+            raise ValueError("quick: given twice (as `quick` and as `presets.quick`)")
+        for key, preset in self.all_presets().items():
+            unknown = sorted(set(preset.rows or []) - set(names))
             if unknown:
-                raise ValueError(f"quick.rows: {unknown} are not rows (rows: {names})")
+                where = "quick" if key == "quick" and self.quick is not None else f"presets.{key}"
+                raise ValueError(f"{where}.rows: {unknown} are not rows (rows: {names})")
         return self
+
+    def all_presets(self) -> dict[str, PresetSettings]:
+        """Every named preset, `quick` included."""
+        return {**self.presets, **({"quick": self.quick} if self.quick is not None else {})}
 
     def path(self, name: Literal["student_dir", "teacher_dir", "prompts_file", "heldout_file"]) -> Path:
         """A model or data path: the explicit key, else its place under `models_dir`."""
@@ -134,14 +143,16 @@ class ExperimentConfig(BaseModel):
                    "heldout_file": "heldout.jsonl"}[name]
         return Path(self.models_dir) / default
 
-    def for_quick(self) -> ExperimentConfig:
-        """The `--quick` variant: the `quick` section applied, named `<name>-quick`."""
-        if self.quick is None:
-            raise ValueError("--quick: the config has no `quick` section")
-        q = self.quick
+    def for_preset(self, name: str) -> ExperimentConfig:
+        """The `--preset <name>` variant: that preset applied, named `<name of the experiment>-<preset>`."""
+        presets = self.all_presets()
+        if name not in presets:
+            flag = "--quick: the config has no `quick` section" if name == "quick" else f"--preset {name}: no such preset"
+            raise ValueError(f"{flag} (presets: {sorted(presets) or 'none'})")
+        q = presets[name]
         rows = [r for r in self.rows if q.rows is None or r.name in q.rows]
         data = self.model_dump(mode="python")
-        data.update(name=f"{self.name}-quick", rows=[r.model_dump() for r in rows], quick=None,
+        data.update(name=f"{self.name}-{name}", rows=[r.model_dump() for r in rows], quick=None, presets={},
                     seeds=q.seeds or self.seeds, budget_flops=q.budget_flops or self.budget_flops,
                     checkpoints=q.checkpoints or self.checkpoints,
                     eval={**self.eval.model_dump(), **q.eval})
@@ -150,8 +161,9 @@ class ExperimentConfig(BaseModel):
         return ExperimentConfig.model_validate(data)
 
 
-def load_experiment(path: str | Path, *, quick: bool = False) -> ExperimentConfig:
-    """The experiment config in `path` (the `--quick` variant if asked); ValueError naming the key on a mistake."""
+def load_experiment(path: str | Path, *, quick: bool = False, preset: str | None = None) -> ExperimentConfig:
+    """The experiment config in `path` (a preset's variant if asked, `quick` = preset "quick"); ValueError naming
+    the key on a mistake."""
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"experiment config {p} does not exist")
@@ -161,7 +173,8 @@ def load_experiment(path: str | Path, *, quick: bool = False) -> ExperimentConfi
         raise ValueError(f"experiment config {p} is not valid YAML: {exc}") from None
     try:
         cfg = ExperimentConfig.model_validate(tree)
-        return cfg.for_quick() if quick else cfg
+        preset = "quick" if quick else preset
+        return cfg.for_preset(preset) if preset else cfg
     except ValidationError as exc:
         lines = [f"  {'.'.join(str(x) for x in e['loc']) or '(top level)'}: {e['msg']}" for e in exc.errors()]
         raise ValueError(f"invalid experiment config {p}:\n" + "\n".join(lines)) from None

@@ -78,7 +78,7 @@ def reach(row: dict[str, Any], runs: list[dict[str, Any]], target: float | None)
             "flops": mean_std([c["flops"]["total"] for c in hits])[0], "wall_s": mean_std([c["wall_s"] for c in hits])[0]}
 
 
-def aggregate(cfg: Any, records: list[dict[str, Any]], *, quick: bool, command: str) -> dict[str, Any]:
+def aggregate(cfg: Any, records: list[dict[str, Any]], *, preset: str | None, command: str) -> dict[str, Any]:
     """Everything the table and the plots show, from the run records."""
     rows = []
     for row in cfg.rows:
@@ -96,7 +96,7 @@ def aggregate(cfg: Any, records: list[dict[str, Any]], *, quick: bool, command: 
         flops = row["reach"].get("flops")
         row["reach"]["vs_reference"] = ref_reach / flops if flops and ref_reach else None  # None: 0 / 0 or unknown
     initial = ref["checkpoints"][0]["accuracy"] if ref is not None else None
-    return {"name": cfg.name, "command": command, "quick": quick, "budget_flops": cfg.budget_flops,
+    return {"name": cfg.name, "command": command, "preset": preset, "budget_flops": cfg.budget_flops,
             "checkpoints": cfg.checkpoints, "seeds": cfg.seeds, "reference_row": cfg.reference_row,
             "target_accuracy": target, "target_trivial": target is not None and initial is not None and target <= initial,
             "rows": rows}
@@ -117,7 +117,8 @@ def markdown(summary: dict[str, Any]) -> str:
     lines = [f"# Truncation experiment `{summary['name']}`", "",
              f"Command: `{summary['command']}`. Budget {format_flops(budget)} per run (generation + teacher + learner, "
              f"protocol/compute.py), held-out evaluation at {n} compute marks, seeds {summary['seeds']}, mean ± std "
-             "over seeds." + (" **Quick subset**: only the rows below." if summary["quick"] else ""), ""]
+             "over seeds." + (f" **Preset `{summary['preset']}`**: only the rows below." if summary.get("preset") else ""),
+             ""]
     for title, key, scale, digits in (("Held-out greedy exact match (%)", "accuracy", 100.0, 1),
                                       ("Held-out full-length reverse KL to the teacher (nats/token)", "kl", 1.0, 3)):
         lines += [f"## {title}", "", "| row | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]

@@ -30,7 +30,7 @@ def check_inputs(cfg: ExperimentConfig) -> None:
                                     "`opd experiment train-teacher` and `opd experiment train-student`)")
 
 
-def run_experiment(cfg: ExperimentConfig, *, command: str, quick: bool, resume: bool = False, dry_run: bool = False,
+def run_experiment(cfg: ExperimentConfig, *, command: str, preset: str | None, resume: bool = False, dry_run: bool = False,
                    plain: bool = False) -> int:
     from protocol.vocab import load_tokenizer, shared_vocab_size
 
@@ -64,7 +64,7 @@ def run_experiment(cfg: ExperimentConfig, *, command: str, quick: bool, resume: 
                 (spec.dir / "run.json").write_text(json.dumps(record, indent=1) + "\n")
             records.append(record)
             reporter.end_run(_line(spec, record))
-            summary = report.aggregate(cfg, records, quick=quick, command=command)
+            summary = report.aggregate(cfg, records, preset=preset, command=command)
             report.write(results, summary, records)
             plots.plot_curves(summary, results / "curves.png")
             plots.plot_horizon(summary, records, results / "horizon.png")

@@ -25,8 +25,9 @@ def test_shipped_configs_validate(path: Path, tmp_path: Path) -> None:
         from opd.experiment.config import load_experiment  # and every row's pipeline config validates
         from opd.experiment.runner import pipeline_config, plan
 
-        for quick in (False, True):
-            cfg = load_experiment(path, quick=quick)
+        base = load_experiment(path)
+        for preset in (None, *base.all_presets()):
+            cfg = load_experiment(path, preset=preset)
             for spec in plan(cfg, tmp_path / cfg.name):
                 assert isinstance(pipeline_config(cfg, spec, vocab_size=64), OPDConfig)
         return

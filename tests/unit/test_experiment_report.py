@@ -36,9 +36,20 @@ def test_quick_variant(tmp_path: Path) -> None:
     assert cfg.eval.accuracy_prompts == 200  # not overridden: the full config's
 
 
+def test_named_preset(tmp_path: Path) -> None:
+    cfg = load_experiment(_write(tmp_path, {**BASE, "presets": {"cut": {"rows": ["short"], "budget_flops": 5.0}}}),
+                          preset="cut")
+    assert cfg.name == "truncation-cut" and [r.name for r in cfg.rows] == ["short"] and cfg.budget_flops == 5.0
+    assert cfg.seeds == [0, 1] and cfg.presets == {} and cfg.quick is None
+    with pytest.raises(ValueError, match=r"--preset nope: no such preset \(presets: \['cut', 'quick'\]\)"):
+        load_experiment(_write(tmp_path, {**BASE, "presets": {"cut": {}}}), preset="nope")
+
+
 @pytest.mark.parametrize("change, named", [
     ({"rows": [{"name": "a"}, {"name": "a"}]}, "duplicate names"),
     ({"quick": {"rows": ["nope"]}}, "quick.rows"),
+    ({"presets": {"loss": {"rows": ["full", "nope"]}}}, "presets.loss.rows"),
+    ({"presets": {"quick": {"rows": ["full"]}}}, "given twice"),
     ({"rows": [{"name": "t", "kind": "trl", "schedule": "full"}]}, "rows.t"),
     ({"budget_flops": -1}, "budget_flops"),
 ])
@@ -65,7 +76,7 @@ def test_aggregate_and_table() -> None:
         {"row": "trl", "seed": 0, "status": "skipped", "reason": "trl is not installed", "checkpoints": []},
         {"row": "trl", "seed": 1, "status": "failed", "reason": "RuntimeError: boom\nmore", "checkpoints": []},
     ]
-    summary = aggregate(cfg, records, quick=False, command="opd experiment run --config x")
+    summary = aggregate(cfg, records, preset=None, command="opd experiment run --config x")
     full, short, trl = summary["rows"]
     assert full["checkpoints"][1]["accuracy"] == pytest.approx(0.4)
     assert full["checkpoints"][1]["accuracy_std"] == pytest.approx(0.1414, abs=1e-3)
