@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from protocol.codec import MAX_MESSAGE_BYTES
+from protocol.ledger import min_keep_s
 
 
 class TransportConfig(BaseModel):
@@ -30,10 +31,22 @@ class TransportConfig(BaseModel):
     reconnect_give_up_s: float = Field(
         600.0, gt=0, description="Redis unreachable this long: the role stops with an error saying so (a supervisor "
         "restarts it); shorter outages are ridden out, one log line when they begin and one when they end.")
+    ledger_rollup_every_s: float = Field(
+        30.0, ge=0, description="The learner folds settled ledger fields into per-state counters this often, so Redis "
+        "memory stays bounded over a long run (protocol/ledger.py `rollup`); 0: never (one field per prefix forever).")
+    ledger_keep_s: float = Field(
+        900.0, gt=0, description="A settled ledger field is kept at least this long before it is rolled up: longer than "
+        "a publish retried after a lost reply can take (reconnect_give_up_s + reconnect_cap_s + 75 s), so the retry "
+        "is still recognised and skipped.")
 
     @model_validator(mode="after")
     def _backoff_is_bounded(self) -> TransportConfig:
         if self.reconnect_cap_s < self.reconnect_base_s:
             raise ValueError(f"transport.reconnect_cap_s ({self.reconnect_cap_s:g}) must be at least "
                              f"transport.reconnect_base_s ({self.reconnect_base_s:g})")
+        floor = min_keep_s(self.reconnect_give_up_s, self.reconnect_cap_s)
+        if self.ledger_rollup_every_s > 0 and self.ledger_keep_s < floor:
+            raise ValueError(f"transport.ledger_keep_s ({self.ledger_keep_s:g}) must be at least {floor:g}s "
+                             "(reconnect_give_up_s + reconnect_cap_s + 75): a publish retried after a lost reply "
+                             "could otherwise land after its id was rolled up, and be trained twice")
         return self
