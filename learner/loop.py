@@ -100,6 +100,11 @@ class Learner:
         self.summary = LearnerSummary()
         self.intake = Intake(cfg, self.queue, self.inflight, self.journal, self.dist, self.stop, self.metrics,
                              self.summary, self.position_kl)
+        # Keeps the ledger bounded (protocol/ledger.py `rollup`); rank 0 only: one suffices, several are harmless.
+        self.ledger_rollup = ledger.PeriodicRollup(
+            self.client, self.names, every_s=transport.ledger_rollup_every_s if self.dist.is_main else 0.0,
+            keep_s=transport.ledger_keep_s,
+            on_result=lambda r: (self.metrics.ledger_rolled_up.inc(r.folded), self.metrics.ledger_fields.set(r.fields)))
         self.workdir = Path(cfg.workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._load_student()
@@ -199,6 +204,7 @@ class Learner:
         stats = self.train_step([d.message for d in batch])  # type: ignore[misc]
         self.commit(batch)
         self._track(batch)
+        self.ledger_rollup.maybe_run()
         self.summary.steps += 1
         self.summary.trained += len(batch)
         if self.step % cfg.publish_every == 0:

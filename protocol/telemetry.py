@@ -158,6 +158,8 @@ class LearnerMetrics(CommonMetrics):
     publish_seconds: Gauge
     publish_bytes: Counter
     eval_reverse_kl: Gauge
+    ledger_rolled_up: Counter
+    ledger_fields: Gauge
     heldout_accuracy: Gauge
     duplicates: Counter
     probes: Counter
@@ -184,6 +186,10 @@ def learner_metrics(registry: CollectorRegistry) -> LearnerMetrics:
         publish_seconds=Gauge("opd_learner_publish_seconds", "Seconds to publish the last weights", registry=registry),
         publish_bytes=Counter("opd_learner_publish_bytes", "Bytes of weights published", registry=registry),
         eval_reverse_kl=Gauge("opd_learner_eval_reverse_kl", "Full-distribution reverse KL on held-out prompts", registry=registry),
+        ledger_rolled_up=Counter("opd_learner_ledger_rolled_up", "Settled ledger fields folded into per-state counters "
+                                 "(protocol/ledger.py rollup)", registry=registry),
+        ledger_fields=Gauge("opd_learner_ledger_fields", "Fields left in the ledger hash after the last rollup "
+                            "(in flight + recently settled)", registry=registry),
         heldout_accuracy=Gauge("opd_learner_heldout_accuracy", "Greedy exact match on held-out prompts with reference "
                                "answers (learner.eval.accuracy_prompts; unset when off)", registry=registry),
         duplicates=Counter("opd_learner_duplicates",
