@@ -32,6 +32,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
+from opd.sft import sft_step
 from protocol.files import apply_default_modes
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<bos>", "<eos>", "<unk>")
@@ -189,13 +190,7 @@ def train_lm(
             ids_BT[i, : len(ids)] = torch.tensor(ids)
         mask_BT = (ids_BT != PAD_ID).long()
         labels_BT = ids_BT.masked_fill(mask_BT == 0, -100)
-        loss = model(input_ids=ids_BT, attention_mask=mask_BT, labels=labels_BT).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        loss_value = float(loss.detach())
+        loss_value = sft_step(model, opt, sched, (ids_BT, mask_BT, labels_BT), clip=1.0)
         done = step + 1
         if time.monotonic() - started > max_seconds and done < steps:
             log(f"tiny: training stopped by the {max_seconds:.0f}s cap after {done}/{steps} steps")

@@ -24,6 +24,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from opd.experiment.task import EOS_ID, LINE_CHARS, MAX_BITS, PAD_ID, Problem, is_correct
+from opd.sft import sft_step
 
 MAX_POSITIONS = 512
 MAX_NEW_TOKENS = (MAX_BITS + 1) * LINE_CHARS + 8  # the longest answer plus a little slack
@@ -142,14 +143,7 @@ def train(
     model.train()
     for step in range(spec.steps):
         batch = [rng.choice(problems) for _ in range(spec.batch_size)]
-        ids_BT, attn_BT, labels_BT = collate([encode(tokenizer, p) for p in batch])
-        loss = model(input_ids=ids_BT, attention_mask=attn_BT, labels=labels_BT).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        loss_value = float(loss.detach())
+        loss_value = sft_step(model, opt, sched, collate([encode(tokenizer, p) for p in batch]), clip=1.0)
         if fingerprint_at is not None and step + 1 == fingerprint_at:
             info["fingerprint_step"] = fingerprint_at
             info["weights_fingerprint"] = weights_fingerprint(model)
