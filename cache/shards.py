@@ -17,6 +17,7 @@ order in which rows, records and index fields are written (and why a crash at an
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections import OrderedDict
@@ -87,45 +88,19 @@ class Shard:
         """A new empty shard for `writer_id`, named `<seq>-<uid>` so an id is never reused.
 
         Never reused matters: readers cache decoded chunks by shard id, and an evicted shard's id
-        coming back with different data must not alias the cached chunks.
+        coming back with different data must not alias the cached chunks. A creation that fails (a
+        full disk) removes what it made, so a teacher retrying on a full disk leaves no litter.
         """
         existing = root.list_dir(f"{SHARDS}/{writer_id}")
         seq = 1 + max((int(s.split("-")[0]) for s in existing if s.split("-")[0].isdigit()), default=0)
         shard_id = f"{writer_id}/{seq:06d}-{uuid.uuid4().hex[:8]}"
-        root.require_group(SHARDS)
-        root.require_group(f"{SHARDS}/{writer_id}")
-        now = time.time()
-        group = zarr.create_group(
-            root.store,
-            path=root.shard_path(shard_id),
-            attributes={
-                "format": SHARD_FORMAT, "version": FORMAT_VERSION, "ready": False, "writer_id": writer_id,
-                "k": k, "topk_dtype": topk_dtype, "capacity": capacity, "created_at": now, "sealed": False,
-            },
-        )
-        comp = compressors(compression)
-
-        def rows_for(row_bytes: int) -> int:
-            return max(1, min(capacity, chunk_bytes // row_bytes))
-
-        group.create_array(LOGPROBS, shape=(capacity,), dtype="<f4", chunks=(rows_for(4),),
-                           compressors=comp, fill_value=0.0)
-        if k > 0:
-            size = np.dtype(topk_dtype).itemsize
-            group.create_array(TOPK_IDS, shape=(capacity, k), dtype="<i4", chunks=(rows_for(4 * k), k),
-                               compressors=compressors(compression, bitshuffle=True), fill_value=0)
-            group.create_array(TOPK_LOGPROBS, shape=(capacity, k), dtype=np.dtype(topk_dtype).newbyteorder("<"),
-                               chunks=(rows_for(size * k), k), compressors=comp, fill_value=0.0)
-        # Records are rewritten on every put, so their chunks are kept small (1/16 of a data chunk):
-        # the >= 1 MiB rule is about data throughput, and a 1 MiB record chunk would double put cost.
-        group.create_array(RECORDS, shape=(capacity, RECORD_BYTES), dtype="u1",
-                           chunks=(max(1, min(capacity, chunk_bytes // 16 // RECORD_BYTES)), RECORD_BYTES),
-                           compressors=comp, fill_value=0)
-        group.update_attributes({"ready": True})
-        root.fsync_keys(
-            [f"{root.shard_path(shard_id)}/{name}/zarr.json" for name in (LOGPROBS, TOPK_IDS, TOPK_LOGPROBS, RECORDS)]
-            + [f"{root.shard_path(shard_id)}/zarr.json"]
-        )
+        try:
+            _build(root, shard_id, writer_id, k=k, topk_dtype=topk_dtype, capacity=capacity, chunk_bytes=chunk_bytes,
+                   compression=compression)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                root.delete_shard(shard_id)
+            raise
         return cls.open(root, shard_id)
 
     @classmethod
@@ -263,6 +238,45 @@ class Shard:
             records += recs
             torn += bad
         return RecordScan(records, torn, unreadable)
+
+
+def _build(root: CacheRoot, shard_id: str, writer_id: str, *, k: int, topk_dtype: str, capacity: int, chunk_bytes: int,
+           compression: str) -> None:
+    """Write a new shard's group and arrays, then mark it ready (fsynced): `Shard.create`'s body."""
+    root.require_group(SHARDS)
+    root.require_group(f"{SHARDS}/{writer_id}")
+    now = time.time()
+    group = zarr.create_group(
+        root.store,
+        path=root.shard_path(shard_id),
+        attributes={
+            "format": SHARD_FORMAT, "version": FORMAT_VERSION, "ready": False, "writer_id": writer_id,
+            "k": k, "topk_dtype": topk_dtype, "capacity": capacity, "created_at": now, "sealed": False,
+        },
+    )
+    comp = compressors(compression)
+
+    def rows_for(row_bytes: int) -> int:
+        return max(1, min(capacity, chunk_bytes // row_bytes))
+
+    group.create_array(LOGPROBS, shape=(capacity,), dtype="<f4", chunks=(rows_for(4),),
+                       compressors=comp, fill_value=0.0)
+    if k > 0:
+        size = np.dtype(topk_dtype).itemsize
+        group.create_array(TOPK_IDS, shape=(capacity, k), dtype="<i4", chunks=(rows_for(4 * k), k),
+                           compressors=compressors(compression, bitshuffle=True), fill_value=0)
+        group.create_array(TOPK_LOGPROBS, shape=(capacity, k), dtype=np.dtype(topk_dtype).newbyteorder("<"),
+                           chunks=(rows_for(size * k), k), compressors=comp, fill_value=0.0)
+    # Records are rewritten on every put, so their chunks are kept small (1/16 of a data chunk):
+    # the >= 1 MiB rule is about data throughput, and a 1 MiB record chunk would double put cost.
+    group.create_array(RECORDS, shape=(capacity, RECORD_BYTES), dtype="u1",
+                       chunks=(max(1, min(capacity, chunk_bytes // 16 // RECORD_BYTES)), RECORD_BYTES),
+                       compressors=comp, fill_value=0)
+    group.update_attributes({"ready": True})
+    root.fsync_keys(
+        [f"{root.shard_path(shard_id)}/{name}/zarr.json" for name in (LOGPROBS, TOPK_IDS, TOPK_LOGPROBS, RECORDS)]
+        + [f"{root.shard_path(shard_id)}/zarr.json"]
+    )
 
 
 def _runs(indices: list[int]) -> list[list[int]]:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -43,6 +43,7 @@ from cache.scorers.base import Scores, TeacherScorer
 from protocol import ledger
 from protocol.compute import forward_flops
 from protocol.config import TransportConfig
+from protocol.files import DISK_FULL, write_error_reason
 from protocol.messages import Message, RolloutPrefix, ScoredPrefix
 from protocol.names import Names
 from protocol.runtime import StopFlag, register_endpoint
@@ -114,10 +115,16 @@ class CacheBatchStats:
     tokens_written: int = 0
     lookup_errors: int = 0
     put_errors: int = 0
+    put_error_reasons: dict[str, int] = field(default_factory=dict)  # protocol.files.write_error_reason
 
     @property
     def errors(self) -> int:
         return self.lookup_errors + self.put_errors
+
+    def put_failed(self, exc: BaseException) -> None:
+        self.put_errors += 1
+        reason = write_error_reason(exc)
+        self.put_error_reasons[reason] = self.put_error_reasons.get(reason, 0) + 1
 
 
 def _lookup(cache: TeacherCache, seqs: list[np.ndarray], stats: CacheBatchStats) -> list[CacheHit | None]:
@@ -145,7 +152,7 @@ def _put(cache: TeacherCache, items: list[PutItem], stats: CacheBatchStats) -> N
         results: list[PutResult] = list(cache.put_many(items))
     except ValueError as exc:
         if len(items) == 1:
-            stats.put_errors += 1
+            stats.put_failed(exc)
             log.warning("teacher cache: put refused (%s); forwarding the scores uncached", exc)
             return
         results = []
@@ -153,13 +160,14 @@ def _put(cache: TeacherCache, items: list[PutItem], stats: CacheBatchStats) -> N
             try:
                 results += cache.put_many([item])
             except Exception as one_exc:
-                stats.put_errors += 1
+                stats.put_failed(one_exc)
                 log.warning("teacher cache: put of one sequence (%d tokens) failed (%s: %s); forwarding it uncached",
                             len(item[0]), type(one_exc).__name__, one_exc)
     except Exception as exc:
-        stats.put_errors += 1
-        log.warning("teacher cache: put of %d sequences failed (%s: %s); forwarding the scores uncached",
-                    len(items), type(exc).__name__, exc)
+        stats.put_failed(exc)
+        if write_error_reason(exc) != DISK_FULL:  # a full disk: the writer says so itself, once (cache.writer)
+            log.warning("teacher cache: put of %d sequences failed (%s: %s); forwarding the scores uncached",
+                        len(items), type(exc).__name__, exc)
         return
     for r in results:
         stats.bytes_written += r.bytes_written
@@ -251,6 +259,8 @@ class Teacher:
             self.metrics.cache_errors.labels(op="lookup").inc(stats.lookup_errors)
         if stats.put_errors:
             self.metrics.cache_errors.labels(op="put").inc(stats.put_errors)
+        for reason, n in stats.put_error_reasons.items():
+            self.metrics.cache_write_errors.labels(reason=reason).inc(n)
         self.summary.cache_errors += stats.errors
         self.batch_cache_errors += stats.errors
         return full

@@ -8,6 +8,7 @@ and `cache.shards`; the read path in `cache.reader`.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -16,11 +17,52 @@ import redis as redis_lib
 
 from cache.index import IndexEntry, RedisNames
 from cache.keys import BlockKey, CacheSpec, as_token_ids
-from cache.layout import RECORD_BYTES, ShardUnavailable, entry_checksum, pack_records
+from cache.layout import RECORD_BYTES, CacheError, ShardUnavailable, entry_checksum, pack_records
 from cache.root import CacheRoot
 from cache.shards import ChunkLRU, RecordScan, Shard
+from protocol.files import DISK_FULL, write_error_reason
 
 log = logging.getLogger(__name__)
+
+DISK_FULL_REMIND_S = 300.0
+
+
+class CacheDiskFull(CacheError):
+    """A put not stored because the disk under the cache is full (ENOSPC / EDQUOT); raised from the OSError.
+
+    Nothing was indexed for the blocks it did not store, and the shard stays usable: rows written before
+    the failure have no record, so they are unreferenced and overwritten by the next put.
+    """
+
+
+class DiskFullLog:
+    """One WARNING when the cache's disk fills, a reminder every `remind_s` while it stays full, one INFO
+    when a put succeeds again: a teacher failing every batch must not log every batch."""
+
+    def __init__(self, where: str, remind_s: float = DISK_FULL_REMIND_S) -> None:
+        self.where = where
+        self.remind_s = remind_s
+        self.since: float | None = None
+        self.failed_puts = 0
+        self._last_line = 0.0
+
+    def failed(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        self.failed_puts += 1
+        if self.since is None:
+            self.since, self._last_line = now, now
+            log.warning("teacher cache: disk full under %s (%s: %s); scores are forwarded uncached (recomputed when "
+                        "next needed) until space is back", self.where, type(exc).__name__, exc)
+        elif now - self._last_line >= self.remind_s:
+            self._last_line = now
+            log.warning("teacher cache: disk under %s still full: %d puts not stored in %.0f s", self.where,
+                        self.failed_puts, now - self.since)
+
+    def ok(self) -> None:
+        if self.since is not None:
+            log.info("teacher cache: writing again under %s (%d puts not stored in %.0f s while the disk was full)",
+                     self.where, self.failed_puts, time.monotonic() - self.since)
+            self.since, self.failed_puts = None, 0
 
 
 @dataclass(frozen=True)
@@ -82,6 +124,7 @@ class CacheWriter:
         self.active: Shard | None = None
         self.next_row = 0
         self.next_record = 0
+        self.disk_full = DiskFullLog(root.url)
 
     def put_many(self, items: Sequence[tuple[object, object, object | None, object | None, int]]) -> list[PutResult]:
         """`put` for a batch: one index round trip, one write per array per shard, one Redis update."""
@@ -111,7 +154,14 @@ class CacheWriter:
                 counts[n][1] += bk.length
                 counts[n][2] += bk.length * self.spec.row_bytes + RECORD_BYTES
         if chosen:
-            self._write(chosen, prepared)
+            try:
+                self._write(chosen, prepared)
+            except Exception as exc:
+                if write_error_reason(exc) != DISK_FULL:
+                    raise
+                self.disk_full.failed(exc)
+                raise CacheDiskFull(f"disk full under {self.root.url}: {exc}") from exc
+            self.disk_full.ok()
             pipe = self.redis.pipeline(transaction=False)
             pipe.hincrby(self.names.counters, "puts", len(items))
             pipe.hincrby(self.names.counters, "blocks_written", len(chosen))
@@ -168,7 +218,8 @@ class CacheWriter:
 
         If a write fails (e.g. the shard's tail chunk is damaged, so zarr cannot merge into it) the
         shard is sealed at its last committed row and the batch is retried once in a fresh shard:
-        a bad file must not stop the cache from taking new entries.
+        a bad file must not stop the cache from taking new entries. A full disk is not the shard's
+        fault: it is raised at once (a new shard would not fit either), and the shard is kept.
         """
         written: list[tuple[str, IndexEntry]] = []
         i = 0
@@ -190,7 +241,7 @@ class CacheWriter:
             try:
                 entries = self._flush(self.active, batch, prepared)
             except Exception as exc:
-                if retried:
+                if retried or write_error_reason(exc) == DISK_FULL:
                     raise
                 log.warning("teacher cache: write to shard %s failed (%s: %s); sealing it and retrying in a new shard",
                             self.active.shard_id, type(exc).__name__, exc)
@@ -237,9 +288,14 @@ class CacheWriter:
         return entries
 
     def _roll_over(self) -> None:
-        """Seal the active shard (if any) and start a new one."""
+        """Seal the active shard (if any) and start a new one.
+
+        The sealed shard stops being active before the new one is created: if creation fails (a full
+        disk), the next put retries the creation instead of appending to a sealed shard.
+        """
         if self.active is not None:
             self.active.seal(self.next_row, self.next_record)
+            self.active = None
         shard = Shard.create(
             self.root, self.writer_id, k=self.spec.k, topk_dtype=self.spec.topk_dtype.name, capacity=self.shard_rows,
             chunk_bytes=self.chunk_bytes, compression=self.compression,

@@ -21,10 +21,19 @@ either the previous state or a ``.tmp-*`` directory, which ``latest_checkpoint``
 ``COMPLETE``) and the next save removes. One writer per root is assumed (the single learner).
 
 Published weights (``root/v000123/``) are written the same way by ``learner/publish.py``.
+
+A full disk (or any other OS error) while writing raises ``WriteFailed`` naming the directory and the OS
+error; the temporary directory is removed and the previous checkpoint was never touched, so it stays
+loadable. What the learner then does is in ``learner/loop.py`` (it trains on; docs/reliability.md).
+
+Loading refuses a damaged checkpoint with ``CheckpointCorrupt`` naming the file (a truncated
+safetensors file, garbage JSON, a missing file) rather than a deep traceback; ``learner/resume.py`` says
+why it does not fall back to an older checkpoint by itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -33,6 +42,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -50,13 +60,54 @@ from learner.modeldirs import (
     require_int,
     save_model,
 )
-from learner.statetree import load_tree, read_json, save_tree, write_json
+from learner.statetree import decode_tree, read_json, save_tree, write_json
+from protocol.files import write_error_reason
 
 FORMAT_VERSION = 1
 MODEL_DIR = "model"
 COMPLETE_MARKER = "COMPLETE"
 META_FILE = "meta.json"
 _STEP_RE = re.compile(r"^step-(\d{6,})$")
+
+
+class WriteFailed(OSError):
+    """A checkpoint or published-weights directory could not be written (a full disk, an I/O error).
+
+    ``what`` is ``checkpoint`` or ``weights``, ``reason`` the metric label of
+    ``protocol.files.write_error_reason`` (``disk_full``, ``io_error``). Raised from the original error,
+    after the temporary directory was removed: whatever was there before is untouched.
+    """
+
+    def __init__(self, what: str, path: Path, exc: BaseException, previous: Path | None) -> None:
+        self.what, self.path, self.reason = what, path, write_error_reason(exc)
+        kept = f"the previous one, {previous}, is intact" if previous is not None else "there is no previous one"
+        super().__init__(f"{what} {path} not written ({type(exc).__name__}: {exc}); {kept}")
+
+
+class CheckpointCorrupt(ValueError):
+    """A complete-looking checkpoint that cannot be loaded; the message names the file and why."""
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Turn any failure while loading ``path`` into a `CheckpointCorrupt` naming it (no deep traceback)."""
+    try:
+        yield
+    except CheckpointCorrupt:
+        raise
+    except Exception as exc:
+        raise CheckpointCorrupt(f"{path}: {type(exc).__name__}: {exc}") from None
+
+
+def _load_tree(directory: Path, name: str) -> Any:
+    """What ``statetree.save_tree`` wrote, every file read under `_reading` (never unpickled)."""
+    tensor_file = directory / f"{name}.safetensors"
+    tensors: dict[str, torch.Tensor] = {}
+    if tensor_file.exists():
+        with _reading(tensor_file):
+            tensors = load_file(str(tensor_file), device="cpu")
+    with _reading(directory / f"{name}.json"):
+        return decode_tree(read_json(directory / f"{name}.json"), tensors)
 
 
 class StatefulObject(Protocol):
@@ -106,13 +157,17 @@ def _load_model_weights(model: PretrainedModel, directory: Path) -> None:
     """Copy the HF safetensors weights in ``directory`` into ``model`` in place (no new model object, so
     the optimizer's references to the parameters stay valid)."""
     index = directory / "model.safetensors.index.json"
-    files = sorted(set(read_json(index)["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    files = ["model.safetensors"]
+    if index.is_file():
+        with _reading(index):
+            files = sorted(set(read_json(index)["weight_map"].values()))
     loaded: dict[str, torch.Tensor] = {}
     for filename in files:
         path = directory / filename
         if not path.is_file():
-            raise ValueError(f"checkpoint weights file {path} is missing")
-        loaded.update(load_file(str(path), device="cpu"))
+            raise CheckpointCorrupt(f"{path}: the checkpoint's weights file is missing")
+        with _reading(path):
+            loaded.update(load_file(str(path), device="cpu"))
     own = model.state_dict()
     unexpected = sorted(set(loaded) - set(own))
     if unexpected:
@@ -123,7 +178,8 @@ def _load_model_weights(model: PretrainedModel, directory: Path) -> None:
     missing = sorted(k for k in set(own) - set(loaded) if own[k].data_ptr() not in loaded_ptrs)
     if missing:
         raise ValueError(f"checkpoint lacks weights the model has: {missing[:5]}")
-    model.load_state_dict(loaded, strict=False)
+    with _reading(directory):  # e.g. a shape that does not fit this model
+        model.load_state_dict(loaded, strict=False)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -180,16 +236,17 @@ def read_meta(path: str | os.PathLike[str]) -> CheckpointMeta:
     path = Path(path)
     if not (path / COMPLETE_MARKER).is_file():
         raise ValueError(f"{path} is not a complete checkpoint (no {COMPLETE_MARKER} marker)")
-    meta = read_json(path / META_FILE)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: unsupported checkpoint format_version {meta.get('format_version')!r}")
-    return CheckpointMeta(
-        path=path,
-        step=int(meta["step"]),
-        policy_version=int(meta["policy_version"]),
-        extra=dict(meta["extra"]),
-        created_at=float(meta["created_at"]),
-    )
+    with _reading(path / META_FILE):
+        meta = read_json(path / META_FILE)
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"unsupported checkpoint format_version {meta.get('format_version')!r}")
+        return CheckpointMeta(
+            path=path,
+            step=int(meta["step"]),
+            policy_version=int(meta["policy_version"]),
+            extra=dict(meta["extra"]),
+            created_at=float(meta["created_at"]),
+        )
 
 
 def save_checkpoint(
@@ -221,10 +278,11 @@ def save_checkpoint(
         raise ValueError(f"extra must be JSON-serializable (no NaN/inf): {exc}") from exc
 
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     name = step_dir_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
+    tmp: Path | None = None
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
         save_model(model, tmp / MODEL_DIR)
         if optimizer is not None:
             save_tree(optimizer.state_dict(), tmp, "optimizer")
@@ -245,8 +303,11 @@ def save_checkpoint(
         write_json(tmp / COMPLETE_MARKER, {"step": step})  # last: its presence means "all of the above"
         final = root / name
         commit_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, Exception) and write_error_reason(exc) != "other":  # the disk, not a bug
+            raise WriteFailed("checkpoint", root / name, exc, latest_checkpoint(root)) from exc
         raise
 
     remove_leftovers(root, "step-")
@@ -268,16 +329,19 @@ def load_checkpoint(
     ``Optimizer.load_state_dict``, so a checkpoint written on GPU loads on CPU and vice versa.
     """
     meta = read_meta(path)
-    raw = read_json(meta.path / META_FILE)
+    with _reading(meta.path / META_FILE):
+        raw = read_json(meta.path / META_FILE)
     if optimizer is not None and not raw.get("has_optimizer"):
         raise ValueError(f"{meta.path} has no optimizer state but an optimizer was passed")
     if scheduler is not None and not raw.get("has_scheduler"):
         raise ValueError(f"{meta.path} has no scheduler state but a scheduler was passed")
     _load_model_weights(model, meta.path / MODEL_DIR)
     if optimizer is not None:
-        optimizer.load_state_dict(load_tree(meta.path, "optimizer"))
+        optimizer.load_state_dict(_load_tree(meta.path, "optimizer"))
     if scheduler is not None:
-        scheduler.load_state_dict(load_tree(meta.path, "scheduler"))
+        scheduler.load_state_dict(_load_tree(meta.path, "scheduler"))
     if restore_rng:
-        _set_rng_state(load_tree(meta.path, "rng"))
+        rng = _load_tree(meta.path, "rng")
+        with _reading(meta.path / "rng.json"):
+            _set_rng_state(rng)
     return meta

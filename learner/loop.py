@@ -35,7 +35,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from learner import resume
-from learner.checkpoint import Stash, save_checkpoint
+from learner.checkpoint import Stash, WriteFailed, save_checkpoint
 from learner.config import LearnerConfig
 from learner.distributed import Distributed, TrainModel, checksum
 from learner.evaluate import HeldoutEvaluator
@@ -154,7 +154,7 @@ class Learner:
             prefetch.close()
             if history is not None:
                 history.close()
-        self.checkpoint()
+        saved = self.checkpoint()
         self.publish()
         if not self.cfg.eval.every or self.step % self.cfg.eval.every != 0:
             self.evaluate()
@@ -165,6 +165,8 @@ class Learner:
                  self.summary.dropped or "none")
         if drain_error is not None:
             raise drain_error
+        if not saved and "checkpoint" in self.publisher.failures:  # exit 1; a restart with space writes it
+            raise self.publisher.failures["checkpoint"]
         return self.summary
 
     def _loop(self, prefetch: Prefetcher, history: IO[str] | None) -> TimeoutError | None:
@@ -294,20 +296,29 @@ class Learner:
         """Publish the learner's `LearnerState` (``learner/publish.py``); `measured` updates its measurements."""
         self.publisher.state(version=self.version, step=self.step, **measured)
 
-    def checkpoint(self) -> None:
-        """Durable checkpoint (rank 0 writes), then every rank forgets the journaled steps it contains."""
+    def checkpoint(self) -> bool:
+        """Durable checkpoint (rank 0 writes), then every rank forgets the journaled steps it contains. A full disk
+        (``WriteFailed``) keeps the journal and trains on (docs/reliability.md, "Full disk"). Returns whether written."""
         model = self.publisher.saveable()
         optimizer: Any = self.trainer.optimizer
         if self.train_model.mode == "fsdp":
             optimizer = Stash()
             optimizer.load_state_dict(self.train_model.full_optimizer_state(self.trainer.optimizer))
+        failed = 0.0
         if self.dist.is_main:
-            save_checkpoint(self.workdir / "checkpoints", model, optimizer, self.trainer.scheduler,
-                            policy_version=self.version, step=self.step, keep_last=self.cfg.keep_checkpoints,
-                            extra={"stream": self.names.scored, "group": self.queue.group, "ranks": self.dist.world_size,
-                                   "optimizer_keys": self.train_model.optimizer_keys})
-        self.dist.barrier()  # no rank drops journal entries before the checkpoint holding them is on disk
+            try:
+                path = save_checkpoint(self.workdir / "checkpoints", model, optimizer, self.trainer.scheduler,
+                                       policy_version=self.version, step=self.step, keep_last=self.cfg.keep_checkpoints,
+                                       extra={"stream": self.names.scored, "group": self.queue.group,
+                                              "ranks": self.dist.world_size, "optimizer_keys": self.train_model.optimizer_keys})
+                self.publisher.write_succeeded("checkpoint", path)
+            except WriteFailed as exc:
+                self.publisher.write_failed(exc)
+                failed = 1.0
+        if self.dist.max([failed])[0]:  # a collective: no rank forgets steps before the checkpoint is on disk
+            return False
         self.journal.forget_through(self.step)
+        return True
 
     def _journal_lost(self) -> bool:
         """After a Redis outage: did Redis come back without some of this rank's journal? Then checkpoint now.

@@ -73,7 +73,11 @@ def commit_dir(tmp: Path, final: Path, *, durable: bool = True) -> None:
         # os.replace can't overwrite a non-empty dir: move the old one aside first (rename is atomic).
         trash = final.with_name(f".trash-{final.name}-{os.getpid()}-{time.monotonic_ns()}")
         os.replace(final, trash)
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            os.replace(trash, final)  # never leave the old version only under a name the next write removes
+            raise
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, final)

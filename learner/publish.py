@@ -5,10 +5,16 @@ atomically like a checkpoint (``learner/modeldirs.py``: tmp dir + rename) with t
 have, so actors, SGLang servers and other users can read it; then announced (``protocol/runtime.py``). State:
 the typed, versioned ``LearnerState`` (``protocol/state.py``) that admission control, truncation schedules and
 ``opd top`` read. ``Publisher`` does both for the learner's loop.
+
+A full disk under the weights (``WriteFailed``, ``learner/checkpoint.py``) announces nothing: actors keep
+the previous weights, which are untouched, and the next publication tries again. ``Publisher.write_failed``
+is where the learner says that a write failed, for weights and checkpoints alike: one ERROR line when
+failures start, a reminder at most every ``FAILURE_REMIND_S``, one line when a write succeeds again.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -20,6 +26,7 @@ from typing import Any, Protocol
 import redis
 import torch
 
+from learner.checkpoint import WriteFailed
 from learner.config import LearnerConfig
 from learner.distributed import Distributed, TrainModel
 from learner.modeldirs import (
@@ -33,6 +40,7 @@ from learner.modeldirs import (
     tree_nbytes,
 )
 from protocol import ledger
+from protocol.files import write_error_reason
 from protocol.messages import WeightsAnnouncement
 from protocol.names import Names
 from protocol.runtime import announce_weights
@@ -40,6 +48,14 @@ from protocol.state import LearnerState, publish_state
 from protocol.telemetry import LearnerMetrics
 
 _VERSION_RE = re.compile(r"^v(\d{6,})$")
+FAILURE_REMIND_S = 60.0
+_WHAT_NEXT = {
+    "checkpoint": "training goes on; the steps since the last good checkpoint stay in the Redis journal, so a restart "
+                  "resumes from that checkpoint without losing them; the next checkpoint is tried as scheduled",
+    "weights": "actors keep sampling the previous weights; the next publication tries again",
+}
+
+log = logging.getLogger(__name__)
 
 
 def version_dir_name(version: int) -> str:
@@ -84,18 +100,23 @@ def publish_weights(
     version = require_int("version", version, 0)
     keep_last = require_int("keep_last", keep_last, 1)
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     name = version_dir_name(version)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
+    tmp: Path | None = None
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
         save_model(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         nbytes = tree_nbytes(tmp)
         final = root / name
         commit_dir(tmp, final, durable=durable)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, Exception) and write_error_reason(exc) != "other":  # the disk, not a bug
+            published = list_published(root)
+            raise WriteFailed("weights", root / name, exc, published[-1] if published else None) from exc
         raise
     remove_leftovers(root, "v")
     prune_older(numbered_dirs(root, _VERSION_RE, marker=None), version, keep_last)
@@ -137,6 +158,28 @@ class Publisher:
         self.tokenizer = tokenizer
         self.workdir = workdir
         self.measured: dict[str, Any] = {}  # the latest measurements, republished with every state
+        self.failures: dict[str, WriteFailed] = {}  # what = "checkpoint" | "weights" -> the failure going on
+        self._failing: dict[str, tuple[float, float, int]] = {}  # what -> (since, last line, failed writes)
+
+    def write_failed(self, exc: WriteFailed) -> None:
+        """Count a failed checkpoint or weights write and say it, rate-limited (see module docs)."""
+        self.metrics.write_failures.labels(what=exc.what, reason=exc.reason).inc()
+        self.failures[exc.what] = exc
+        now = time.monotonic()
+        since, last, n = self._failing.get(exc.what, (now, 0.0, 0))
+        if n == 0 or now - last >= FAILURE_REMIND_S:
+            last = now
+            again = f" ({n + 1} failed {exc.what} writes in {now - since:.0f} s)" if n else ""
+            log.error("%s%s: %s", exc, again, _WHAT_NEXT.get(exc.what, ""))
+        self._failing[exc.what] = (since, last, n + 1)
+
+    def write_succeeded(self, what: str, path: Path) -> None:
+        """After failures: one line saying that writing works again."""
+        self.failures.pop(what, None)
+        failing = self._failing.pop(what, None)
+        if failing is not None:
+            log.warning("%s written again (%s) after %d failed writes in %.0f s", what, path, failing[2],
+                        time.monotonic() - failing[0])
 
     def saveable(self) -> Any:
         """What checkpoint/publish write: the model itself, or (FSDP, a collective) its gathered weights."""
@@ -150,8 +193,13 @@ class Publisher:
         model = self.saveable()
         if not self.dist.is_main:
             return
-        path, nbytes = publish_weights(model, self.workdir / "weights", version, self.cfg.keep_published,
-                                       tokenizer=self.tokenizer)
+        try:
+            path, nbytes = publish_weights(model, self.workdir / "weights", version, self.cfg.keep_published,
+                                           tokenizer=self.tokenizer)
+        except WriteFailed as exc:  # nothing announced: actors keep the previous weights
+            self.write_failed(exc)
+            return
+        self.write_succeeded("weights", path)
         announce_weights(self.client, self.names, WeightsAnnouncement(
             version=version, path=str(Path(path).resolve()), step=step, nbytes=nbytes))
         dt = time.perf_counter() - t0

@@ -10,6 +10,13 @@ last version announced (a step is committed before its weights are published). S
 journal, the learner continues one version above the last announcement (``move_version_forward``), so
 actors (which load only newer versions) follow it and no version number ever names two different sets of
 weights.
+
+A damaged newest checkpoint (a truncated safetensors file, garbage JSON, a missing file) stops the start with
+one error naming the file, and the learner does not fall back to the previous checkpoint by itself. WHY: when
+the newest checkpoint was written, the journal forgot the steps it holds, so the previous checkpoint plus the
+journal is not the state the run reached; resuming from it would silently lose the training of those steps
+(their samples are acknowledged and gone). The error names the previous checkpoint, so an operator who
+accepts that loss moves the damaged one aside and restarts.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from learner.checkpoint import PretrainedModel, Stash, latest_checkpoint, load_checkpoint
+from learner.checkpoint import CheckpointCorrupt, PretrainedModel, Stash, list_checkpoints, load_checkpoint
 from learner.distributed import TrainModel
 from learner.journal import orphaned_journals
 from learner.position_kl import PositionKL
@@ -59,18 +66,36 @@ class Restored:
         if self.optimizer_keys != train_model.optimizer_keys:
             raise ValueError(f"{self.path}: optimizer state keyed by parameter {self.optimizer_keys}, this run needs "
                              f"{train_model.optimizer_keys} (learner.fsdp differs from the run that wrote it)")
-        train_model.load_optimizer_state(optimizer, self.optimizer.state)
-        scheduler.load_state_dict(self.scheduler.state)
+        try:
+            train_model.load_optimizer_state(optimizer, self.optimizer.state)
+        except Exception as exc:  # whatever the state holds, the error names the file
+            raise CheckpointCorrupt(f"{self.path / 'optimizer.json'}: does not fit this model's optimizer "
+                                    f"({type(exc).__name__}: {exc})") from None
+        try:
+            scheduler.load_state_dict(self.scheduler.state)
+        except Exception as exc:  # whatever the state holds, the error names the file
+            raise CheckpointCorrupt(f"{self.path / 'scheduler.json'}: does not fit this run's LR scheduler "
+                                    f"({type(exc).__name__}: {exc})") from None
         log.info("resumed from %s at step %d, policy v%d", self.path, self.step, self.version)
 
 
 def restore(model: PretrainedModel, root: Path) -> Restored:
-    """The newest complete checkpoint under ``root`` loaded into ``model`` (in place); step 0 if there is none."""
-    ckpt = latest_checkpoint(root)
-    if ckpt is None:
+    """The newest complete checkpoint under ``root`` loaded into ``model`` (in place); step 0 if there is none.
+
+    A damaged one raises `CheckpointCorrupt` naming the file and the previous checkpoint (module docs: why no
+    automatic fallback)."""
+    checkpoints = list_checkpoints(root)
+    if not checkpoints:
         return Restored()
+    ckpt = checkpoints[-1]
     restored = Restored(path=ckpt)
-    meta = load_checkpoint(ckpt, model, restored.optimizer, restored.scheduler)
+    try:
+        meta = load_checkpoint(ckpt, model, restored.optimizer, restored.scheduler)
+    except CheckpointCorrupt as exc:
+        previous = (f"the previous checkpoint is {checkpoints[-2]}, but resuming from it would lose the training of "
+                    f"the steps after it (the journal no longer holds them): to accept that, move {ckpt} aside"
+                    if len(checkpoints) > 1 else f"there is no older checkpoint: move {ckpt} aside to start afresh")
+        raise CheckpointCorrupt(f"cannot resume from checkpoint {ckpt}: {exc}; {previous}") from None
     restored.step, restored.version = int(meta["step"]), int(meta["policy_version"])
     restored.optimizer_keys = meta.extra.get("optimizer_keys", "indices")
     return restored

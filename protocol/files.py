@@ -17,7 +17,9 @@ Config path fields are `UserPath`: `~` and `$VAR` expand as they would in a shel
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -117,3 +119,34 @@ def _denied(key: str, path: Path, exc: PermissionError) -> PermissionError:
     me = f"; this process runs as uid {getuid()}" if getuid else ""
     return PermissionError(f"{key}: cannot read {path}: {exc.strerror or exc} ({who}{me}); make the model "
                            f"files readable to this user (e.g. chmod -R a+rX {path.parent if path.is_file() else path})")
+
+
+DISK_FULL = "disk_full"
+IO_ERROR = "io_error"
+WRITE_ERROR_REASONS = (DISK_FULL, IO_ERROR, "other")
+_DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_RUST_OS_ERROR = re.compile(r"os error (\d+)")
+
+
+def write_error_reason(exc: BaseException) -> str:
+    """Why a write failed, as a metric label: `disk_full` (ENOSPC, EDQUOT), `io_error` (any other OS
+    error) or `other`.
+
+    WHY the chain and the message are searched: the error that reaches a role is often a wrapper
+    (safetensors raises `SafetensorError("... No space left on device (os error 28)")`, not an OSError;
+    our own errors are raised `from` the OSError), and a full disk must be told apart from a bug.
+    """
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        code = cur.errno if isinstance(cur, OSError) else None
+        if code is None:
+            match = _RUST_OS_ERROR.search(str(cur))
+            code = int(match.group(1)) if match else None
+        if code is not None:
+            return DISK_FULL if code in _DISK_FULL_ERRNOS else IO_ERROR
+        if isinstance(cur, OSError) and cur.__cause__ is None and cur.__context__ is None:
+            return IO_ERROR
+        cur = cur.__cause__ or cur.__context__
+    return "other"

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from protocol.files import WRITE_ERROR_REASONS
 from protocol.reconnect import OutageCollector
 
 HORIZON_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
@@ -110,6 +111,7 @@ class TeacherMetrics(CommonMetrics):
     cache_miss_tokens: Counter
     cache_bytes_written: Counter
     cache_errors: Counter
+    cache_write_errors: Counter
     compute_saved: Counter
     prefixes: Counter
     forwards_refused: Counter
@@ -129,6 +131,9 @@ def teacher_metrics(registry: CollectorRegistry) -> TeacherMetrics:
         cache_bytes_written=Counter("opd_cache_bytes_written", "Bytes written to the cache", registry=registry),
         cache_errors=Counter("opd_cache_errors", "Cache lookups or puts that failed (the work went on uncached)",
                              ["op"], registry=registry),
+        cache_write_errors=Counter("opd_cache_write_errors", "Cache puts not stored, by why: disk_full (ENOSPC/EDQUOT: "
+                                   "caching resumes by itself once space is back), io_error, other", ["reason"],
+                                   registry=registry),
         compute_saved=Counter("opd_compute_saved_flops", COMPUTE_SAVED_HELP, ["stage"], registry=registry),
         prefixes=Counter("opd_teacher_prefixes", "Prefixes scored and forwarded", registry=registry),
         forwards_refused=Counter(
@@ -137,6 +142,8 @@ def teacher_metrics(registry: CollectorRegistry) -> TeacherMetrics:
             registry=registry),
     )
     m.compute_saved.labels(stage=TEACHER_COMPUTE_STAGE)
+    for reason in WRITE_ERROR_REASONS:
+        m.cache_write_errors.labels(reason=reason)
     return m
 
 
@@ -163,6 +170,7 @@ class LearnerMetrics(CommonMetrics):
     heldout_accuracy: Gauge
     duplicates: Counter
     probes: Counter
+    write_failures: Counter
 
 
 def learner_metrics(registry: CollectorRegistry) -> LearnerMetrics:
@@ -196,9 +204,15 @@ def learner_metrics(registry: CollectorRegistry) -> LearnerMetrics:
                            "Scored prefixes refused untrained: a copy of an id already trained or in flight", registry=registry),
         probes=Counter("opd_learner_probes", "Full-length probe rollouts measured (KL by position) and never trained on; "
                        "the ledger counts them as dropped", registry=registry),
+        write_failures=Counter("opd_learner_write_failures", "Checkpoints or published weights not written, by what "
+                               "(checkpoint, weights) and why (disk_full, io_error): the previous one stays intact",
+                               ["what", "reason"], registry=registry),
     )
     for reason in LEARNER_DROP_REASONS:
         m.dropped.labels(reason=reason)
+    for what in ("checkpoint", "weights"):
+        for reason in WRITE_ERROR_REASONS[:2]:
+            m.write_failures.labels(what=what, reason=reason)
     return m
 
 
