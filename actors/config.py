@@ -48,8 +48,7 @@ class ActorConfig(BaseModel):
     @classmethod
     def _flat_engine_keys(cls, data: Any) -> Any:
         """`actor.sglang_url` and the other flat engine keys of earlier configs, read as `actor.engine.*`."""
-        return adopt_flat_keys(data, field="engine", flat_keys=FLAT_KEYS, union=EngineConfig,
-                               default_kind=HFEngineConfig.model_fields["kind"].default)
+        return adopt_flat_keys(data, field="engine", flat_keys=FLAT_KEYS, union=EngineConfig)
 
     @model_validator(mode="after")
     def _schedule_fits_the_budget(self) -> ActorConfig:

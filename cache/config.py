@@ -40,8 +40,7 @@ class TeacherConfig(BaseModel):
     @classmethod
     def _flat_scorer_keys(cls, data: Any) -> Any:
         """`teacher.sglang_url` and `teacher.device` of earlier configs, read as `teacher.engine.*`."""
-        return adopt_flat_keys(data, field="engine", flat_keys=FLAT_KEYS, union=ScorerConfig,
-                               default_kind=HFScorerConfig.model_fields["kind"].default)
+        return adopt_flat_keys(data, field="engine", flat_keys=FLAT_KEYS, union=ScorerConfig)
 
     @model_validator(mode="after")
     def _scorer_scores_at_the_temperature(self) -> TeacherConfig:

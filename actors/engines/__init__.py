@@ -13,27 +13,14 @@ Only the config variants are imported here: torch, transformers and requests loa
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Union
-
-from pydantic import BeforeValidator, Field
-
 from actors.engines.base import Generation, RolloutEngine
 from actors.engines.hf import HFEngineConfig
 from actors.engines.sglang import SGLangEngineConfig
-from protocol.components import kind_shorthand
+from protocol.components import component_union
 
-
-def _kind_shorthand(value: Any) -> Any:
-    """A bare name (`--set ...engine=sglang`) is that engine; options without a kind belong to the default (`hf`)."""
-    return kind_shorthand(value, HFEngineConfig.model_fields["kind"].default)
-
-
-EngineConfig = Annotated[
-    Union[HFEngineConfig, SGLangEngineConfig],  # noqa: UP007 (a discriminated union, built at runtime)
-    Field(discriminator="kind"),
-    BeforeValidator(_kind_shorthand),
-]
-"""`actor.engine`: one variant per rollout engine, chosen by `kind`."""
+EngineConfig = component_union(HFEngineConfig, SGLangEngineConfig, default=HFEngineConfig)
+"""`actor.engine`: one variant per rollout engine, chosen by `kind`; a bare name (`--set ...engine=sglang`) is
+that engine, options without a kind belong to the default (`hf`)."""
 
 # Keys that sat flat in `actor` before engines were components: `actor.<old>` is `actor.engine.<new>`.
 FLAT_KEYS = {"sglang_url": "url", "sglang_timeout_s": "timeout_s", "max_engine_failures": "max_failures",

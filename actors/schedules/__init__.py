@@ -13,10 +13,6 @@ prefix, with the learner's `LearnerState`. Adding a schedule is one new file plu
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Union
-
-from pydantic import BeforeValidator, Field
-
 from actors.schedules.adaptive import AdaptiveScheduleConfig
 from actors.schedules.common import Schedule, tokens_of
 from actors.schedules.fixed import FixedScheduleConfig
@@ -24,27 +20,15 @@ from actors.schedules.full import FullScheduleConfig
 from actors.schedules.progressive import ProgressiveScheduleConfig
 from actors.schedules.random import RandomScheduleConfig
 from actors.schedules.staircase import StaircaseScheduleConfig
+from protocol.components import component_union
 
-
-def _kind_shorthand(value: Any) -> Any:
-    """`actor.schedule: full` means that schedule with its defaults; options without a kind belong to the
-    default schedule (`fixed`)."""
-    if isinstance(value, str):
-        return {"kind": value}
-    if isinstance(value, dict) and "kind" not in value:
-        return {"kind": FixedScheduleConfig.model_fields["kind"].default, **value}
-    return value
-
-
-ScheduleConfig = Annotated[
-    Union[  # noqa: UP007 (a discriminated union, built at runtime)
-        FixedScheduleConfig, FullScheduleConfig, ProgressiveScheduleConfig, RandomScheduleConfig, StaircaseScheduleConfig,
-        AdaptiveScheduleConfig,
-    ],
-    Field(discriminator="kind"),
-    BeforeValidator(_kind_shorthand),
-]
-"""`actor.schedule`: one variant per schedule, chosen by `kind`."""
+ScheduleConfig = component_union(
+    FixedScheduleConfig, FullScheduleConfig, ProgressiveScheduleConfig, RandomScheduleConfig, StaircaseScheduleConfig,
+    AdaptiveScheduleConfig,
+    default=FixedScheduleConfig,
+)
+"""`actor.schedule`: one variant per schedule, chosen by `kind`; `actor.schedule: full` means that schedule with
+its defaults, options without a kind belong to the default schedule (`fixed`)."""
 
 __all__ = [
     "AdaptiveScheduleConfig",

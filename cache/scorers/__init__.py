@@ -13,27 +13,14 @@ Only the config variants are imported here: torch, transformers and requests loa
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Union
-
-from pydantic import BeforeValidator, Field
-
 from cache.scorers.base import Scores, TeacherScorer, empty_scores
 from cache.scorers.hf import HFScorerConfig
 from cache.scorers.sglang import SGLangScorerConfig
-from protocol.components import kind_shorthand
+from protocol.components import component_union
 
-
-def _kind_shorthand(value: Any) -> Any:
-    """A bare name (`--set ...engine=sglang`) is that scorer; options without a kind belong to the default (`hf`)."""
-    return kind_shorthand(value, HFScorerConfig.model_fields["kind"].default)
-
-
-ScorerConfig = Annotated[
-    Union[HFScorerConfig, SGLangScorerConfig],  # noqa: UP007 (a discriminated union, built at runtime)
-    Field(discriminator="kind"),
-    BeforeValidator(_kind_shorthand),
-]
-"""`teacher.engine`: one variant per teacher scorer, chosen by `kind`."""
+ScorerConfig = component_union(HFScorerConfig, SGLangScorerConfig, default=HFScorerConfig)
+"""`teacher.engine`: one variant per teacher scorer, chosen by `kind`; a bare name (`--set ...engine=sglang`) is
+that scorer, options without a kind belong to the default (`hf`)."""
 
 # Keys that sat flat in `teacher` before scorers were components: `teacher.<old>` is `teacher.engine.<new>`.
 FLAT_KEYS = {"sglang_url": "url", "device": "device"}

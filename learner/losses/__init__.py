@@ -16,13 +16,12 @@ which is what each built loss does for the learner.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Annotated, Any, Union
-
-from pydantic import BeforeValidator, Field
+from typing import TYPE_CHECKING, Any
 
 from learner.losses.gkd_jsd import GKDJSDConfig, gkd_jsd_loss
 from learner.losses.sampled_reverse_kl import SampledReverseKLConfig, sampled_reverse_kl_loss
 from learner.losses.topk_kl import TopKKLConfig, topk_kl_loss
+from protocol.components import component_union
 
 if TYPE_CHECKING:
     from learner.losses.common import (
@@ -48,27 +47,12 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-_VARIANTS = (TopKKLConfig, SampledReverseKLConfig, GKDJSDConfig)  # the first is the default (learner/config.py)
-
-
-def _kind_shorthand(value: Any) -> Any:
-    """``learner.loss: topk_kl`` (or ``--set learner.loss=topk_kl``) means that loss with its defaults, and
-    options without a kind belong to the loss that has them all (``--set learner.loss.is_cap=3`` is
-    ``sampled_reverse_kl``'s), else to the default loss, which then names the options it lacks."""
-    if isinstance(value, str):
-        return {"kind": value}
-    if isinstance(value, dict) and "kind" not in value:
-        owner = next((v for v in _VARIANTS if set(value) <= set(v.model_fields)), _VARIANTS[0])
-        return {"kind": owner.model_fields["kind"].default, **value}
-    return value
-
-
-LossConfig = Annotated[
-    Union[SampledReverseKLConfig, TopKKLConfig, GKDJSDConfig],  # noqa: UP007 (a discriminated union, built at runtime)
-    Field(discriminator="kind"),
-    BeforeValidator(_kind_shorthand),
-]
-"""``learner.loss``: one variant per loss, chosen by ``kind``."""
+LossConfig = component_union(SampledReverseKLConfig, TopKKLConfig, GKDJSDConfig, default=TopKKLConfig,
+                             kind_from_options=True)
+"""``learner.loss``: one variant per loss, chosen by ``kind``. ``learner.loss: topk_kl`` (or ``--set
+learner.loss=topk_kl``) means that loss with its defaults, and options without a kind belong to the loss that
+has them all (``--set learner.loss.is_cap=3`` is ``sampled_reverse_kl``'s), else to the default loss
+(``topk_kl``, as in learner/config.py), which then names the options it lacks."""
 
 __all__ = [
     "LOG_FLOOR",
