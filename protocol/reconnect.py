@@ -21,6 +21,10 @@ harmless or bounded: a run-wide stats increment (``add_stats``) counts twice, an
 ``XAUTOCLAIM`` whose reply was lost leaves entries pending until ``claim_idle_ms`` (one extra delivery),
 an admission ``INCRBY`` keeps at most one batch of slots reserved.
 
+A wrong or missing password is not an outage: retrying cannot cure it. The call fails at once with
+`RedisAuthFailed`, one line that names the URL with its password redacted (`redact_url`) and says which
+key to fix; the CLI prints it as ``opd ROLE: error: ...`` and exits 1, without a traceback.
+
 Logging: one WARNING line when this process first finds Redis unreachable, one when it is back (with the
 outage's duration), however many calls and threads failed in between. A single failure that an immediate
 reconnect cures (a pooled connection the server closed) is not an outage. Counters:
@@ -63,6 +67,21 @@ AOF is followed by a LOADING error, which must not count as a second outage."""
 
 class RedisUnavailable(ConnectionError):
     """Redis stayed unreachable past `transport.reconnect_give_up_s` (or the process was told to stop)."""
+
+
+class RedisAuthFailed(AuthenticationError, PermissionError):
+    """Redis refused this client's credentials (WRONGPASS, NOAUTH): fixed only by the right password.
+
+    Both a redis-py ``AuthenticationError`` (what callers of the client already expect) and a
+    ``PermissionError``, the ``OSError`` the CLI turns into one ``error:`` line and exit code 1.
+    """
+
+
+def auth_failed(error: BaseException, url: str) -> RedisAuthFailed:
+    """The one line a refused password becomes: the problem, the server's reason, the key to fix."""
+    return RedisAuthFailed(
+        f"Redis authentication failed at {redact_url(url)} ({describe(error)}): give the right password in "
+        "transport.redis_url as redis://:PASSWORD@host:port/db (or in OPD_REDIS_URL)")
 
 
 @dataclass(frozen=True)
@@ -153,10 +172,11 @@ class RideOutRetry(Retry):
     the retry object into each connection, and the outage state must be the process's, not a connection's).
     """
 
-    def __init__(self, policy: ReconnectPolicy, where: str, outages: Outages = OUTAGES) -> None:
+    def __init__(self, policy: ReconnectPolicy, where: str, outages: Outages = OUTAGES, *, url: str = "") -> None:
         super().__init__(NoBackoff(), -1, RETRYABLE)  # type: ignore[arg-type]
         self.policy = policy
         self.where = where
+        self.url = url or where  # what a refused password names (redacted when shown)
         self.outages = outages
         self._rng = random.Random()
 
@@ -176,6 +196,8 @@ class RideOutRetry(Retry):
             try:
                 result = do()
             except self._supported_errors as error:
+                if isinstance(error, NEVER_RETRIED) and not isinstance(error, RedisAuthFailed):
+                    raise auth_failed(error, self.url) from None
                 if isinstance(error, NEVER_RETRIED) or (is_retryable is not None and not is_retryable(error)):
                     raise
                 failures += 1
@@ -196,6 +218,22 @@ def server_name(url: str) -> str:
     """``host:port/db`` of a Redis URL: what the outage lines name (never the password)."""
     parts = urllib.parse.urlsplit(url)
     return f"{parts.hostname or 'localhost'}:{parts.port or 6379}{parts.path or ''}"
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``: what logs, errors and terminals may show."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        password, port = parts.password, parts.port
+    except ValueError:
+        return "<unparseable URL>"
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)  # redis-py also reads ?password=
+    if any(key == "password" for key, _ in query):
+        parts = parts._replace(query="&".join(f"{k}={'***' if k == 'password' else v}" for k, v in query))
+    if password is not None:
+        netloc = f"{parts.username or ''}:***@{parts.hostname or ''}" + (f":{port}" if port else "")
+        parts = parts._replace(netloc=netloc)
+    return urllib.parse.urlunsplit(parts)
 
 
 def describe(error: BaseException) -> str:

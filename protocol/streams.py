@@ -35,7 +35,7 @@ from protocol.config import TransportConfig
 from protocol.errors import ProtocolError
 from protocol.messages import Message, decode, encode, peek_id
 from protocol.names import Names
-from protocol.reconnect import ReconnectPolicy, RideOutRetry, server_name
+from protocol.reconnect import ReconnectPolicy, RideOutRetry, redact_url, server_name
 
 log = logging.getLogger(__name__)
 
@@ -133,16 +133,21 @@ def connect(url: str, *, reconnect: ReconnectPolicy | None = None) -> redis.Redi
     """
     kwargs: dict[str, Any] = {"socket_timeout": 30, "socket_connect_timeout": 10, "health_check_interval": 15}
     if reconnect is not None:
-        kwargs["retry"] = RideOutRetry(reconnect, server_name(url))
+        kwargs["retry"] = RideOutRetry(reconnect, server_name(url), url=redact_url(url))
     return redis.Redis.from_url(url, **kwargs)
 
 
 def connect_role(transport: TransportConfig) -> redis.Redis:
     """The client of a long-running process (every role, the launcher, `opd top`'s live view): each call
-    waits for an unreachable Redis with bounded back-off (`transport.reconnect_*`, protocol/reconnect.py)."""
+    waits for an unreachable Redis with bounded back-off (`transport.reconnect_*`, protocol/reconnect.py).
+
+    One PING first: a wrong or missing password fails here (`RedisAuthFailed`, one line), before a role
+    spends time loading its models; an unreachable Redis is waited for, as by any later call."""
     if not transport.redis_url:
         raise ValueError("transport.redis_url is not set")
-    return connect(transport.redis_url, reconnect=ReconnectPolicy.from_transport(transport))
+    client = connect(transport.redis_url, reconnect=ReconnectPolicy.from_transport(transport))
+    client.ping()
+    return client
 
 
 class StreamQueue:
