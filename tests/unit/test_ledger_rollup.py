@@ -209,10 +209,15 @@ def test_a_publish_retried_within_keep_s_is_still_skipped(redis_url: str) -> Non
 
 def test_periodic_rollup_runs_at_most_every_every_s(redis_url: str) -> None:
     client, names = redis.Redis.from_url(redis_url), Names("roll8")
+    _settled(client, names, 3)
     seen: list[ledger.RollupResult] = []
-    periodic = ledger.PeriodicRollup(client, names, every_s=3600, keep_s=0, on_result=seen.append)
-    assert periodic.maybe_run() is not None and periodic.maybe_run() is None and len(seen) == 1
-    assert ledger.PeriodicRollup(client, names, every_s=0, keep_s=0).maybe_run() is None
+    periodic = ledger.PeriodicRollup(client, names, every_s=3600, keep_s=0, on_result=seen.append, background=False)
+    assert periodic.maybe_run() and not periodic.maybe_run() and len(seen) == 1 and seen[0].observed == 3
+    assert not ledger.PeriodicRollup(client, names, every_s=0, keep_s=0).maybe_run()
+    threaded = ledger.PeriodicRollup(client, names, every_s=3600, keep_s=0, on_result=seen.append)
+    assert threaded.maybe_run()  # on its own thread: the learner's step does not wait for the scan
+    threaded.join(timeout=30)
+    assert len(seen) == 2 and seen[1].observed == 0  # seen terminal by the first pass already
 
 
 def test_keep_s_must_outlast_a_publish_retry() -> None:
