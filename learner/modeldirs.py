@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from protocol.files import apply_default_modes, fsync_path
+from protocol.files import apply_default_modes
 
 
 class PretrainedModel(Protocol):
@@ -38,7 +38,11 @@ def fsync_dir(path: Path) -> None:
     """fsync a directory, where the OS allows it."""
     # Directory fsync makes renames/creations durable on POSIX; not supported everywhere (Windows).
     with contextlib.suppress(OSError):
-        fsync_path(path)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def fsync_tree(root: Path) -> None:
