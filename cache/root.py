@@ -30,6 +30,7 @@ from cache.layout import (
     CacheError,
     validate_writer_id,
 )
+from protocol.files import fsync_path
 
 
 async def _collect(it: AsyncIterator[str]) -> list[str]:
@@ -138,23 +139,10 @@ class CacheRoot:
         """fsync written files and their directories (renames are durable only once the dir is)."""
         if self.local is None:
             return
-        dirs: set[Path] = set()
-        for key in keys:
-            path = self.local / key
+        files = [self.local / key for key in keys]
+        for path in [*files, *{f.parent for f in files}]:  # the files first, then their directories
             with contextlib.suppress(FileNotFoundError):  # zarr deletes chunks equal to the fill value
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            dirs.add(path.parent)
-        for d in dirs:
-            with contextlib.suppress(FileNotFoundError):
-                fd = os.open(d, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                fsync_path(path)
 
     def acquire_writer_lock(self, writer_id: str, timeout_s: float) -> WriterLock | None:
         """Lock `writer_id` for this process (None on non-local roots, which cannot flock).

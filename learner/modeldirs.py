@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from protocol.files import apply_default_modes
+from protocol.files import apply_default_modes, fsync_path
 
 
 class PretrainedModel(Protocol):
@@ -38,11 +38,7 @@ def fsync_dir(path: Path) -> None:
     """fsync a directory, where the OS allows it."""
     # Directory fsync makes renames/creations durable on POSIX; not supported everywhere (Windows).
     with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(path)
 
 
 def fsync_tree(root: Path) -> None:

@@ -128,6 +128,17 @@ _DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _RUST_OS_ERROR = re.compile(r"os error (\d+)")
 
 
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    """fsync a file or a directory by its path; a directory's fsync makes the creations and renames in it
+    durable. Errors propagate: each caller knows which it may ignore (a file zarr deleted, a platform
+    without directory fsync)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_error_reason(exc: BaseException) -> str:
     """Why a write failed, as a metric label: `disk_full` (ENOSPC, EDQUOT), `io_error` (any other OS
     error) or `other`.
