@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -137,7 +138,40 @@ def assert_conserved_and_trained_once(client: redis.Redis, names: Names, learner
     assert len(trained) == len(set(trained)), "a prefix was trained twice"
     in_ledger = {k.decode() for k, v in client.hgetall(names.ledger).items() if v == ledger.TRAINED.encode()}
     assert in_ledger <= set(trained) and len(set(trained)) == counts[ledger.TRAINED], (len(trained), counts)
-    return {**counts, "duplicates": ledger.duplicates(client, names)}
+    result = {**counts, "duplicates": ledger.duplicates(client, names)}
+    record_figures(result, produced=books.total, replayed=sum(len(r["ids"]) for r in rows if r["replayed"]))
+    return result
+
+
+FIGURES_ENV = "OPD_FAULT_FIGURES"
+"""A JSONL file each conservation check appends its books to (scripts/fault-figures.py sets it and writes the
+table of docs/reliability.md from it); unset, nothing is written."""
+
+
+def record_figures(counts: dict[str, int], *, produced: int, replayed: int) -> None:
+    """Append the calling test's books: its id, what it injected (its docstring's first line), the outcomes."""
+    path = os.environ.get(FIGURES_ENV)
+    if not path:
+        return
+    accounted = sum(counts[s] for s in (ledger.TRAINED, ledger.DROPPED, ledger.DEAD, ledger.PRODUCED))
+    row = {"test": os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0], "fault": _calling_test_doc(),
+           "produced": produced, "trained": counts[ledger.TRAINED], "dropped": counts[ledger.DROPPED],
+           "dead_lettered": counts[ledger.DEAD], "queued": counts[ledger.PRODUCED],
+           "duplicates_refused": counts["duplicates"], "replayed": replayed, "lost": produced - accounted}
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _calling_test_doc() -> str:
+    """The first line of the docstring of the test function up the stack (else its name in words)."""
+    frame = sys._getframe(1)
+    while frame is not None and not frame.f_code.co_name.startswith("test_"):
+        frame = frame.f_back
+    if frame is None:
+        return "?"
+    name = frame.f_code.co_name
+    doc = getattr(frame.f_globals.get(name), "__doc__", None) or name.removeprefix("test_").replace("_", " ")
+    return doc.strip().split("\n")[0]
 
 
 class RedisServer:

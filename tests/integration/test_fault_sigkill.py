@@ -1,0 +1,133 @@
+"""SIGKILL of each role in one running pipeline: nothing is lost and nothing is trained twice.
+
+One pipeline (learner, two teachers, two actors, each `python -m opd.cli <role>`, real Redis, tiny models)
+takes three real SIGKILLs in turn and a restart after each:
+- an actor while it generates: what it had not published is simply never produced; what it published stays;
+- a teacher while it holds entries (caught holding them): they stay pending in the group and are claimed
+  again after `transport.claim_idle_ms`, by the other teacher or by the restarted one;
+- the learner between checkpoints: the restarted learner replays its journal and publishes a version no
+  older than the one the actors saw before the kill.
+At the end the books close: every produced id has one terminal outcome in the ledger, the learner's
+lineage lists each trained id once (journal replays flagged), and the role that restarted says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from roles import Pipeline, assert_conserved_and_trained_once, metric, pipeline_overrides, wait_until
+
+from protocol import ledger
+from protocol.names import Names
+from protocol.state import LearnerState, read_state
+
+pytestmark = pytest.mark.integration
+
+STEPS = 80  # enough that the three faults land mid-run on a loaded machine
+CHECKPOINT_EVERY = 3
+
+
+def _state(client: redis.Redis, names: Names) -> LearnerState | None:
+    with contextlib.suppress(redis.RedisError):
+        state = read_state(client, names)
+        if isinstance(state, LearnerState):
+            return state
+    return None
+
+
+def _step(client: redis.Redis, names: Names) -> int:
+    state = _state(client, names)
+    return -1 if state is None else state.step
+
+
+def _held_by(client: redis.Redis, names: Names, consumer: str) -> list[str]:
+    if not client.exists(names.rollouts):
+        return []
+    pending = client.xpending_range(names.rollouts, names.groups[names.rollouts], "-", "+", 1000, consumername=consumer)
+    return [p["message_id"].decode() for p in pending]
+
+
+def _kill(pipe: Pipeline, name: str) -> None:
+    """SIGKILL a role and forget it (a killed role is not a failed one; its restart takes the name again)."""
+    proc = pipe.roles.pop(name).proc
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+
+
+def _kill_teacher_holding(client: redis.Redis, names: Names, pipe: Pipeline, name: str) -> list[str]:
+    """SIGKILL the teacher at a moment it holds entries (paused first to catch one); returns them."""
+    proc = pipe.roles[name].proc
+    held: list[str] = []
+    # (the pause below is the kill's aim, not part of the fault: SIGKILL reaches a stopped process)
+
+    def paused_holding() -> bool:
+        nonlocal held
+        proc.send_signal(signal.SIGSTOP)
+        time.sleep(0.2)  # a command it sent just before the pause still executes: let it land
+        held = _held_by(client, names, name)
+        if held:
+            return True
+        proc.send_signal(signal.SIGCONT)
+        time.sleep(0.05)
+        return False
+
+    wait_until(f"{name} holding entries", paused_holding, pipe, poll_s=0.0)
+    _kill(pipe, name)
+    return held
+
+
+def test_sigkill_of_every_role_loses_nothing(redis_url: str, tiny_assets: Path, tmp_path: Path) -> None:
+    """SIGKILL an actor mid-generation, a teacher mid-batch and the learner between checkpoints, restart each."""
+    names = Names("sigkill")
+    client = redis.Redis.from_url(redis_url)
+    overrides = pipeline_overrides(redis_url, names, tiny_assets, tmp_path, **{
+        "learner.steps": STEPS, "learner.checkpoint_every": CHECKPOINT_EVERY, "learner.max_staleness": 4,
+        "transport.claim_idle_ms": 3000})
+    pipe, life2 = Pipeline(), tmp_path / "life2"
+    life2.mkdir()
+    try:
+        pipe.start("learner", "learner-0", overrides, tmp_path)
+        for i in range(2):
+            pipe.start("teacher", f"teacher-{i}", overrides, tmp_path)
+            pipe.start("actor", f"actor-{i}", overrides, tmp_path)
+        wait_until("two learner steps", lambda: _step(client, names) >= 2, pipe)
+
+        # an actor, while it generates (it produces continuously below the high-water mark)
+        produced = metric(client, names, "actor-0", "opd_actor_prefixes_total") or 0.0
+        wait_until("actor-0 producing", lambda: (metric(client, names, "actor-0", "opd_actor_prefixes_total") or 0)
+                   > produced, pipe)
+        _kill(pipe, "actor-0")
+        pipe.start("actor", "actor-0", overrides, life2)
+
+        # a teacher, mid-batch: what it held is claimed again
+        held = _kill_teacher_holding(client, names, pipe, "teacher-0")
+        wait_until("the killed teacher's entries claimed again",
+                   lambda: not set(held) & set(_held_by(client, names, "teacher-0")), pipe)
+        pipe.start("teacher", "teacher-0", overrides, life2)
+
+        # the learner, between checkpoints
+        wait_until("a learner step between checkpoints",
+                   lambda: (s := _step(client, names)) > CHECKPOINT_EVERY and s % CHECKPOINT_EVERY != 0, pipe)
+        before = _state(client, names)
+        assert before is not None and before.step < STEPS, "the run ended before the fault: raise STEPS"
+        _kill(pipe, "learner-0")
+        learner = pipe.start("learner", "learner-0", overrides, life2)
+        version = lambda: metric(client, names, "learner-0", "opd_learner_policy_version")  # noqa: E731
+        wait_until("the restarted learner serving metrics", lambda: version() is not None, pipe)
+        after = _state(client, names)
+        assert after is not None and after.version >= before.version and after.step >= before.step, (before, after)
+        assert (version() or 0) >= before.version
+
+        wait_until("the learner finishing", lambda: learner.proc.poll() is not None, pipe, timeout_s=600)
+        assert learner.proc.returncode == 0, learner.log()[-4000:]
+    finally:
+        pipe.stop_all()
+
+    counts = assert_conserved_and_trained_once(client, names, tmp_path / "learner")
+    assert counts[ledger.TRAINED] >= STEPS * 4, counts
+    assert _step(client, names) >= STEPS  # (the drain at the end trains what was in flight: a step or more past)
