@@ -12,6 +12,8 @@ import contextlib
 import ctypes
 import json
 import logging
+import os
+import secrets
 import shutil
 import signal
 import socket
@@ -26,6 +28,7 @@ import yaml
 
 from opd.config import OPDConfig
 from opd.top import Snapshot
+from protocol.reconnect import redact_url
 from protocol.savings import ProbeTally, estimate_savings
 from protocol.state import LearnerState
 
@@ -58,7 +61,12 @@ class Child:
 
 
 def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """A private redis-server: loopback, free port, AOF on, its own data dir (wiped: a fresh run)."""
+    """A private redis-server: loopback, free port, AOF on, its own data dir (wiped: a fresh run).
+
+    It requires a random password, so another local user cannot read or write the run's streams. The
+    password reaches redis-server on its stdin (never its argv, which `ps` shows anyone) and the roles in
+    the returned URL, which the launcher passes them in its 0600 config file (`_write_private`).
+    """
     binary = shutil.which("redis-server")
     if binary is None:
         raise FileNotFoundError(
@@ -71,10 +79,15 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
     proc = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data), "--appendonly", "yes",
-         "--save", "", "--protected-mode", "yes", "--logfile", str(data / "redis.log")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+         "--save", "", "--protected-mode", "yes", "--logfile", str(data / "redis.log"), "-"],  # "-": more on stdin
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
     )
-    url = f"redis://127.0.0.1:{port}/0"
+    password = secrets.token_urlsafe(32)  # URL- and config-safe characters only
+    assert proc.stdin is not None
+    with contextlib.suppress(BrokenPipeError):  # a redis-server that died at once is reported below
+        proc.stdin.write(f"requirepass {password}\n".encode())
+        proc.stdin.close()
+    url = f"redis://:{password}@127.0.0.1:{port}/0"
     import redis
 
     client = redis.Redis.from_url(url)
@@ -88,6 +101,14 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
                 proc.kill()
                 raise ConnectionError(f"redis-server did not start (see {data / 'redis.log'})") from None
             time.sleep(0.05)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (0600): the resolved config holds the Redis password."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a file left by an earlier run
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
 
 
 def spawn(name: str, role: str, index: int, config_path: Path, logs: Path) -> Child:
@@ -151,11 +172,16 @@ def run_pipeline(cfg: OPDConfig, *, progress: bool = True) -> int:
     try:
         if not cfg.transport.redis_url:
             redis_proc, cfg.transport.redis_url = start_redis(workdir)
-            log.info("started redis-server at %s (AOF on, data in %s)", cfg.transport.redis_url, workdir / "redis")
+            log.info("started redis-server at %s (AOF on, a random password, data in %s)",
+                     redact_url(cfg.transport.redis_url), workdir / "redis")
+        else:  # a wrong or missing password fails here, in one line, before any role starts
+            from protocol.streams import connect_role
+
+            connect_role(cfg.transport).close()
         if cfg.run.warm_cache:
             _warm_cache(cfg)
         config_path = workdir / "config.yaml"
-        config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        _write_private(config_path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         for i in range(cfg.run.teachers):
             children.append(spawn(f"teacher-{i}", "teacher", i, config_path, logs))
         learner = spawn("learner-0", "learner", 0, config_path, logs)
