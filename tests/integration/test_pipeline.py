@@ -98,7 +98,7 @@ def test_pipeline_end_to_end(redis_url: str, tiny_assets: Path, tmp_path: Path) 
 
     # conservation: nothing vanished
     counts = ledger.counts(client, names)
-    total = int(client.hlen(names.ledger))
+    total = ledger.audit(client, names).total  # fields + rolled-up ids (protocol/ledger.py rollup)
     assert counts[ledger.PRODUCED] == 0, counts
     assert counts[ledger.TRAINED] + counts[ledger.DROPPED] + counts[ledger.DEAD] == total, counts
     assert counts[ledger.TRAINED] >= 16 * 16
