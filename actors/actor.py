@@ -155,7 +155,6 @@ class Actor:
         self.admission = Admission(self.client, self.names)
         self.summary = ActorSummary()
         self.failures = 0
-        self.in_hand = 0  # admission slots of the batch being generated, not yet published
 
     def next_prompts(self, n: int) -> list[int]:
         out = []
@@ -203,7 +202,6 @@ class Actor:
         self.metrics.admission_wait.inc(time.perf_counter() - t0)
         if n == 0:
             return 0
-        self.in_hand = n if self.cfg.admission_control else 0
         self.maybe_reload(force=self.cfg.admission_control)  # sample with the newest published policy
         indices = self.next_prompts(n)
         state = self.learner_state()
@@ -214,7 +212,6 @@ class Actor:
                 temperature=self.cfg.temperature, top_p=self.cfg.top_p, seed=self.rng.randrange(2**31),
             )
         except Exception as exc:
-            self.in_hand = 0
             if self.cfg.admission_control:
                 self.admission.release(n)
             if not self.engine.is_transient(exc):
@@ -228,18 +225,20 @@ class Actor:
             return 0
         self.failures = 0
         max_new = self.cfg.max_new_tokens
-        for idx, horizon, gen, probe in zip(indices, horizons, gens, probes, strict=True):
-            msg = RolloutPrefix(
-                prompt_ids_P=np.asarray(self.prompts[idx], dtype=np.int32),
-                response_ids_R=np.asarray(gen.response_ids, dtype=np.int32),
-                behaviour_logprobs_R=np.minimum(np.asarray(gen.logprobs, dtype=np.float32), 0.0),
-                prompt_index=idx, horizon=horizon, max_new_tokens=max_new, finished=gen.finished,
-                policy_version=self.version, actor_id=self.actor_id,
-                temperature=self.cfg.temperature, top_p=self.cfg.top_p, probe=probe,
-            )
-            waited = self.queue.wait_for_room(timeout_s=self.backpressure_timeout_s, should_stop=self.stop.is_set)
+        msgs = [RolloutPrefix(
+            prompt_ids_P=np.asarray(self.prompts[idx], dtype=np.int32),
+            response_ids_R=np.asarray(gen.response_ids, dtype=np.int32),
+            behaviour_logprobs_R=np.minimum(np.asarray(gen.logprobs, dtype=np.float32), 0.0),
+            prompt_index=idx, horizon=horizon, max_new_tokens=max_new, finished=gen.finished,
+            policy_version=self.version, actor_id=self.actor_id,
+            temperature=self.cfg.temperature, top_p=self.cfg.top_p, probe=probe,
+        ) for idx, horizon, gen, probe in zip(indices, horizons, gens, probes, strict=True)]
+        hw = self.queue.high_water  # one round trip per chunk that fits under the mark (docs/benchmarks.md)
+        for chunk in (msgs[i:i + hw] for i in range(0, len(msgs), hw)):
+            waited = self.queue.wait_for_room(timeout_s=self.backpressure_timeout_s, should_stop=self.stop.is_set,
+                                              need=len(chunk))
             self.metrics.admission_wait.inc(waited)
-            self.queue.publish(msg, ledger_outcome=ledger.PRODUCED)
+            self.queue.publish_many(chunk, ledger_outcome=ledger.PRODUCED)
         self.account(horizons, drawn, probes, [(len(g.response_ids), g.finished) for g in gens],
                      prompt_tokens=sum(len(self.prompts[i]) for i in indices))
         self.metrics.queue_depth.labels(stream=self.names.rollouts).set(self.queue.depth())
@@ -307,22 +306,12 @@ class Actor:
         t0 = time.perf_counter()
         while not self.stopping():
             self.step()
-            self.in_hand = 0
         dt = time.perf_counter() - t0
         log.info("%s: stopped after %d prefixes, %d tokens (%.0f tok/s); saved by truncation: at most %d (budget "
                  "bound), %s estimated from %d probes", self.actor_id, self.summary.prefixes,
                  self.summary.tokens_generated, self.summary.tokens_generated / max(dt, 1e-9), self.summary.tokens_saved,
                  self.summary.saved_estimate(), self.summary.probe_tally.probes)
         return self.summary
-
-    def abandon(self) -> str:
-        """A forced exit mid-batch (protocol/runtime.py StopFlag): what of the batch was not published was never
-        recorded; its admission slots are given back (the in-flight budget must not shrink) and the actor leaves
-        the registry (a draining learner waits for every registered actor)."""
-        n, self.in_hand = self.in_hand, 0
-        self.admission.release(n)
-        self.client.srem(self.names.key("actors"), self.actor_id)
-        return f"a batch of {n} prefixes in hand, unpublished ones never recorded (admission slots released)" if n else ""
 
 
 def run_actor(cfg: ActorConfig, transport: TransportConfig, *, actor_id: str, index: int = 0,
@@ -332,7 +321,6 @@ def run_actor(cfg: ActorConfig, transport: TransportConfig, *, actor_id: str, in
     server = MetricsServer(actor.registry, host=cfg.metrics_host, port=cfg.metrics_port)
     register_endpoint(actor.client, actor.names, actor_id, server.url)
     actor.client.sadd(actor.names.key("actors"), actor_id)
-    actor.stop.on_abandon(actor.abandon)
     log.info("%s: metrics at %s", actor_id, server.url)
     try:
         return actor.run()

@@ -36,9 +36,9 @@ from learner.modeldirs import (
     prune_older,
     remove_leftovers,
     require_int,
-    save_model,
     tree_nbytes,
 )
+from learner.weightfiles import WeightWriter
 from protocol import ledger
 from protocol.files import write_error_reason
 from protocol.messages import WeightsAnnouncement
@@ -81,6 +81,7 @@ def publish_weights(
     *,
     tokenizer: SavesPretrained | None = None,
     durable: bool = False,
+    writer: WeightWriter | None = None,
 ) -> tuple[Path, int]:
     """Write ``model`` as an HF dir ``root/v{version:06d}`` atomically; returns ``(path, nbytes)``.
 
@@ -96,6 +97,8 @@ def publish_weights(
 
     Pass ``tokenizer`` to ship it in the same dir: it is written *before* the rename, so no reader can
     see the weights without it (saving it into the published dir afterwards would race the actors).
+    ``writer`` (the ``Publisher``'s, kept across versions) serialises only the tensors after its first write
+    (``learner/weightfiles.py``).
     """
     version = require_int("version", version, 0)
     keep_last = require_int("keep_last", keep_last, 1)
@@ -105,9 +108,7 @@ def publish_weights(
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
-        save_model(model, tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+        (writer or WeightWriter()).write(model, tmp, tokenizer)
         nbytes = tree_nbytes(tmp)
         final = root / name
         commit_dir(tmp, final, durable=durable)
@@ -158,6 +159,7 @@ class Publisher:
         self.tokenizer = tokenizer
         self.workdir = workdir
         self.measured: dict[str, Any] = {}  # the latest measurements, republished with every state
+        self.writer = WeightWriter()  # after the first publication, only the tensors are serialised
         self.failures: dict[str, WriteFailed] = {}  # what = "checkpoint" | "weights" -> the failure going on
         self._failing: dict[str, tuple[float, float, int]] = {}  # what -> (since, last line, failed writes)
 
@@ -195,7 +197,7 @@ class Publisher:
             return
         try:
             path, nbytes = publish_weights(model, self.workdir / "weights", version, self.cfg.keep_published,
-                                           tokenizer=self.tokenizer)
+                                           tokenizer=self.tokenizer, writer=self.writer)
         except WriteFailed as exc:  # nothing announced: actors keep the previous weights
             self.write_failed(exc)
             return

@@ -79,13 +79,17 @@ if ARGV[3] ~= '' and settled > 0 then redis.call('INCRBY', KEYS[6], settled) end
 return out
 """
 
-# Publish unless the ledger already knows the id. KEYS: stream, ledger, outcomes, holders.
-# ARGV: payload field, blob, message id, outcome. Returns the entry id, or 0 when skipped.
+# Publish each message unless the ledger already knows its id. KEYS: stream, ledger, outcomes, holders.
+# ARGV: payload field, outcome, then per message: its id, its blob. Returns per message the entry id, or 0 when skipped.
 _PUBLISH_ONCE = ledger_mod.LUA_RECORD + """
-if redis.call('HEXISTS', KEYS[2], ARGV[3]) == 1 then return 0 end
-local id = redis.call('XADD', KEYS[1], '*', ARGV[1], ARGV[2])
-ledger_record({KEYS[2], KEYS[3], KEYS[4]}, ARGV[3], ARGV[4])
-return id
+local out = {}
+for i = 3, #ARGV, 2 do
+  if redis.call('HEXISTS', KEYS[2], ARGV[i]) == 1 then out[#out + 1] = 0 else
+    out[#out + 1] = redis.call('XADD', KEYS[1], '*', ARGV[1], ARGV[i + 1])
+    ledger_record({KEYS[2], KEYS[3], KEYS[4]}, ARGV[i], ARGV[2])
+  end
+end
+return out
 """
 
 
@@ -183,11 +187,11 @@ class StreamQueue:
         self._next_reclaim = 0.0
 
     # -- producer side -------------------------------------------------------------------------
-    def wait_for_room(self, *, timeout_s: float, should_stop: Callable[[], bool] = lambda: False) -> float:
-        """Block while the backlog is at or above the high-water mark; returns seconds waited."""
+    def wait_for_room(self, *, timeout_s: float, should_stop: Callable[[], bool] = lambda: False, need: int = 1) -> float:
+        """Block until `need` more entries fit under the high-water mark (at most the mark); returns seconds waited."""
         start = time.monotonic()
         delay = 0.01
-        while self.depth() >= self.high_water:
+        while self.depth() + min(need, self.high_water) > self.high_water:
             if should_stop():
                 break
             if time.monotonic() - start > timeout_s:
@@ -203,6 +207,12 @@ class StreamQueue:
         blob = encode(message, max_bytes=self.max_bytes)
         return self.publish_raw(blob, ledger=(message.id, ledger_outcome) if ledger_outcome else None)
 
+    def publish_many(self, messages: list[Message], *, ledger_outcome: str) -> list[str | None]:
+        """`publish` of a batch in one round trip (one script), all encoded first: a round trip per message capped a
+        producer at ~0.1x of Redis's pipelined XADD rate. An id the ledger already knows is skipped (None)."""
+        blobs = [encode(m, max_bytes=self.max_bytes) for m in messages]
+        return self._publish_once([(m.id, b) for m, b in zip(messages, blobs, strict=True)], ledger_outcome)
+
     def publish_raw(self, blob: bytes, *, ledger: tuple[str, str] | None = None) -> str | None:
         """Append raw bytes; with `ledger=(id, outcome)` only if the ledger does not know `id` yet.
 
@@ -211,12 +221,14 @@ class StreamQueue:
         """
         if ledger is None:
             return _s(self.client.xadd(self.stream, {PAYLOAD: blob}))
-        entry_id = self.client.eval(_PUBLISH_ONCE, 4, self.stream, *ledger_mod.keys(self.names),
-                                    PAYLOAD, blob, ledger[0], ledger[1])
-        if entry_id == 0:
-            log.info("%s: %s is already in the ledger: not published again", self.stream, ledger[0])
-            return None
-        return _s(entry_id)
+        return self._publish_once([(ledger[0], blob)], ledger[1])[0]
+
+    def _publish_once(self, items: list[tuple[str, bytes]], outcome: str) -> list[str | None]:
+        args = [x for mid, blob in items for x in (mid, blob)]
+        results = self.client.eval(_PUBLISH_ONCE, 4, self.stream, *ledger_mod.keys(self.names), PAYLOAD, outcome, *args)
+        if skipped := [mid for (mid, _b), r in zip(items, results, strict=True) if r == 0]:
+            log.info("%s: %s already in the ledger: not published again", self.stream, skipped[:4])
+        return [None if r == 0 else _s(r) for r in results]
 
     # -- consumer side -------------------------------------------------------------------------
     def ensure_group(self) -> None:

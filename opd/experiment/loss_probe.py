@@ -82,8 +82,7 @@ class Env:
         self.tokenizer = task.build_tokenizer()
         self.vocab = len(self.tokenizer)
         self.scorer = HFTeacherScorer(models / "teacher")
-        self.teacher = AutoModelForCausalLM.from_pretrained(models / "teacher", dtype=torch.float32,
-                                                            use_safetensors=True).eval()
+        self.teacher = AutoModelForCausalLM.from_pretrained(models / "teacher", dtype=torch.float32).eval()
         self.engine = HFRolloutEngine(models / "student")
         enc = lambda text: self.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731 (no BOS: task.py)
         self.prompts = [enc(t) for t in task.read_prompts(models / "prompts.jsonl")]
@@ -95,8 +94,7 @@ class Env:
     def student(self) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(self.models / "student", dtype=torch.float32,
-                                                    use_safetensors=True)
+        return AutoModelForCausalLM.from_pretrained(self.models / "student", dtype=torch.float32)
 
 
 def rollouts(env: Env, sampler: torch.nn.Module, prompts: list[list[int]], seed: int) -> tuple[list[Any], dict[str, float]]:

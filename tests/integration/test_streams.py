@@ -372,6 +372,31 @@ def test_publish_with_a_ledger_outcome_is_idempotent(client: redis.Redis) -> Non
     assert producer.publish(m) is not None  # without a ledger outcome there is nothing to check against
 
 
+def test_publish_many_is_one_round_trip_in_order_and_idempotent(client: redis.Redis) -> None:
+    """An actor's batch goes out in one script call (bench/bench_queue.py: a call per message capped a producer
+    at ~0.1x of Redis's pipelined XADD rate); a retried batch adds only the ids the ledger does not know."""
+    producer = queue(client)
+    sent = [rollout(i) for i in range(5)]
+    client.config_resetstat()
+    entries = producer.publish_many(sent[:3], ledger_outcome=ledger.PRODUCED)
+    assert int(client.info("commandstats")["cmdstat_eval"]["calls"]) == 1
+    assert all(entries) and [e for e, _f in client.xrange(NAMES.rollouts)] == [e.encode() for e in entries]
+    again = producer.publish_many(sent, ledger_outcome=ledger.PRODUCED)  # the first 3 were published already
+    assert again[:3] == [None] * 3 and all(again[3:])
+    assert message_ids(queue(client, consumer="c").read(10, block_ms=100)) == [m.id for m in sent]
+    assert ledger.counts(client, NAMES)[ledger.PRODUCED] == 5
+
+
+def test_wait_for_room_with_need_waits_until_the_whole_chunk_fits(client: redis.Redis) -> None:
+    producer = queue(client, high_water=3)
+    producer.publish(rollout(0))
+    producer.wait_for_room(timeout_s=0.2, need=2)  # 1 + 2 fit under 3
+    with pytest.raises(BackpressureTimeout):
+        producer.wait_for_room(timeout_s=0.2, need=3)  # 1 + 3 would not
+    client.delete(NAMES.rollouts)
+    producer.wait_for_room(timeout_s=0.2, need=10)  # more than the mark: waits for an empty stream, not forever
+
+
 def test_forward_is_all_or_nothing_when_a_result_is_invalid(client: redis.Redis) -> None:
     actor = queue(client)
     for i in range(2):
