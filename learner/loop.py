@@ -183,6 +183,9 @@ class Learner:
                     return None
                 draining = True
                 self._start_draining(reason)
+            if self.publisher.stalled(self.version) and not self.stop.is_set():  # actors' weights too old: publish again
+                self.publish()
+                continue
             deadline = 2.0 if draining else cfg.read_timeout_s
             got = self.intake.collect(prefetch, version=self.version, deadline_s=deadline, draining=draining)
             idle += got.waited

@@ -7,7 +7,10 @@ the typed, versioned ``LearnerState`` (``protocol/state.py``) that admission con
 ``opd top`` read. ``Publisher`` does both for the learner's loop.
 
 A full disk under the weights (``WriteFailed``, ``learner/checkpoint.py``) announces nothing: actors keep
-the previous weights, which are untouched, and the next publication tries again. ``Publisher.write_failed``
+the previous weights, which are untouched, and the next publication tries again. Once the learner is more
+than ``max_staleness`` versions past the announced weights, everything the actors can sample is too stale
+to train: ``Publisher.stalled`` then has the loop retry the publication (every ``PUBLISH_RETRY_S``) instead
+of waiting for data that would only be dropped (and, after ``learner.read_timeout_s``, stop the run). ``Publisher.write_failed``
 is where the learner says that a write failed, for weights and checkpoints alike: one ERROR line when
 failures start, a reminder at most every ``FAILURE_REMIND_S``, one line when a write succeeds again.
 """
@@ -43,12 +46,13 @@ from protocol import ledger
 from protocol.files import write_error_reason
 from protocol.messages import WeightsAnnouncement
 from protocol.names import Names
-from protocol.runtime import announce_weights
+from protocol.runtime import announce_weights, latest_weights
 from protocol.state import LearnerState, publish_state
 from protocol.telemetry import LearnerMetrics
 
 _VERSION_RE = re.compile(r"^v(\d{6,})$")
 FAILURE_REMIND_S = 60.0
+PUBLISH_RETRY_S = 1.0
 _WHAT_NEXT = {
     "checkpoint": "training goes on; the steps since the last good checkpoint stay in the Redis journal, so a restart "
                   "resumes from that checkpoint without losing them; the next checkpoint is tried as scheduled",
@@ -162,6 +166,22 @@ class Publisher:
         self.writer = WeightWriter()  # after the first publication, only the tensors are serialised
         self.failures: dict[str, WriteFailed] = {}  # what = "checkpoint" | "weights" -> the failure going on
         self._failing: dict[str, tuple[float, float, int]] = {}  # what -> (since, last line, failed writes)
+        self.announced: int | None = None  # the version actors were last told of (None: not read yet)
+
+    def stalled(self, version: int) -> bool:
+        """Whether the weights cannot be published and the announced ones are too old for anything sampled with
+        them to be trained; then waits `PUBLISH_RETRY_S` (the caller retries the publication). All ranks agree."""
+        stuck = False
+        if "weights" in self.failures:
+            if self.announced is None:
+                ann = latest_weights(self.client, self.names)
+                self.announced = ann.version if ann is not None else 0
+            stuck = version - self.announced > self.cfg.max_staleness
+        if self.dist.enabled:
+            stuck = bool(self.dist.max([float(stuck)])[0])
+        if stuck:
+            time.sleep(PUBLISH_RETRY_S)
+        return stuck
 
     def write_failed(self, exc: WriteFailed) -> None:
         """Count a failed checkpoint or weights write and say it, rate-limited (see module docs)."""
@@ -204,6 +224,7 @@ class Publisher:
         self.write_succeeded("weights", path)
         announce_weights(self.client, self.names, WeightsAnnouncement(
             version=version, path=str(Path(path).resolve()), step=step, nbytes=nbytes))
+        self.announced = version
         dt = time.perf_counter() - t0
         self.metrics.publish_seconds.set(dt)
         self.metrics.publish_bytes.inc(nbytes)
