@@ -120,7 +120,7 @@ class Actor:
     ) -> None:
         from transformers import AutoTokenizer
 
-        from actors.prompts import load_prompts
+        from actors.prompts import context_length, load_prompts, prompts_that_fit
 
         if not transport.redis_url:
             raise ValueError("transport.redis_url is required to run an actor")
@@ -143,12 +143,19 @@ class Actor:
                                     add_bos=cfg.add_bos)
         if not self.prompts:
             raise ValueError(f"actor.prompts_file {cfg.prompts_file} holds no prompts")
+        fit, too_long = prompts_that_fit(self.prompts, cfg.max_new_tokens, context_length(cfg.model_dir),
+                                         path=cfg.prompts_file)
+        if too_long:  # left out whole, never sampled (actors/prompts.py says why)
+            self.metrics.prompts_skipped.labels(reason="too_long").inc(len(too_long))
+            log.warning("%s: skipping %d of %d prompts of %s: too long for the context with actor.max_new_tokens=%d "
+                        "(prompt indices %s%s)", actor_id, len(too_long), len(self.prompts), cfg.prompts_file,
+                        cfg.max_new_tokens, too_long[:10], " ..." if len(too_long) > 10 else "")
         self.schedule: Schedule = cfg.schedule.build(cfg.max_new_tokens)
         # Seeded by id, not only index: compose replicas all have index 0 but distinct ids.
         self.rng = random.Random(f"{cfg.seed}:{index}:{actor_id}")
         # Probes draw from their own stream, so turning them on or off leaves prompts and horizons as they were.
         self.probe_rng = random.Random(f"{cfg.seed}:{index}:{actor_id}:probes")
-        self.order = list(range(len(self.prompts)))
+        self.order = fit
         self.cursor = len(self.order)
         self.version = 0
         self.last_poll = 0.0

@@ -43,6 +43,7 @@ from cache.scorers.base import Scores, TeacherScorer
 from protocol import ledger
 from protocol.compute import forward_flops
 from protocol.config import TransportConfig
+from protocol.errors import InputError
 from protocol.files import DISK_FULL, write_error_reason
 from protocol.messages import Message, RolloutPrefix, ScoredPrefix
 from protocol.names import Names
@@ -236,6 +237,9 @@ class Teacher:
                                   max_bytes=transport.max_message_bytes)
         self.backpressure_timeout_s = transport.backpressure_timeout_s
         self.scorer = make_scorer(cfg)
+        self.inbox.vocab_size = vocab = getattr(self.scorer, "vocab_size", None)  # ids past it: dead-lettered
+        if vocab is not None and cfg.topk > vocab:
+            raise InputError(f"teacher.topk={cfg.topk} exceeds the vocabulary of teacher.model_dir ({vocab} ids)")
         self.params = self.scorer.num_parameters()
         self.topk_dtype = topk_storage_dtype(cfg)
         self.cache = open_cache(cfg, self.scorer.identity, self.client, self.names, worker_id) if cfg.cache_enabled else None

@@ -108,6 +108,7 @@ class Learner:
         self.workdir = Path(cfg.workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._load_student()
+        self.queue.vocab_size = int(self.model.config.vocab_size)  # token ids past it are dead-lettered, not trained
         self._outages_seen = OUTAGES.count  # Redis outages this process rode out (protocol/reconnect.py)
         self._resume()
         on_this_rank = self.dist.is_main or self.train_model.mode == "fsdp"  # FSDP forwards are collective

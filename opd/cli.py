@@ -140,11 +140,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from opd import commands
+    from protocol.errors import InputError
 
     try:
         return commands.dispatch(args, cfg)
     except KeyboardInterrupt:
         return 130
+    except InputError as exc:  # a prompt file or a setting that does not fit the model: like an invalid config
+        print(f"opd {args.command}: {exc}", file=sys.stderr)
+        return 2
     except (ValueError, OSError) as exc:  # OSError: a missing or unreadable file, named with the real cause
         print(f"opd {args.command}: error: {exc}", file=sys.stderr)
         return 1

@@ -225,8 +225,10 @@ def _warm_cache(cfg: OPDConfig) -> None:
 
 def _check_inputs(cfg: OPDConfig) -> None:
     """Fail before starting anything when what the user brings is missing or does not match."""
+    from protocol.errors import InputError
     from protocol.files import check_model_dir
-    from protocol.vocab import check_model_dirs, check_served_tokenizer
+    from protocol.prompts import check_prompt_file
+    from protocol.vocab import check_model_dirs, check_served_tokenizer, config_vocab_size
 
     models = {"actor.model_dir": cfg.actor.model_dir, "teacher.model_dir": cfg.teacher.model_dir,
               "learner.model_dir": cfg.learner.model_dir}
@@ -241,6 +243,9 @@ def _check_inputs(cfg: OPDConfig) -> None:
         check_model_dir(cfg.learner.eval.teacher_dir, "learner.eval.teacher_dir")
         models["learner.eval.teacher_dir"] = cfg.learner.eval.teacher_dir
     check_model_dirs(models)  # whatever the engines: the local tokenizers agree and each model covers them
+    check_prompt_file(cfg.actor.prompts_file)  # a malformed line or an empty file: named now, not by a dying actor
+    if cfg.teacher.topk > (vocab := config_vocab_size(cfg.teacher.model_dir)):
+        raise InputError(f"teacher.topk={cfg.teacher.topk} exceeds the vocabulary of teacher.model_dir ({vocab} ids)")
     for role, engine in (("actor", cfg.actor.engine), ("teacher", cfg.teacher.engine)):
         url = engine.server_url
         if url:  # and what a server serves agrees with them, where it can be read

@@ -14,3 +14,11 @@ class ProtocolError(ValueError):
         super().__init__(f"{field}: {reason}")
         self.field = field
         self.reason = reason
+
+
+class InputError(ValueError):
+    """What the user brings does not fit: a prompt file's line, a setting the model cannot honour.
+
+    Raised before any work starts, naming the file and line or the config key; the CLI exits 2 with the
+    message, as for an invalid config, instead of a traceback.
+    """

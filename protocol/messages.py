@@ -137,6 +137,10 @@ class ScoredPrefix(RolloutPrefix):
             )
         if not np.isfinite(self.teacher_logprobs_R).all():
             raise ProtocolError("teacher_logprobs_R", "non-finite teacher logprob")
+        if (self.topk_ids_RK < 0).any():
+            raise ProtocolError("topk_ids_RK", "negative token id")
+        if np.isnan(self.topk_logprobs_RK).any():  # -inf is a probability of 0; NaN is no probability at all
+            raise ProtocolError("topk_logprobs_RK", "NaN teacher top-k logprob")
         if self.cached_tokens < 0 or self.scored_tokens < 0:
             raise ProtocolError("cached_tokens", "token counts must be >= 0")
 
@@ -198,8 +202,13 @@ def encode(message: Message, *, max_bytes: int = MAX_MESSAGE_BYTES) -> bytes:
     return pack(payload, max_bytes=max_bytes)
 
 
-def decode(blob: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES, expect: type[Message] | None = None) -> Message:
-    """Unpack and validate every field; raises `ProtocolError` naming the first bad field."""
+def decode(blob: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES, expect: type[Message] | None = None,
+           vocab_size: int | None = None) -> Message:
+    """Unpack and validate every field; raises `ProtocolError` naming the first bad field.
+
+    `vocab_size`: the width of the reading model's logits; a token id outside `[0, vocab_size)` is refused
+    here (see `check_vocab`), not discovered as an index error deep inside a forward pass.
+    """
     payload = unpack(blob, max_bytes=max_bytes)
     kind = payload.get("kind")
     if not isinstance(kind, str) or kind not in MESSAGE_TYPES:
@@ -232,7 +241,31 @@ def decode(blob: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES, expect: type[Mess
         values[name] = float(raw) if _scalar_type(f) is float else raw
     message = cls(**values)
     message.validate()
+    if vocab_size is not None:
+        check_vocab(message, vocab_size)
     return message
+
+
+TOKEN_ID_FIELDS = ("prompt_ids_P", "response_ids_R", "topk_ids_RK")
+"""Arrays of token ids: what a model indexes its embedding or its logits with."""
+
+
+def check_vocab(message: Message, vocab_size: int) -> None:
+    """Refuse token ids a model with `vocab_size` logits cannot take (`ProtocolError` naming the field).
+
+    WHY at the consumer, with its own model's size: the message schema cannot know the vocabulary, and an
+    id past it crashes the reader's forward pass (an embedding lookup or a gather out of range) instead
+    of dead-lettering one message. The bound is the model's `config.vocab_size` (its logits' width, padded
+    rows included), the widest range that cannot crash; `protocol/vocab.py` checks the tokenizers agree.
+    """
+    for name in TOKEN_ID_FIELDS:
+        ids = getattr(message, name, None)
+        if ids is None or ids.size == 0:
+            continue
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            raise ProtocolError(name, f"token id {bad} outside the vocabulary [0, {vocab_size}) of this consumer's model")
 
 
 def _check_array(spec: ArraySpec, name: str, descr: str, ndim: int) -> None:

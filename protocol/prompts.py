@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from protocol.errors import InputError
+
 
 @dataclass(frozen=True)
 class PromptFormat:
@@ -78,20 +80,20 @@ def encode_prompt(tokenizer: Any, text: str, fmt: PromptFormat = PromptFormat())
 
 
 def prompt_text(line: str, lineno: int, path: Path | str) -> str:
-    """The `prompt` string of one JSONL line, or a ValueError naming the file and line."""
+    """The `prompt` string of one JSONL line, or an `InputError` (a ValueError) naming the file and line."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
+        raise InputError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
     if not isinstance(record, dict):
-        raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
     if "prompt" not in record:
-        raise ValueError(f"{path}:{lineno}: missing 'prompt'")
+        raise InputError(f"{path}:{lineno}: missing 'prompt'")
     text = record["prompt"]
     if not isinstance(text, str):
-        raise ValueError(f"{path}:{lineno}: 'prompt' must be a string, got {type(text).__name__}")
+        raise InputError(f"{path}:{lineno}: 'prompt' must be a string, got {type(text).__name__}")
     if not text:
-        raise ValueError(f"{path}:{lineno}: 'prompt' is empty")
+        raise InputError(f"{path}:{lineno}: 'prompt' is empty")
     return text
 
 
@@ -109,8 +111,26 @@ def load_prompts(
             if line.strip():
                 prompts.append(encode_prompt(tokenizer, prompt_text(line, lineno, path), fmt))
     if not prompts:
-        raise ValueError(f"{path}: no prompts found")
+        raise InputError(f"{path}: no prompts found (the file is empty or holds only blank lines)")
     return prompts
+
+
+def check_prompt_file(path: str | Path) -> int:
+    """Read every line of a JSONL prompt file as `load_prompts` would, without a tokenizer; the prompt count.
+
+    WHY: `opd up` calls it before starting anything, so a malformed line or an empty file stops the run at
+    once with the file and line named, instead of an actor dying after Redis and the other roles started.
+    """
+    path = Path(path)
+    count = 0
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if line.strip():
+                prompt_text(line, lineno, path)
+                count += 1
+    if not count:
+        raise InputError(f"{path}: no prompts found (the file is empty or holds only blank lines)")
+    return count
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from protocol.reconnect import ReconnectPolicy, RideOutRetry, redact_url, server
 log = logging.getLogger(__name__)
 
 PAYLOAD = b"m"
+_SETTLED = (ledger_mod.TRAINED.encode(), ledger_mod.DROPPED.encode())
 
 
 class BackpressureTimeout(TimeoutError):
@@ -171,6 +172,7 @@ class StreamQueue:
         high_water: int = 10_000,
         max_bytes: int = MAX_MESSAGE_BYTES,
         on_dead_letter: Callable[[DeadLetter], None] | None = None,
+        vocab_size: int | None = None,
     ) -> None:
         self.client = client
         self.stream = stream
@@ -183,6 +185,7 @@ class StreamQueue:
         self.high_water = high_water
         self.max_bytes = max_bytes
         self.on_dead_letter = on_dead_letter
+        self.vocab_size = vocab_size  # the reading model's: token ids past it are dead-lettered (messages.check_vocab)
         self._group_ready = False
         self._next_reclaim = 0.0
 
@@ -305,7 +308,7 @@ class StreamQueue:
             self._dead_letter(entry_id, b"", f"entry has no {PAYLOAD.decode()!r} field (fields: {sorted(map(_s, fields))})")
             return None
         try:
-            message = decode(blob, max_bytes=self.max_bytes, expect=self.expect)
+            message = decode(blob, max_bytes=self.max_bytes, expect=self.expect, vocab_size=self.vocab_size)
         except ProtocolError as exc:
             self._dead_letter(entry_id, blob, f"malformed: {exc}")
             return None
@@ -374,12 +377,16 @@ class StreamQueue:
                           message_id=delivery.message.id if hasattr(delivery.message, "id") else None)
 
     def _dead_letter(self, entry_id: str, blob: bytes, reason: str, *, message_id: str | None = None) -> bool:
+        peeked = message_id is None
         message_id = message_id or peek_id(blob)
         fields: dict[str, Any] = {
             "m": blob, "stream": self.stream, "entry": entry_id, "reason": reason[:2000],
             "id": message_id or "", "consumer": self.consumer, "at": f"{time.time():.3f}",
         }
-        item = Settle(entry_id, message_id or "", ledger_mod.DEAD if message_id else "", fields)
+        outcome = ledger_mod.DEAD if message_id else ""
+        if peeked and message_id and self.client.hget(self.names.ledger, message_id) in _SETTLED:
+            outcome = ""  # an undecodable copy of an id already trained or dropped: the id keeps its one outcome
+        item = Settle(entry_id, message_id or "", outcome, fields)
         if not self.settle([item], target=self.names.dead).done:
             return False  # another consumer owns it now: its fate is theirs to decide
         log.error("%s: dead-lettered %s: %s", self.stream, entry_id, reason)

@@ -67,6 +67,7 @@ class ActorMetrics(CommonMetrics):
     compute_saved: Counter
     admission_wait: Counter
     weight_reloads: Counter
+    prompts_skipped: Counter
 
 
 def actor_metrics(registry: CollectorRegistry) -> ActorMetrics:
@@ -97,8 +98,11 @@ def actor_metrics(registry: CollectorRegistry) -> ActorMetrics:
         compute_saved=Counter("opd_compute_saved_flops", COMPUTE_SAVED_HELP, ["stage"], registry=registry),
         admission_wait=Counter("opd_actor_admission_wait_seconds", "Seconds waiting for admission or back-pressure", registry=registry),
         weight_reloads=Counter("opd_actor_weight_reloads", "Weight reloads", registry=registry),
+        prompts_skipped=Counter("opd_actor_prompts_skipped", "Prompts left out at start, by why (too_long: no room "
+                                "for actor.max_new_tokens in the student's context)", ["reason"], registry=registry),
     )
     m.compute_saved.labels(stage=ACTOR_COMPUTE_STAGE)
+    m.prompts_skipped.labels(reason="too_long")
     m.tokens_saved_stderr.set(float("inf"))
     return m
 
