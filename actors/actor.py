@@ -162,6 +162,7 @@ class Actor:
         self.admission = Admission(self.client, self.names)
         self.summary = ActorSummary()
         self.failures = 0
+        self.in_hand = 0  # admission slots of the batch being generated, not yet published
 
     def next_prompts(self, n: int) -> list[int]:
         out = []
@@ -209,6 +210,7 @@ class Actor:
         self.metrics.admission_wait.inc(time.perf_counter() - t0)
         if n == 0:
             return 0
+        self.in_hand = n if self.cfg.admission_control else 0
         self.maybe_reload(force=self.cfg.admission_control)  # sample with the newest published policy
         indices = self.next_prompts(n)
         state = self.learner_state()
@@ -219,6 +221,7 @@ class Actor:
                 temperature=self.cfg.temperature, top_p=self.cfg.top_p, seed=self.rng.randrange(2**31),
             )
         except Exception as exc:
+            self.in_hand = 0
             if self.cfg.admission_control:
                 self.admission.release(n)
             if not self.engine.is_transient(exc):
@@ -313,12 +316,22 @@ class Actor:
         t0 = time.perf_counter()
         while not self.stopping():
             self.step()
+            self.in_hand = 0
         dt = time.perf_counter() - t0
         log.info("%s: stopped after %d prefixes, %d tokens (%.0f tok/s); saved by truncation: at most %d (budget "
                  "bound), %s estimated from %d probes", self.actor_id, self.summary.prefixes,
                  self.summary.tokens_generated, self.summary.tokens_generated / max(dt, 1e-9), self.summary.tokens_saved,
                  self.summary.saved_estimate(), self.summary.probe_tally.probes)
         return self.summary
+
+    def abandon(self) -> str:
+        """A forced exit mid-batch (protocol/runtime.py StopFlag): what of the batch was not published was never
+        recorded; its admission slots are given back (the in-flight budget must not shrink) and the actor leaves
+        the registry (a draining learner waits for every registered actor)."""
+        n, self.in_hand = self.in_hand, 0
+        self.admission.release(n)
+        self.client.srem(self.names.key("actors"), self.actor_id)
+        return f"a batch of {n} prefixes in hand, unpublished ones never recorded (admission slots released)" if n else ""
 
 
 def run_actor(cfg: ActorConfig, transport: TransportConfig, *, actor_id: str, index: int = 0,
@@ -328,6 +341,7 @@ def run_actor(cfg: ActorConfig, transport: TransportConfig, *, actor_id: str, in
     server = MetricsServer(actor.registry, host=cfg.metrics_host, port=cfg.metrics_port)
     register_endpoint(actor.client, actor.names, actor_id, server.url)
     actor.client.sadd(actor.names.key("actors"), actor_id)
+    actor.stop.on_abandon(actor.abandon)
     log.info("%s: metrics at %s", actor_id, server.url)
     try:
         return actor.run()

@@ -47,7 +47,7 @@ from protocol.errors import InputError
 from protocol.files import DISK_FULL, write_error_reason
 from protocol.messages import Message, RolloutPrefix, ScoredPrefix
 from protocol.names import Names
-from protocol.runtime import StopFlag, register_endpoint
+from protocol.runtime import StopFlag, held_entries, register_endpoint
 from protocol.streams import Delivery, StreamQueue, connect_role
 from protocol.telemetry import MetricsServer, TeacherMetrics, teacher_metrics
 
@@ -339,6 +339,8 @@ class Teacher:
     def step(self) -> int:
         self.maybe_evict()
         self.outbox.wait_for_room(timeout_s=self.backpressure_timeout_s, should_stop=self.stop.is_set)
+        if self.stop.is_set():
+            return 0  # stopping: take no new work (what was read is forwarded before this point)
         deliveries = self.inbox.read(self.cfg.batch_size, block_ms=500)
         if not deliveries:
             return 0
@@ -393,6 +395,7 @@ def run_teacher(cfg: TeacherConfig, transport: TransportConfig, *, worker_id: st
     teacher = Teacher(cfg, transport, worker_id=worker_id, stop=stop)
     server = MetricsServer(teacher.registry, host=cfg.metrics_host, port=cfg.metrics_port)
     register_endpoint(teacher.client, teacher.names, worker_id, server.url)
+    teacher.stop.on_abandon(lambda: held_entries(teacher.inbox))
     log.info("%s: metrics at %s", worker_id, server.url)
     try:
         return teacher.run()

@@ -52,7 +52,7 @@ from protocol.files import check_model_dir
 from protocol.messages import ScoredPrefix
 from protocol.names import Names
 from protocol.reconnect import OUTAGES
-from protocol.runtime import StopFlag, register_endpoint, resolve_device
+from protocol.runtime import StopFlag, held_entries, register_endpoint, resolve_device
 from protocol.streams import Delivery, connect_role
 from protocol.telemetry import LearnerMetrics, MetricsServer, learner_metrics
 
@@ -157,13 +157,13 @@ class Learner:
                 history.close()
         saved = self.checkpoint()
         self.publish()
-        if not self.cfg.eval.every or self.step % self.cfg.eval.every != 0:
-            self.evaluate()
+        if not self.stop.is_set() and (not self.cfg.eval.every or self.step % self.cfg.eval.every != 0):
+            self.evaluate()  # not when told to stop: the checkpoint is what a restart needs, and it is written
         self.advertise(phase="done")
         if self.dist.enabled:
             self.check_replicas()
-        log.info("learner done: %d steps, %d samples trained, dropped %s", self.step, self.summary.trained,
-                 self.summary.dropped or "none")
+        log.info("learner %s: %d steps, %d samples trained, dropped %s", "stopped, checkpointed" if self.stop.is_set()
+                 else "done", self.step, self.summary.trained, self.summary.dropped or "none")
         if drain_error is not None:
             raise drain_error
         if not saved and "checkpoint" in self.publisher.failures:  # exit 1; a restart with space writes it
@@ -406,6 +406,7 @@ def run_learner(cfg: LearnerConfig, transport: TransportConfig, *, learner_id: s
         server = MetricsServer(learner.registry, host=cfg.metrics_host, port=port)
         role_id = learner_id if dist.is_main else f"{learner_id}-rank{dist.rank}"
         register_endpoint(learner.client, learner.names, role_id, server.url)
+        learner.stop.on_abandon(lambda: f"{held_entries(learner.queue)}, at step {learner.step}")
         log.info("%s: metrics at %s, device %s, rank %d/%d", role_id, server.url, learner.device, dist.rank,
                  dist.world_size)
         try:

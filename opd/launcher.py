@@ -2,8 +2,15 @@
 
 Order of events: build tiny assets (`run.tiny_assets`), start a private redis-server unless a URL is given, write
 the resolved config, start teachers, learner and actors, show live progress, and when the learner
-has finished its steps (and drained what was in flight) stop everyone. Ctrl-C stops everyone too;
-children die with the launcher (PR_SET_PDEATHSIG), so nothing is left orphaned.
+has finished its steps (and drained what was in flight) stop everyone and print the run summary.
+
+Stopping early (SIGTERM, or SIGINT/Ctrl-C): the roles are stopped in order, each stage SIGTERMed and waited
+for (at most `transport.stop_timeout_s` plus a margin, then killed): actors first, so nothing new is
+produced; then teachers (what they scored is forwarded, the rest stays queued); then the learner (it
+checkpoints what it trained); then the private redis-server, last, so no role loses Redis while stopping.
+The summary is printed as after a normal finish, and the exit code is 128 + the signal number (130 for
+Ctrl-C, 143 for SIGTERM: the run did not reach its steps). A second signal kills every role at once.
+Children also die with the launcher (PR_SET_PDEATHSIG), so nothing is left orphaned.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from typing import Any
 import yaml
 
 from opd.config import OPDConfig
+from opd.stopping import Interrupted, Signals, stop_in_order
 from opd.top import Snapshot
 from protocol.reconnect import redact_url
 from protocol.savings import ProbeTally, estimate_savings
@@ -81,6 +89,7 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data), "--appendonly", "yes",
          "--save", "", "--protected-mode", "yes", "--logfile", str(data / "redis.log"), "-"],  # "-": more on stdin
         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+        start_new_session=True,  # a terminal's Ctrl-C reaches the launcher only: Redis is stopped last, by it
     )
     password = secrets.token_urlsafe(32)  # URL- and config-safe characters only
     assert proc.stdin is not None
@@ -134,25 +143,28 @@ def _env() -> dict[str, str]:
     return env
 
 
-def stop_children(children: list[Child], timeout_s: float = 20.0) -> None:
-    for c in children:
-        if c.proc.poll() is None:
-            c.proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    for c in children:
-        try:
-            c.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            log.warning("%s did not stop in time: killing it", c.name)
-            c.proc.kill()
-            c.proc.wait()
-
-
 def run_pipeline(cfg: OPDConfig, *, progress: bool = True) -> int:
+    """Run the pipeline to its end or to SIGINT/SIGTERM (module doc); returns the exit code (0, 1, 128 + signal)."""
     from protocol.runtime import setup_logging
 
     setup_logging(cfg.run.log_level, "launcher")
     workdir = Path(cfg.run.workdir)
+    children: list[Child] = []
+    code = 1
+    with Signals(children) as signals:
+        with contextlib.suppress(Interrupted):  # raised by the first signal; the roles are stopped by then
+            code = _start_and_watch(cfg, workdir, children, progress=progress, signals=signals)
+        if signals.exit_code is not None:
+            log.info("run interrupted by %s: roles stopped in order; the summary covers what was trained",
+                     signal.Signals(signals.signum or 0).name)
+            code = signals.exit_code
+        if code == 0 or signals.exit_code is not None:
+            _summary(cfg, workdir)
+    return code
+
+
+def _start_and_watch(cfg: OPDConfig, workdir: Path, children: list[Child], *, progress: bool, signals: Signals) -> int:
+    """Everything up to the end of the run; the roles and the private Redis are stopped (in order) however it ends."""
     logs = workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     if cfg.run.tiny_assets:
@@ -168,7 +180,7 @@ def run_pipeline(cfg: OPDConfig, *, progress: bool = True) -> int:
         log.info("fresh run: removed %s and %s", cfg.learner.workdir, cfg.teacher.cache_dir)
 
     redis_proc = None
-    children: list[Child] = []
+    code = 1
     try:
         if not cfg.transport.redis_url:
             redis_proc, cfg.transport.redis_url = start_redis(workdir)
@@ -190,16 +202,14 @@ def run_pipeline(cfg: OPDConfig, *, progress: bool = True) -> int:
             children.append(spawn(f"actor-{i}", "actor", i, config_path, logs))
         log.info("started %d actors, %d teachers, 1 learner; logs in %s", cfg.run.actors, cfg.run.teachers, logs)
         code = _watch(cfg, children, learner, progress=progress)
-        stop_children(children)
-        _summary(cfg, workdir)
         return code
-    except KeyboardInterrupt:
-        log.info("interrupted: stopping every role")
-        stop_children(children)
-        return 130
     finally:
-        stop_children(children)
+        signals.raising = False  # from here on a first signal is remembered: the roles are being stopped already
+        stop_in_order(children, cfg.transport.stop_timeout_s)
+        if children and (code == 0 or signals.signum is not None):
+            _final_table(cfg)
         if redis_proc is not None:
+            log.info("stopping redis-server")
             redis_proc.terminate()
             try:
                 redis_proc.wait(timeout=10)
@@ -297,10 +307,23 @@ def _watch(cfg: OPDConfig, children: list[Child], learner: Child, *, progress: b
     if learner.proc.returncode != 0:
         log.error("learner exited with code %s:\n%s", learner.proc.returncode, learner.tail())
         return 1
+    return 0
+
+
+def _final_table(cfg: OPDConfig) -> None:
+    """The run's numbers as `opd top` shows them, once every role has stopped (before the private Redis does)."""
+    import redis
     from rich.console import Console
 
-    Console().print(render(snapshot(client, names)))
-    return 0
+    from opd.top import render, snapshot
+    from protocol.names import Names
+
+    assert cfg.transport.redis_url
+    client = redis.Redis.from_url(cfg.transport.redis_url, socket_timeout=10)  # one try: a summary never waits
+    try:
+        Console().print(render(snapshot(client, Names(cfg.transport.namespace))))
+    except redis.RedisError as exc:
+        log.warning("no final table: Redis did not answer (%s)", exc)
 
 
 def _log_line(s: Snapshot) -> None:

@@ -22,6 +22,10 @@ class TransportConfig(BaseModel):
     high_water: int = Field(256, ge=1, description="Producers wait while a stream's backlog is at or above this.")
     backpressure_timeout_s: float = Field(600.0, gt=0, description="Longest a producer waits for room before failing loudly.")
     max_message_bytes: int = Field(MAX_MESSAGE_BYTES, ge=1024, description="Largest message accepted on either end.")
+    stop_timeout_s: float = Field(
+        45.0, gt=0, description="SIGTERM/SIGINT: a role finishes its current unit and exits; a drain longer than "
+        "this exits anyway (code 0), logging what it left pending for another consumer or a restart. Keep it "
+        "below a supervisor's kill grace (compose stop_grace_period: 60s); `opd up` waits this plus a margin per stage.")
     reconnect_base_s: float = Field(
         0.1, gt=0, le=60, description="Redis unreachable: first wait before retrying; doubles per failed attempt "
         "(with jitter) up to transport.reconnect_cap_s.")

@@ -6,11 +6,14 @@ Roles are plain processes around a queue; these few helpers keep their entry poi
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
@@ -18,6 +21,11 @@ from protocol.errors import ProtocolError
 from protocol.messages import WeightsAnnouncement, decode, encode
 from protocol.names import Names
 from protocol.reconnect import OUTAGES
+
+if TYPE_CHECKING:
+    from protocol.streams import StreamQueue
+
+log = logging.getLogger(__name__)
 
 
 def setup_logging(level: str, role: str) -> None:
@@ -50,20 +58,60 @@ def resolve_dtype(dtype: Any) -> Any:
 
 
 class StopFlag:
-    """Set by SIGINT/SIGTERM (or by hand); loops poll it at their natural boundaries."""
+    """Set by SIGINT/SIGTERM (or by hand); loops poll it at their natural boundaries.
+
+    What a role does when it is set: it takes no new work, finishes the unit in hand (what it finished is
+    acknowledged or forwarded) and exits 0. With a bound (`transport.stop_timeout_s`) a signal also starts
+    a watchdog: a drain that takes longer exits anyway, after logging what it leaves; a second signal exits
+    at once. Why exiting unfinished is safe: an unfinished unit is what a SIGKILL leaves, which the pipeline
+    survives: entries a consumer read stay pending in its group (reclaimed by another consumer after
+    `transport.claim_idle_ms`, or by the same one at restart), a generation never published was never
+    recorded, and checkpoints and cache shards are written atomically.
+    """
 
     def __init__(self) -> None:
         self._event = threading.Event()
+        self._signals = 0
+        self._bound_s: float | None = None
+        self._on_abandon: list[Callable[[], str]] = []
 
-    def install_signal_handlers(self) -> StopFlag:
-        def handler(signum: int, frame: FrameType | None) -> None:
-            logging.getLogger(__name__).info("signal %d: stopping at the next boundary", signum)
-            self._event.set()
-
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
+    def install_signal_handlers(self, bound_s: float | None = None) -> StopFlag:
+        """Stop on SIGTERM/SIGINT; with `bound_s`, exit at the latest that long after the first signal."""
+        self._bound_s = bound_s
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
         OUTAGES.should_stop = self.is_set  # a role told to stop during a Redis outage stops waiting for Redis
         return self
+
+    def on_abandon(self, hook: Callable[[], str]) -> None:
+        """`hook` says (and may release) what the role holds unfinished; called only on a forced exit."""
+        self._on_abandon.append(hook)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals += 1
+        name = signal.Signals(signum).name
+        if self._signals > 1:
+            self.exit_now(f"a second {name}")
+            return
+        bound = f"; exiting within {self._bound_s:g}s (transport.stop_timeout_s)" if self._bound_s else ""
+        log.info("%s: stopping: no new work, finishing the unit in hand%s", name, bound)
+        self._event.set()
+        if self._bound_s is not None:
+            threading.Thread(target=self._watchdog, args=(self._bound_s,), name="stop-watchdog", daemon=True).start()
+
+    def _watchdog(self, bound_s: float) -> None:
+        time.sleep(bound_s)
+        self.exit_now(f"the drain took longer than transport.stop_timeout_s={bound_s:g}s")
+
+    def exit_now(self, why: str) -> None:
+        """Exit the process at once (code 0), after logging what is left and why that is not lost (class doc)."""
+        left = _abandoned(self._on_abandon, timeout_s=5.0)
+        log.warning("%s: exiting without finishing the drain; left for another consumer or a restart: %s", why,
+                    left or "nothing held")
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        sys.stdout.flush()
+        os._exit(0)
 
     def set(self) -> None:
         self._event.set()
@@ -73,6 +121,32 @@ class StopFlag:
 
     def wait(self, seconds: float) -> bool:
         return self._event.wait(seconds)
+
+
+def _abandoned(hooks: list[Callable[[], str]], timeout_s: float) -> str:
+    """The hooks' reports, run in a thread of their own: a hook stuck on Redis must not hold up the exit."""
+    reports: list[str] = []
+
+    def run() -> None:
+        for hook in hooks:
+            try:
+                reports.append(hook())
+            except Exception as exc:  # the exit goes ahead whatever a report costs
+                reports.append(f"(could not tell: {type(exc).__name__}: {exc})")
+
+    worker = threading.Thread(target=run, name="stop-report", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    return "; ".join(r for r in reports if r) + ("" if not worker.is_alive() else " (report cut short)")
+
+
+def held_entries(queue: StreamQueue) -> str:
+    """How many entries the queue's consumer holds unacknowledged (what another consumer, or it after a restart,
+    will reclaim)."""
+    summary = queue.client.xpending(queue.stream, queue.group)
+    held = sum(int(c["pending"]) for c in summary.get("consumers") or []
+               if (c["name"].decode() if isinstance(c["name"], bytes) else c["name"]) == queue.consumer)
+    return f"{held} entries of {queue.stream} pending for {queue.consumer}"
 
 
 def announce_weights(client: redis.Redis, names: Names, announcement: WeightsAnnouncement) -> None:
