@@ -23,7 +23,9 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 import redis
@@ -46,7 +48,8 @@ from protocol.names import Names
 pytestmark = pytest.mark.integration
 
 CONFIG = REPO / "configs" / "tiny-cpu.yaml"
-STEPS = 6
+STEPS = 12  # long enough that every role is still up while the test reads its sockets
+T = TypeVar("T")
 EXIT_BOUND_S = 180  # generous: a role imports torch before it connects; never a timing assert
 
 
@@ -219,32 +222,36 @@ def _up_command(tiny_assets: Path, workdir: Path) -> list[str]:
             *[x for o in overrides for x in ("--set", o)]]
 
 
-def _check_running_up(launcher: subprocess.Popen[bytes], workdir: Path) -> str:
-    """While `opd up` runs: its redis-server wants the password, nothing listens off loopback; the password."""
-    config = workdir / "config.yaml"
-    assert stat.S_IMODE(config.stat().st_mode) == 0o600, "the resolved config holds the Redis password"
-    url = yaml.safe_load(config.read_text())["transport"]["redis_url"]
-    parsed = redis.connection.parse_url(url)
-    password = parsed["password"]
-    assert password and len(password) >= 32
-    with pytest.raises(redis.AuthenticationError):  # NOAUTH: the port alone gets nobody in
-        redis.Redis(host="127.0.0.1", port=parsed["port"], socket_timeout=10).ping()
-    kids = children_of(launcher.pid)
-    for pid, name in kids:
-        assert_listens_only_on(pid, name)
-        assert password not in cmdline(pid), f"{name}'s command line shows the Redis password"
-    return password
+def _poll(launcher: subprocess.Popen[bytes], log_path: Path, what: str, check: Callable[[], T | None]) -> T:
+    """``check()`` once it is not None; fails if `opd up` ends first or the generous guard runs out."""
+    deadline = time.monotonic() + 300
+    while (result := check()) is None:
+        assert launcher.poll() is None, f"opd up ended before {what}:\n{log_path.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"gave up waiting for {what}:\n{log_path.read_text()[-3000:]}"
+        time.sleep(0.1)
+    return result
 
 
-def _all_up(kids: list[tuple[int, str]]) -> bool:
-    """redis-server and a teacher, a learner and an actor, each listening (roles: once their /metrics is up)."""
-    def serving(pid: int) -> bool:
+def _private_redis(launcher_pid: int, workdir: Path) -> dict[str, Any] | None:
+    """The private Redis's URL, parsed, once a role has been started (the config is complete by then)."""
+    if not any(name != "redis-server" for _, name in children_of(launcher_pid)):
+        return None
+    return redis.connection.parse_url(yaml.safe_load((workdir / "config.yaml").read_text())["transport"]["redis_url"])
+
+
+def _all_listening(launcher_pid: int) -> dict[tuple[int, str], tuple[list[tuple[str, int]], str]] | None:
+    """(listening sockets, command line) of every child, taken in one pass once redis-server and the 3 roles
+    all listen (roles: once their /metrics is up); None before."""
+    snapshot = {}
+    for pid, name in children_of(launcher_pid):
         try:
-            return bool(listening(pid))
+            sockets, command = listening(pid), cmdline(pid)
         except OSError:  # gone since the listing
-            return False
-
-    return len(kids) >= 4 and any(name == "redis-server" for _, name in kids) and all(serving(p) for p, _ in kids)
+            return None
+        if not sockets:
+            return None
+        snapshot[(pid, name)] = (sockets, command)
+    return snapshot if len(snapshot) >= 4 and any(n == "redis-server" for _, n in snapshot) else None
 
 
 def test_opd_up_private_redis_has_a_password_the_roles_get(tiny_assets: Path, tmp_path: Path) -> None:
@@ -252,12 +259,16 @@ def test_opd_up_private_redis_has_a_password_the_roles_get(tiny_assets: Path, tm
     log_path = tmp_path / "up.log"
     launcher = start(_up_command(tiny_assets, workdir), log_path)
     try:
-        deadline = time.monotonic() + 300  # generous guard: redis-server and the 3 roles up, each serving /metrics
-        while not _all_up(children_of(launcher.pid)):
-            assert launcher.poll() is None, log_path.read_text(errors="replace")[-3000:]
-            assert time.monotonic() < deadline, f"{children_of(launcher.pid)}\n{log_path.read_text()[-3000:]}"
-            time.sleep(0.2)
-        password = _check_running_up(launcher, workdir)
+        url = _poll(launcher, log_path, "the first role", lambda: _private_redis(launcher.pid, workdir))
+        password = url["password"]
+        assert password and len(password) >= 32
+        assert stat.S_IMODE((workdir / "config.yaml").stat().st_mode) == 0o600, "the config holds the password"
+        with pytest.raises(redis.AuthenticationError):  # NOAUTH: the port alone gets nobody in
+            redis.Redis(host="127.0.0.1", port=url["port"], socket_timeout=10).ping()
+        snapshot = _poll(launcher, log_path, "every process listening", lambda: _all_listening(launcher.pid))
+        for (pid, name), (sockets, command) in snapshot.items():
+            assert all(address == "127.0.0.1" for address, _ in sockets), f"{name} (pid {pid}) listens on {sockets}"
+            assert password not in command, f"{name}'s command line shows the Redis password"
         code = launcher.wait(timeout=600)
     finally:
         if launcher.poll() is None:
