@@ -139,7 +139,7 @@ def run_sync(cfg: OPDConfig, steps: int, warmup: int, *, threads: int) -> Result
     prompts = load_prompts(a.prompts_file, tokenizer, use_chat_template=a.use_chat_template)
     engine = HFRolloutEngine(a.model_dir)
     scorer = HFTeacherScorer(t.model_dir)
-    student = AutoModelForCausalLM.from_pretrained(lc.model_dir, dtype=torch.float32)
+    student = AutoModelForCausalLM.from_pretrained(lc.model_dir, dtype=torch.float32, use_safetensors=True)
     student.train()
     optimizer = torch.optim.AdamW(student.parameters(), lr=lc.lr, weight_decay=lc.weight_decay)
     schedule = a.schedule.build(a.max_new_tokens)

@@ -88,7 +88,8 @@ class HeldoutEvaluator:
             compare_tokenizers(tokenizer, load_tokenizer(teacher_dir), ("learner.model_dir", "learner.eval.teacher_dir"))
         except ValueError as exc:
             raise ValueError(f"learner.eval.teacher_dir ({teacher_dir}) must share the student's tokenizer: {exc}") from None
-        self.teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).to(device)
+        self.teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32,
+                                                            use_safetensors=True).to(device)
         self.teacher.eval()
         check_model_covers(int(self.teacher.config.vocab_size), tokenizer, f"learner.eval.teacher_dir ({teacher_dir})")
         self.vocab_size = shared_vocab_size(tokenizer)

@@ -121,7 +121,8 @@ class Learner:
         cfg = self.cfg
         check_model_dir(cfg.model_dir, "learner.model_dir")  # an unreadable file is named, not "No such file"
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(cfg.model_dir, dtype=torch.float32).to(self.device)
+        self.model = AutoModelForCausalLM.from_pretrained(cfg.model_dir, dtype=torch.float32,
+                                                          use_safetensors=True).to(self.device)
         self.model.train()
         self.params = sum(p.numel() for p in self.model.parameters())  # before any sharding
         restored = resume.restore(self.model, self.workdir / "checkpoints")

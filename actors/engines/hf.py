@@ -204,7 +204,7 @@ class HFRolloutEngine:
     def _load_full(self, model_dir: Path) -> PreTrainedModel:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype, use_safetensors=True)
         return model.to(self.device).eval()
 
     def _copy_weights(self, weights_dir: Path) -> bool:

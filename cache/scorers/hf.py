@@ -110,7 +110,8 @@ class HFTeacherScorer:
         self.max_batch_tokens = max_batch_tokens
         self.tokens_forwarded = 0
         kwargs = {} if revision is None else {"revision": revision}
-        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.dtype, **kwargs)
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.dtype, use_safetensors=True,
+                                                          **kwargs)
         self.model.to(self.device).eval()
         self.vocab_size = int(self.model.config.vocab_size)
         tokenizer = AutoTokenizer.from_pretrained(self.model_dir, **kwargs)

@@ -40,7 +40,8 @@ class Evaluator:
         self.tokenizer = load_tokenizer(str(teacher_dir))
         self.vocab_size = shared_vocab_size(self.tokenizer)
         self.device = torch.device(resolve_device(settings.device))
-        self.teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).to(self.device).eval()
+        self.teacher = AutoModelForCausalLM.from_pretrained(
+            teacher_dir, dtype=torch.float32, use_safetensors=True).to(self.device).eval()
         fmt = PromptFormat(use_chat_template=use_chat_template, add_bos=add_bos)
         self.kl_prompts = load_prompts(heldout_file, self.tokenizer, fmt, limit=settings.kl_prompts)
         self.problems: list[Any] = []
@@ -59,7 +60,8 @@ class Evaluator:
         from opd.experiment.train import greedy_accuracy
 
         t0 = time.monotonic()
-        student = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(self.device).eval()
+        student = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.float32, use_safetensors=True).to(self.device).eval()
         kl = heldout_reverse_kl(student, self.teacher, self.kl_prompts, max_new_tokens=self.max_new_tokens,
                                 pad_id=self.pad_id, eos_id=self.eos_id, vocab_size=self.vocab_size,
                                 seed=self.settings.seed, batch_size=self.settings.batch_size)

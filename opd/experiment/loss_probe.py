@@ -82,7 +82,8 @@ class Env:
         self.tokenizer = task.build_tokenizer()
         self.vocab = len(self.tokenizer)
         self.scorer = HFTeacherScorer(models / "teacher")
-        self.teacher = AutoModelForCausalLM.from_pretrained(models / "teacher", dtype=torch.float32).eval()
+        self.teacher = AutoModelForCausalLM.from_pretrained(models / "teacher", dtype=torch.float32,
+                                                            use_safetensors=True).eval()
         self.engine = HFRolloutEngine(models / "student")
         enc = lambda text: self.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731 (no BOS: task.py)
         self.prompts = [enc(t) for t in task.read_prompts(models / "prompts.jsonl")]
@@ -94,7 +95,8 @@ class Env:
     def student(self) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(self.models / "student", dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(self.models / "student", dtype=torch.float32,
+                                                    use_safetensors=True)
 
 
 def rollouts(env: Env, sampler: torch.nn.Module, prompts: list[list[int]], seed: int) -> tuple[list[Any], dict[str, float]]:

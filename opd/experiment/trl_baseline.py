@@ -89,8 +89,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         tokenizer.pad_token = tokenizer.eos_token
     fmt = PromptFormat(use_chat_template=spec.get("use_chat_template"), add_bos=spec.get("add_bos"))
     prompts = load_prompts(spec["prompts_file"], tokenizer, fmt)
-    student = AutoModelForCausalLM.from_pretrained(spec["student_dir"], dtype=torch.float32)
-    teacher = AutoModelForCausalLM.from_pretrained(spec["teacher_dir"], dtype=torch.float32)
+    student = AutoModelForCausalLM.from_pretrained(spec["student_dir"], dtype=torch.float32, use_safetensors=True)
+    teacher = AutoModelForCausalLM.from_pretrained(spec["teacher_dir"], dtype=torch.float32, use_safetensors=True)
     n_s, n_t = (sum(p.numel() for p in m.parameters()) for m in (student, teacher))
     marks, batch = sorted(float(m) for m in spec["marks"]), int(spec["batch_size"])
     # Enough batches for the budget even if every answer were one token long (training stops at the budget).
