@@ -44,6 +44,7 @@ from roles import (
 from opd.launcher import start_redis
 from protocol import ledger
 from protocol.names import Names
+from protocol.reconnect import auth_failed, redact_url
 
 pytestmark = pytest.mark.integration
 
@@ -147,6 +148,20 @@ def test_a_password_protected_redis_runs_the_pipeline(tiny_assets: Path, tmp_pat
         text = r.log()
         assert "Traceback" not in text, f"{r.name}:\n{text[-3000:]}"
         assert password not in text, f"{r.name} logged the Redis password"
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("redis://:s3cret@h:6379/0", "redis://:***@h:6379/0"),
+    ("redis://user:s3cret@h/0", "redis://user:***@h/0"),
+    ("rediss://:s3cret@h:6380/1", "rediss://:***@h:6380/1"),
+    ("redis://h:6379/0?password=s3cret&db=1", "redis://h:6379/0?password=***&db=1"),
+    ("redis://h:6379/0", "redis://h:6379/0"),
+    ("redis://:s3cret@h:notaport/0", "<unparseable URL>"),
+])
+def test_redact_url_hides_every_form_of_the_password(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+    message = str(auth_failed(redis.AuthenticationError("WRONGPASS invalid password"), url))
+    assert "s3cret" not in message and message.startswith(f"Redis authentication failed at {shown} ")
 
 
 def _auth_failure_commands(port: int, tiny_assets: Path, tmp_path: Path, wrong: str) -> dict[str, list[str]]:
