@@ -3,11 +3,15 @@
 One teacher and one learner run as real processes (`opd teacher`, `opd learner`) on the session's real
 redis-server, for the whole module. Each case writes raw bytes with `XADD` into the stream a consumer
 reads (the rollout stream: the teacher; the scored stream: the learner), as a buggy or hostile writer
-would, then publishes one good rollout the way an actor does. The case holds when the bad entry is in
-the dead-letter stream with a reason naming what was wrong, the good rollout behind it is trained (the
-consumer kept going), and the ledger records the bad message `dead` when it carried an id. The last test
-stops the roles and checks the books: nothing still `produced`, every id with one outcome, each good
-one trained exactly once.
+would, then publishes one good rollout the way an actor does (all cases are written at once, in order,
+and the pipeline works through them). A case holds when the bad entry is in the dead-letter stream with a
+reason naming what was wrong, the good rollout behind it is trained (the consumer kept going), and the
+ledger records the bad message `dead` when it carried an id. The books test stops the roles and checks:
+nothing still `produced`, every id with one outcome, each good one trained exactly once, no traceback.
+
+Then the bad files: prompt files `opd up` must refuse before starting anything (exit 2, file and line
+named), `teacher.topk` past the teacher's vocabulary, and prompts too long for the student's context
+(left out by the actor and counted; none fitting is an error naming the keys).
 """
 
 from __future__ import annotations
@@ -220,24 +224,43 @@ def outcome(run: Running, message_id: str) -> str | None:
     return value.decode() if value is not None else None
 
 
+@dataclasses.dataclass(frozen=True)
+class Injected:
+    entry_id: str  # the bad entry, in the stream its case names
+    fields: dict[bytes, bytes]
+    good_id: str  # the good rollout published right after it
+
+
+@pytest.fixture(scope="module")
+def injected(running: Running) -> dict[str, Injected]:
+    """Every case's bad entry, each followed by a good rollout, all written at once; returns when every good
+    rollout is trained (one wait for all: the pipeline works through them in order, as it would in a run)."""
+    out: dict[str, Injected] = {}
+    for name, case in CASES.items():
+        template = running.good[0]
+        message = template if case.stream == "scored" else RolloutPrefix(**{
+            f.name: getattr(template, f.name) for f in dataclasses.fields(RolloutPrefix)})
+        fields = case.make(message, running.vocab)
+        entry_id = running.client.xadd(running.stream(case.stream), fields).decode()
+        out[name] = Injected(entry_id, fields, running.good_rollout())
+    wait_until("every good rollout sent after a bad message to be trained",
+               lambda: all(outcome(running, i.good_id) == ledger.TRAINED for i in out.values()),
+               running.pipeline, timeout_s=300)
+    return out
+
+
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_message_is_dead_lettered_and_the_pipeline_goes_on(running: Running, name: str) -> None:
-    case = CASES[name]
-    template = running.good[0]
-    message = template if case.stream == "scored" else RolloutPrefix(**{
-        f.name: getattr(template, f.name) for f in dataclasses.fields(RolloutPrefix)})
-    fields = case.make(message, running.vocab)
-    entry_id = running.client.xadd(running.stream(case.stream), fields).decode()
-    good_id = running.good_rollout()
-    wait_until(f"the good rollout after {name} to be trained", lambda: outcome(running, good_id) == ledger.TRAINED,
-               running.pipeline, timeout_s=240)
-    letters = [f for _e, f in running.client.xrange(running.names.dead) if f[b"entry"].decode() == entry_id]
-    assert len(letters) == 1, f"{name}: entry {entry_id} was not dead-lettered once: {letters}"
+def test_bad_message_is_dead_lettered_and_the_pipeline_goes_on(running: Running, injected: dict[str, Injected],
+                                                               name: str) -> None:
+    case, sent = CASES[name], injected[name]
+    assert outcome(running, sent.good_id) == ledger.TRAINED
+    letters = [f for _e, f in running.client.xrange(running.names.dead) if f[b"entry"].decode() == sent.entry_id]
+    assert len(letters) == 1, f"{name}: entry {sent.entry_id} was not dead-lettered once: {letters}"
     letter = letters[0]
     reason = letter[b"reason"].decode()
     assert letter[b"stream"].decode() == running.stream(case.stream)
     assert case.reason in reason, f"{name}: reason {reason!r} does not say {case.reason!r}"
-    assert letter[b"m"] == fields.get(PAYLOAD, b""), "the dead letter keeps the bytes as received"
+    assert letter[b"m"] == sent.fields.get(PAYLOAD, b""), "the dead letter keeps the bytes as received"
     message_id = letter[b"id"].decode()
     if case.has_id:
         assert message_id and outcome(running, message_id) == ledger.DEAD
@@ -310,7 +333,7 @@ def up_refuses(capsys: pytest.CaptureFixture[str], args: list[str], tmp: Path) -
     ('{"prompt": "up a b:"}\n{"prompt": oops}\n', ":2: invalid JSON"),
     ('{"prompt": "up a b:"}\n\n["up a b:"]\n', ":3: expected a JSON object"),
     ('{"text": "up a b:"}\n', ":1: missing 'prompt'"),
-])
+], ids=["empty", "blank-lines", "invalid-json", "not-an-object", "no-prompt-key"])
 def test_up_refuses_a_bad_prompt_file_before_starting_anything(tiny_assets: Path, tmp_path: Path, content: str,
                                                                says: str, capsys: pytest.CaptureFixture[str]) -> None:
     prompts = tmp_path / "prompts.jsonl"
