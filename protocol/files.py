@@ -18,6 +18,7 @@ Config path fields are `UserPath`: `~` and `$VAR` expand as they would in a shel
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 from pathlib import Path
@@ -86,7 +87,8 @@ def check_model_dir(path: str | os.PathLike[str], key: str) -> Path:
 
     Missing or not a directory: FileNotFoundError / NotADirectoryError. No config.json:
     FileNotFoundError. A file or the directory this process may not read: PermissionError naming
-    that file, its mode and owner, and this process's uid.
+    that file, its mode and owner, and this process's uid. A `*.safetensors` file that is truncated
+    or not safetensors at all: ValueError naming it (`check_safetensors`).
     """
     p = Path(path)
     if not p.exists():
@@ -106,7 +108,33 @@ def check_model_dir(path: str | os.PathLike[str], key: str) -> Path:
                 raise _denied(key, entry, exc) from None
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"{key}: {p} has no config.json (not a Hugging Face model directory)")
+    for entry in entries:
+        if entry.suffix == ".safetensors" and entry.is_file():
+            check_safetensors(entry, key)
     return p
+
+
+def check_safetensors(path: Path, key: str) -> None:
+    """A ValueError naming `key` and `path` unless its header parses and the file holds every byte it names.
+
+    WHY: transformers reports a damaged weights file with a deep traceback ending in "SafetensorError:
+    invalid header length"; this reads only the header (8-byte length + JSON), so it costs nothing per load.
+    """
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < n <= size - 8:
+                raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+            header = json.loads(f.read(n))
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise ValueError(f"{key}: {path} is not a readable safetensors file ({exc}); replace it with a good copy") \
+            from None
+    if 8 + n + max(ends, default=0) > size:
+        raise ValueError(f"{key}: {path} is truncated: its header names {8 + n + max(ends)} bytes, the file has {size}; "
+                         "replace it with a good copy")
 
 
 def _denied(key: str, path: Path, exc: PermissionError) -> PermissionError:

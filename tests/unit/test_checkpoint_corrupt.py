@@ -7,7 +7,9 @@ Pinned, on real checkpoints of a tiny Llama written by `save_checkpoint` and the
 - with no older checkpoint the message says so;
 - nothing is unpickled while trying (`torch.load` and `pickle.loads` fail the test if called);
 - an optimizer state that does not fit the optimizer names optimizer.json (`Restored.apply`);
-- an undamaged newest checkpoint still loads.
+- an undamaged newest checkpoint still loads;
+- a model directory with a damaged safetensors file (truncated, garbage, empty) is refused by
+  `check_model_dir`, naming the config key and the file.
 """
 
 from __future__ import annotations
@@ -138,3 +140,28 @@ def test_write_errors_are_classified() -> None:
     assert write_error_reason(ValueError("cannot checkpoint a object")) == "other"
     wrapped = WriteFailed("checkpoint", Path("/x/step-000001"), OSError(28, "No space left on device"), None)
     assert wrapped.reason == DISK_FULL and "/x/step-000001" in str(wrapped) and "no previous one" in str(wrapped)
+
+
+def _damaged_model_dir(tmp_path: Path, how: str) -> Path:
+    d = tmp_path / how
+    _model().save_pretrained(d)
+    weights = d / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({"truncated data": data[:-100], "truncated header": data[:200],
+                         "garbage": b"\x00" * 64, "empty": b""}[how])
+    return d
+
+
+@pytest.mark.parametrize("how", ["truncated data", "truncated header", "garbage", "empty"])
+def test_a_damaged_model_file_is_named_before_transformers_reads_it(tmp_path: Path, how: str) -> None:
+    """Model dirs whose files cannot be read (issue 11, bad input): every loader calls `check_model_dir` first
+    (HF engine, HF scorer, learner, evaluator, `opd up`), so the error names the key and the file, where
+    transformers would end a deep traceback in "SafetensorError: invalid header length"."""
+    from protocol.files import check_model_dir
+
+    good = tmp_path / "good"
+    _model().save_pretrained(good)
+    assert check_model_dir(good, "actor.model_dir") == good
+    bad = _damaged_model_dir(tmp_path, how)
+    with pytest.raises(ValueError, match=rf"teacher\.model_dir: {bad / 'model.safetensors'} (is truncated|is not a readable)"):
+        check_model_dir(bad, "teacher.model_dir")
