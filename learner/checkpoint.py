@@ -283,24 +283,7 @@ def save_checkpoint(
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
-        save_model(model, tmp / MODEL_DIR)
-        if optimizer is not None:
-            save_tree(optimizer.state_dict(), tmp, "optimizer")
-        if scheduler is not None:
-            save_tree(scheduler.state_dict(), tmp, "scheduler")
-        save_tree(_rng_state(), tmp, "rng")
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "step": step,
-            "policy_version": policy_version,
-            "extra": extra,
-            "created_at": time.time(),
-            "has_optimizer": optimizer is not None,
-            "has_scheduler": scheduler is not None,
-            "torch_version": torch.__version__,
-        }
-        write_json(tmp / META_FILE, meta)
-        write_json(tmp / COMPLETE_MARKER, {"step": step})  # last: its presence means "all of the above"
+        _write_contents(tmp, model, optimizer, scheduler, step=step, policy_version=policy_version, extra=extra)
         final = root / name
         commit_dir(tmp, final)
     except BaseException as exc:
@@ -313,6 +296,29 @@ def save_checkpoint(
     remove_leftovers(root, "step-")
     prune_older(numbered_dirs(root, _STEP_RE, marker=COMPLETE_MARKER), step, keep_last)
     return final
+
+
+def _write_contents(tmp: Path, model: PretrainedModel, optimizer: StatefulObject | None,
+                    scheduler: StatefulObject | None, *, step: int, policy_version: int, extra: dict[str, Any]) -> None:
+    """Every file of a checkpoint into ``tmp``, ``COMPLETE`` last (its presence means "all of the above")."""
+    save_model(model, tmp / MODEL_DIR)
+    if optimizer is not None:
+        save_tree(optimizer.state_dict(), tmp, "optimizer")
+    if scheduler is not None:
+        save_tree(scheduler.state_dict(), tmp, "scheduler")
+    save_tree(_rng_state(), tmp, "rng")
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "policy_version": policy_version,
+        "extra": extra,
+        "created_at": time.time(),
+        "has_optimizer": optimizer is not None,
+        "has_scheduler": scheduler is not None,
+        "torch_version": torch.__version__,
+    }
+    write_json(tmp / META_FILE, meta)
+    write_json(tmp / COMPLETE_MARKER, {"step": step})
 
 
 def load_checkpoint(

@@ -35,7 +35,15 @@ import pytest
 import redis
 import torch
 import transformers
-from roles import CONFIG, Pipeline, assert_conserved_and_trained_once, metric, pipeline_overrides, wait_until
+from roles import (
+    CONFIG,
+    Pipeline,
+    Role,
+    assert_conserved_and_trained_once,
+    metric,
+    pipeline_overrides,
+    wait_until,
+)
 
 from cache import ops
 from cache.store import TeacherCache
@@ -200,6 +208,19 @@ def _value(client: redis.Redis, names: Names, role: str, sample: str) -> float:
     return metric(client, names, role, sample) or 0.0
 
 
+def _kill_and_restart_learner(pipe: Pipeline, redis_url: str, names: Names, tiny_assets: Path, tmp_path: Path,
+                              base: dict[str, object]) -> tuple[Role, int]:
+    """SIGKILL learner-0 and start learner-1 on the same work dir, 8 steps past its newest checkpoint."""
+    learner = pipe.roles.pop("learner-0")
+    learner.proc.send_signal(signal.SIGKILL)
+    learner.proc.wait(timeout=60)
+    good = latest_checkpoint(tmp_path / "learner" / "checkpoints")
+    assert good is not None
+    step = read_meta(good).step
+    overrides = pipeline_overrides(redis_url, names, tiny_assets, tmp_path, **base, **{"learner.steps": step + 8})
+    return pipe.start("learner", "learner-1", overrides, tmp_path), step
+
+
 def test_pipeline_rides_out_full_disks(tmpfs: Callable[[str, str], Path], redis_url: str, tiny_assets: Path,
                                        tmp_path: Path) -> None:
     names = Names("diskfull")
@@ -231,15 +252,9 @@ def test_pipeline_rides_out_full_disks(tmpfs: Callable[[str, str], Path], redis_
         announced = latest_weights(client, names)
         assert announced is not None and (Path(announced.path) / "config.json").is_file()
 
-        learner = pipe.roles["learner-0"]
-        learner.proc.send_signal(signal.SIGKILL)
-        learner.proc.wait(timeout=60)
+        restarted, step = _kill_and_restart_learner(pipe, redis_url, names, tiny_assets, tmp_path, base)
         assert latest_weights(client, names) == announced  # actors were never pointed at weights not on disk
         assert latest_checkpoint(ckpt_disk) == good
-        step = read_meta(good).step
-        pipe.roles.pop("learner-0")
-        restarted = pipe.start("learner", "learner-1", pipeline_overrides(redis_url, names, tiny_assets, tmp_path, **base,
-                                                                          **{"learner.steps": step + 8}), tmp_path)
         wait_until("the restarted learner resuming from the last good checkpoint",
                    lambda: f"resumed from {good}" in restarted.log(), pipe)
         for disk in (cache_disk, ckpt_disk, weights_disk):
