@@ -32,10 +32,14 @@ CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length",
 
 
 def context_length(model_dir: str | Path) -> int | None:
-    """The student's context length from its config.json, or None when the config does not state one."""
+    """The student's context length from its config.json, or None when there is none to read (an SGLang
+    actor's `model_dir` may hold only the tokenizer: the server then refuses what does not fit)."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model_dir)
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError):
+        return None
     for key in CONTEXT_KEYS:
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
