@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import socket
 import sys
@@ -72,7 +73,10 @@ def _run_role(role: str, args: argparse.Namespace, cfg: OPDConfig) -> int:
         run_teacher(cfg.teacher, cfg.transport, worker_id=role_id, stop=stop)
     else:
         from learner.loop import run_learner
+        from opd.config import advisories
 
+        for advice in advisories(cfg):
+            logging.getLogger("opd.config").warning(advice)
         run_learner(cfg.learner, cfg.transport, learner_id=role_id, stop=stop)
     import gc
 

@@ -224,3 +224,18 @@ def _variants(annotation: object) -> tuple[type[BaseModel], ...]:
     if args and all(isinstance(a, type) and issubclass(a, BaseModel) and "kind" in a.model_fields for a in args):
         return args
     return ()
+
+
+def advisories(cfg: OPDConfig) -> list[str]:
+    """Settings that load and run but that a measurement says to avoid: `opd learner` logs each as a warning.
+
+    WHY not an error: they are legitimate choices (a teacher that sends no top-k), just measured to go wrong on
+    the shipped task; the warning names the measurement so a user can judge it for their own models.
+    """
+    out = []
+    if cfg.learner.loss.kind == "sampled_reverse_kl" and cfg.teacher.topk == 0:
+        out.append("learner.loss is sampled_reverse_kl with teacher.topk=0: on the shipped task at lr 1e-3 this lost "
+                   "EOS in both seeds of `opd experiment run --preset loss` (docs/experiments.md); prefer "
+                   "teacher.topk >= 8 (the default loss is then the top-k KL) or a lower learner.lr")
+    return out
+

@@ -126,3 +126,11 @@ def test_sglang_with_top_p_below_one_is_refused_naming_the_key() -> None:
     cfg = load_config(None, ["actor.engine=sglang", "actor.engine.url=http://x:30000", "actor.temperature=0.7"])
     assert (cfg.actor.temperature, cfg.actor.top_p) == (0.7, 1.0)
     assert load_config(None, ["actor.top_p=0.9"]).actor.top_p == 0.9
+
+
+def test_sampled_loss_without_topk_is_advised_against() -> None:
+    from opd.config import advisories
+
+    assert advisories(load_config(None, [])) == []
+    advice = advisories(load_config(None, ["teacher.topk=0"]))  # the default loss becomes sampled_reverse_kl
+    assert len(advice) == 1 and "teacher.topk=0" in advice[0] and "--preset loss" in advice[0]
