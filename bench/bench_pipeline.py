@@ -1,29 +1,30 @@
 """Pipeline benchmark: the asynchronous pipeline (`opd up`) against a synchronous generate-score-train loop.
 
-    python bench/bench_pipeline.py                                  # tiny models, ~2-3 minutes on 2 CPU cores
-    python bench/bench_pipeline.py --steps 60 --append docs/benchmarks.md
+    python bench/bench_pipeline.py                    # tiny models: sync loops + 4 layouts, ~5 min on 2 idle cores
+    python bench/bench_pipeline.py --quick            # seconds-long smoke version (tests/integration/test_bench_smoke.py)
+    python bench/bench_pipeline.py --json runs/bench-pipeline.json --append docs/benchmarks.md
 
 WHY this comparison: the point of the actor -> teacher -> learner split is that the learner never waits
 for generation and scoring, so it trains more tokens per second of wall time than a loop that generates,
 scores and trains in turn. Both sides run in the same invocation, on the same machine, with the same
-tiny student and teacher, the same truncation schedule, batch size, loss and learning rate
-(`configs/tiny-cpu.yaml`); the synchronous loop is the baseline (ratio = async / sync).
+tiny student and teacher, truncation schedule, batch size, loss and learning rate (`configs/tiny-cpu.yaml`).
+The ratio is against the better of the sync loops (1 thread or every core): on a shared machine a loop on
+every core can be the slower one. Measured over the steps after a warm-up (startup and the drain excluded):
 
-What is measured, over the steps after a warm-up (startup, process spawn and model loads excluded):
-- learner tokens/s: response tokens trained per second of wall time (end to end: includes waiting);
-- learner idle fraction: the part of that wall time the learner spent waiting for data. In the async
-  pipeline this is the per-step `waited_s` the learner writes to `history.jsonl`; in the sync loop the
-  learner is idle while the batch is generated and scored;
-- other fraction: the rest of the learner's wall time (publishing weights, committing the batch,
-  bookkeeping; in the sync loop, copying the weights into the engine);
-- step compute tokens/s: response tokens per second of the optimizer step alone (how fast the learner
-  trains when it trains: it shows CPU contention between the async roles).
+- learner tokens/s: response tokens trained per second of wall time (waiting included);
+- idle: the part of that wall time the learner waited for data (async: `waited_s` in `history.jsonl`;
+  sync: generation + scoring); other: neither waiting nor the optimizer step (publish, commit, Redis);
+- step compute tokens/s: tokens per second of the optimizer step alone (shows CPU contention);
+- Redis calls/step: every role's Redis commands (`INFO commandstats` of the bench's own redis-server,
+  AOF everysec as `opd up` runs it) per learner step; load: the 1-minute load average at start and end;
+- with py-spy installed, where each role's main thread spends its wall time (`bench/spy.py`): the
+  learner's train step, wait, commit, weights write and announce, state and stats, time inside redis-py.
 
-The async pipeline runs as `opd up` (2 actors, 1 teacher with its Zarr cache, 1 learner, a private
-redis-server, each role a single-threaded process). The sync loop uses the same components in this
-process: `actors.engines.hf.HFRolloutEngine`, `cache.scorers.hf.HFTeacherScorer` (no cache) and the learner's
-batching and loss (`learner.batching`, `learner.losses`), on all cores, and copies the new weights into
-the engine in memory after each step (staleness 0; the async actors reload published weights from disk).
+The async pipeline runs once per layout (`--layouts`: actors x teachers, e.g. `2x1`, optionally with a
+generation batch, `2x1b16`); each role is one single-threaded process. The sync loop runs in this process
+with the same components (HF engine, HF scorer without cache, the learner's batching and loss) and copies
+the new weights into the engine in memory after each step (staleness 0). `--json` writes the measured
+per-stage rates that `bench/scaling.py` turns into replica counts.
 """
 
 from __future__ import annotations
@@ -32,251 +33,201 @@ import argparse
 import contextlib
 import json
 import os
-import random
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from actors.engines.hf import HFRolloutEngine
-from actors.prompts import load_prompts
-from cache.scorers.hf import HFTeacherScorer
-from learner.batching import Sample, collate, pack_by_tokens
-from learner.losses import Loss
-from opd.config import OPDConfig, load_config
+from bench.common import redis_server
+from bench.pipeline_runs import Result, run_async, run_sync, xadd_ceiling_mbps
+from bench.spy import py_spy
+from opd.config import load_config
 from opd.tiny import asset_paths, build_tiny_assets
-from protocol.state import LearnerState
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny-cpu.yaml"
 SECTION = "## Pipeline: asynchronous vs synchronous (`bench/bench_pipeline.py`)"
 
-
-@dataclass
-class Result:
-    name: str
-    steps: int  # steps in the measured window
-    tokens: int  # response tokens trained in the window
-    wall_s: float  # wall time of the window
-    waited_s: float  # learner idle time in the window
-    compute_s: float  # optimizer-step time in the window
-    note: str = ""
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / max(self.wall_s, 1e-9)
-
-    @property
-    def idle_fraction(self) -> float:
-        return self.waited_s / max(self.wall_s, 1e-9)
-
-    @property
-    def other_fraction(self) -> float:
-        """Wall time neither waiting nor in the optimizer step: publishing, committing, bookkeeping."""
-        return max(0.0, 1.0 - self.idle_fraction - self.compute_s / max(self.wall_s, 1e-9))
-
-    @property
-    def compute_tokens_per_s(self) -> float:
-        return self.tokens / max(self.compute_s, 1e-9)
-
-
-def window(rows: list[dict[str, float]], warmup: int, steps: int) -> tuple[list[dict[str, float]], float]:
-    """Steps ``warmup + 1 .. steps`` and the wall time they span (from the end of step ``warmup``).
-
-    Steps past ``steps`` are the async learner's drain (training what was still in flight, then waiting
-    for the books to close): not the steady state, so left out.
-    """
-    rows = sorted((r for r in rows if r["step"] <= steps), key=lambda r: r["step"])
-    measured = rows[warmup:]
-    return measured, rows[-1]["time"] - rows[warmup - 1]["time"]
-
-
-# ---------------------------------------------------------------------------------------------
-# the asynchronous pipeline (`opd up`)
-# ---------------------------------------------------------------------------------------------
-
-
-def run_async(cfg_overrides: list[str], steps: int, warmup: int, work: Path) -> Result:
-    cmd = [sys.executable, "-m", "opd.cli", "up", "--config", str(CONFIG), "--steps", str(steps), "--no-progress"]
-    for o in cfg_overrides:
-        cmd += ["--set", o]
-    log_path = work / "opd-up.log"
-    t0 = time.perf_counter()
-    with open(log_path, "wb") as log:
-        code = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=600).returncode
-    total_s = time.perf_counter() - t0
-    if code != 0:
-        raise RuntimeError(f"opd up failed ({code}); see {log_path}:\n{log_path.read_text()[-3000:]}")
-    rows = [json.loads(line) for line in (work / "learner" / "history.jsonl").read_text().splitlines() if line.strip()]
-    measured, wall = window(rows, warmup, steps)
-    learner_log = (work / "logs" / "learner-0.log").read_text(errors="replace")
-    dropped = next((line.split("dropped ", 1)[1].strip() for line in learner_log.splitlines() if "learner done" in line), "?")
-    return Result("async `opd up` (2 actors, 1 teacher + cache, 1 learner; 1 thread each)", len(measured),
-                  sum(int(r["tokens"]) for r in measured), wall, sum(float(r["waited_s"]) for r in measured),
-                  sum(float(r["seconds"]) for r in measured),
-                  note=f"whole `opd up` incl. startup and drain: {total_s:.0f}s; dropped as stale: {dropped}")
-
-
-# ---------------------------------------------------------------------------------------------
-# the synchronous baseline: generate, score, train, in turn, in this process
-# ---------------------------------------------------------------------------------------------
-
-
-def run_sync(cfg: OPDConfig, steps: int, warmup: int, *, threads: int) -> Result:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.set_num_threads(threads)
-    torch.manual_seed(cfg.learner.seed)
-    a, t, lc = cfg.actor, cfg.teacher, cfg.learner
-    tokenizer = AutoTokenizer.from_pretrained(a.model_dir)
-    prompts = load_prompts(a.prompts_file, tokenizer, use_chat_template=a.use_chat_template)
-    engine = HFRolloutEngine(a.model_dir)
-    scorer = HFTeacherScorer(t.model_dir)
-    student = AutoModelForCausalLM.from_pretrained(lc.model_dir, dtype=torch.float32, use_safetensors=True)
-    student.train()
-    optimizer = torch.optim.AdamW(student.parameters(), lr=lc.lr, weight_decay=lc.weight_decay)
-    schedule = a.schedule.build(a.max_new_tokens)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rng = random.Random(lc.seed)
-    rows: list[dict[str, float]] = []
-    for step in range(steps):
-        t0 = time.perf_counter()
-        idx = [rng.randrange(len(prompts)) for _ in range(lc.batch_size)]
-        horizons = [schedule.horizon(LearnerState.assumed(step), rng) for _ in idx]  # on-policy: version == step
-        gens = engine.generate([prompts[i] for i in idx], horizons, temperature=a.temperature, top_p=a.top_p,
-                               seed=rng.randrange(2**31))
-        sequences = [torch.tensor(prompts[i] + g.response_ids, dtype=torch.int32).numpy() for i, g in zip(idx, gens, strict=True)]
-        scores = scorer.score(sequences, [len(prompts[i]) for i in idx], k=t.topk)
-        t1 = time.perf_counter()
-        samples = [Sample(prompt_ids=sequences[j][:len(prompts[i])], response_ids=sequences[j][len(prompts[i]):],
-                          behaviour_logprobs=torch.tensor(g.logprobs, dtype=torch.float32).clamp(max=0).numpy(),
-                          teacher_logprobs=s.logprobs_R, topk_ids=s.topk_ids_RK, topk_logprobs=s.topk_logprobs_RK,
-                          policy_version=step)
-                   for j, (i, g, s) in enumerate(zip(idx, gens, scores, strict=True))]
-        tokens = train_step(student, optimizer, samples, pad_id, lc.micro_batch_tokens, lc.loss.build(), lc.grad_clip)
-        engine.model.load_state_dict(student.state_dict())  # on-policy: the next batch samples the new weights
-        t2 = time.perf_counter()
-        rows.append({"step": step + 1, "tokens": tokens, "waited_s": t1 - t0, "seconds": t2 - t1, "time": time.time()})
-    measured, wall = window(rows, warmup, steps)
-    return Result(f"sync, {threads} thread{'s' if threads > 1 else ''} (generate -> score -> train)", len(measured),
-                  sum(int(r["tokens"]) for r in measured), wall, sum(r["waited_s"] for r in measured),
-                  sum(r["seconds"] for r in measured))
-
-
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, samples: list[Sample], pad_id: int,
-               micro_batch_tokens: int, loss: Loss, grad_clip: float) -> int:
-    """The learner's step (`learner.step.Trainer.step`, single process, the configured `learner.loss`)."""
-    lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
-    total = sum(len(s.response_ids) for s in samples)
-    optimizer.zero_grad(set_to_none=True)
-    for group in pack_by_tokens(lengths, micro_batch_tokens):
-        batch = collate([samples[i] for i in group], pad_id)
-        logits_BTV = model(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).logits
-        out = loss(batch, logits_BTV, weights_BT=None, normalizer=float(max(total, 1)))
-        out.loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    return total
-
-
-# ---------------------------------------------------------------------------------------------
-
-
-# Scenarios: (name, extra overrides on top of configs/tiny-cpu.yaml). "demo" is that config as shipped (the
-# demo's before it moved to the task models; docs/benchmarks.md's earlier runs name it configs/demo-cpu.yaml);
-# "long" makes each step heavier (4x the tokens per step) so the fixed per-step cost of the async
-# pipeline (publish to disk, actors reload, Redis hops) weighs less against generation and training.
+# (name, overrides on top of configs/tiny-cpu.yaml). "long" makes each step 4x heavier, so the fixed
+# per-step cost of the async pipeline weighs less against generation and training.
 SCENARIOS: dict[str, list[str]] = {
     "demo": [],
     "long": ["actor.max_new_tokens=64", "learner.batch_size=32", "actor.schedule={kind: full}"],
 }
 
 
-def table(rows: list[tuple[str, list[Result]]]) -> str:
-    """One line per run; ratios against the scenario's first run (the sync loop on every core)."""
-    lines = ["| scenario | run | steps measured | learner tokens/s (wall) | vs sync | learner idle fraction | "
-             "other fraction | step compute tokens/s |", "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for scenario, results in rows:
-        sync = results[0]
-        for r in results:
-            lines.append(f"| {scenario} | {r.name} | {r.steps} | {r.tokens_per_s:,.0f} | "
-                         f"{r.tokens_per_s / sync.tokens_per_s:.2f}x | {r.idle_fraction:.2f} | {r.other_fraction:.2f} | "
-                         f"{r.compute_tokens_per_s:,.0f} |")
+@dataclass
+class Layout:
+    actors: int
+    teachers: int
+    actor_batch: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Layout:
+        """`AxT` or `AxTbN` (N: actor.batch_size)."""
+        head, _, batch = text.partition("b")
+        a, _, t = head.partition("x")
+        if not (a.isdigit() and t.isdigit() and (not batch or batch.isdigit())):
+            raise ValueError(f"layout {text!r}: expected AxT or AxTbN, e.g. 2x1 or 2x1b16")
+        return cls(int(a), int(t), int(batch) if batch else None)
+
+    def __str__(self) -> str:
+        return f"{self.actors}x{self.teachers}" + (f"b{self.actor_batch}" if self.actor_batch else "")
+
+
+@dataclass
+class Scenario:
+    name: str
+    results: list[Result] = field(default_factory=list)
+    settings: str = ""
+
+    @property
+    def best_sync(self) -> Result:
+        return max((r for r in self.results if r.kind == "sync"), key=lambda r: r.tokens_per_s)
+
+    @property
+    def best_async(self) -> Result | None:
+        return max((r for r in self.results if r.kind == "async"), key=lambda r: r.tokens_per_s, default=None)
+
+
+def overrides_for(scenario: str, run_dir: Path, paths: object, steps: int) -> list[str]:
+    p = paths
+    return [
+        f"run.workdir={run_dir}", "run.tiny_assets=null", "run.warm_cache=null", f"actor.model_dir={p.student_dir}",  # type: ignore[attr-defined]
+        f"actor.prompts_file={p.prompts_file}", f"teacher.model_dir={p.teacher_dir}",  # type: ignore[attr-defined]
+        f"teacher.cache_dir={run_dir / 'cache'}", f"learner.model_dir={p.student_dir}",  # type: ignore[attr-defined]
+        f"learner.workdir={run_dir / 'learner'}", "learner.eval.heldout_file=", f"learner.checkpoint_every={steps}",
+        *SCENARIOS[scenario],
+    ]
+
+
+def run_scenario(name: str, args: argparse.Namespace, work: Path, paths: object, url: str) -> Scenario:
+    run_dir = work / name
+    base = overrides_for(name, run_dir, paths, args.steps)
+    cfg = load_config(CONFIG, base)
+    sc = Scenario(name, settings=f"batch {cfg.learner.batch_size}, max_new_tokens {cfg.actor.max_new_tokens}, "
+                                 f"{cfg.actor.schedule.kind} truncation, teacher top-k {cfg.teacher.topk}")
+    for threads in args.sync_threads:
+        sc.results.append(run_sync(cfg, args.steps, args.warmup, threads=threads))
+        print(f"{name}: {sc.results[-1].name}: {sc.results[-1].tokens_per_s:,.0f} tokens/s", flush=True)
+    for layout in args.layouts:
+        lay_dir = work / name / str(layout)
+        extra = [f"run.actors={layout.actors}", f"run.teachers={layout.teachers}", f"transport.redis_url={url}",
+                 *( [f"actor.batch_size={layout.actor_batch}"] if layout.actor_batch else [])]
+        over = [o.replace(str(run_dir), str(lay_dir)) for o in base] + extra
+        res = run_async(over, args.steps, args.warmup, lay_dir, url, label=str(layout), profile=args.profile,
+                        repo=REPO, config=CONFIG)
+        sc.results.append(res)
+        print(f"{name}: async {layout}: {res.tokens_per_s:,.0f} tokens/s ({res.note})", flush=True)
+    return sc
+
+
+def table(scenarios: list[Scenario]) -> str:
+    lines = ["| scenario | run | steps | learner tokens/s | vs best sync | idle | other | step compute tokens/s "
+             "| Redis round trips (commands) per step | load avg (start-end) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for sc in scenarios:
+        ref = sc.best_sync.tokens_per_s
+        for r in sc.results:
+            calls = (f"{r.redis_reads_per_step:.0f} ({r.redis_calls_per_step:.0f})"
+                     if r.redis_calls_per_step is not None and r.redis_reads_per_step is not None else "")
+            lines.append(f"| {sc.name} | {r.name} | {r.steps} | {r.tokens_per_s:,.0f} | {r.tokens_per_s / ref:.2f}x | "
+                         f"{r.idle_fraction:.2f} | {r.other_fraction:.2f} | {r.compute_tokens_per_s:,.0f} | {calls} | "
+                         f"{r.load[0]:.1f}-{r.load[1]:.1f} |")
     return "\n".join(lines)
 
 
-def machine() -> str:
-    cpu = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return f"{os.cpu_count()} cores ({cpu}), torch {torch.__version__}"
+def profile_table(scenarios: list[Scenario]) -> str:
+    """Where each role's main thread spent its wall time in the measured window (py-spy), one row per role."""
+    rows = [(sc.name, r, role, prof) for sc in scenarios for r in sc.results if r.kind == "async"
+            for role, prof in r.profiles.items() if prof]
+    if not rows:
+        return "(no py-spy profile: `pip install py-spy` and run with --profile)"
+    lines = ["| scenario | layout | role | where the main thread's wall time went (fraction of samples) | in redis-py |",
+             "|---|---|---|---|---:|"]
+    for scenario, r, role, prof in rows:
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in prof.items()
+                          if k not in ("samples", "in redis-py calls") and v >= 0.005)
+        lines.append(f"| {scenario} | {r.label} | {role} | {parts} | {prof.get('in redis-py calls', 0):.2f} |")
+    return "\n".join(lines)
 
 
-def main() -> int:
+def stage_rates(scenarios: list[Scenario], xadd_mbps: float | None) -> dict[str, object]:
+    """What bench/scaling.py reads: per-stage rates of one single-threaded replica (the 1-thread sync loop)."""
+    out: dict[str, object] = {"xadd_mbps": xadd_mbps, "cores": os.cpu_count(), "scenarios": {}}
+    for sc in scenarios:
+        one = min((r for r in sc.results if r.kind == "sync"), key=lambda r: r.threads)
+        best = sc.best_async
+        out["scenarios"][sc.name] = {  # type: ignore[index]
+            "stage_seconds_per_step": one.stages, "shape": one.shape, "stage_load": one.load,
+            "sync_tokens_per_s": sc.best_sync.tokens_per_s, "best_async_layout": best.label if best else None,
+            "best_async_tokens_per_s": best.tokens_per_s if best else None,
+            "results": [asdict(r) for r in sc.results], "settings": sc.settings}
+    return out
+
+
+def report(scenarios: list[Scenario], args: argparse.Namespace, elapsed: float, xadd_mbps: float | None) -> str:
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "?") if Path("/proc/cpuinfo").exists() else "?"
+    command = shlex.join(["python", "bench/bench_pipeline.py", *sys.argv[1:]])
+    best = [f"- {sc.name}: best layout on this machine: **{sc.best_async.label}** ({sc.best_async.tokens_per_s:,.0f} "
+            f"tokens/s, {sc.best_async.tokens_per_s / sc.best_sync.tokens_per_s:.2f}x of the best sync loop); "
+            f"{sc.settings}" for sc in scenarios if sc.best_async]
+    notes = [f"- {sc.name} {r.label}: {r.note}" for sc in scenarios for r in sc.results if r.kind == "async"]
+    return "\n".join([
+        f"### Pipeline: async vs sync ({time.strftime('%Y-%m-%d %H:%M')})", "",
+        f"Command: `{command}` on {os.cpu_count()} cores ({cpu}), torch {torch.__version__}, {elapsed:.0f}s in all; "
+        f"{args.steps} steps per run, the first {args.warmup} left out. XADD ceiling of a scored prefix here: "
+        f"{xadd_mbps or 0:,.0f} MB/s.", "", table(scenarios), "", *best, *notes, "", profile_table(scenarios), "",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=40, help="learner steps of each run")
+    parser.add_argument("--steps", type=int, default=30, help="learner steps of each run")
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the measurement")
-    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated, from {sorted(SCENARIOS)}")
+    parser.add_argument("--scenarios", default="demo", help=f"comma-separated, from {sorted(SCENARIOS)}")
+    parser.add_argument("--layouts", default="1x1,2x1,1x2,2x2", help="async layouts: actors x teachers[, b: actor batch]")
+    parser.add_argument("--sync-threads", default=f"{os.cpu_count() or 1},1", help="torch threads of each sync loop run")
+    parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=py_spy() is not None,
+                        help="py-spy the roles in the measured window (default: when py-spy is installed)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run (6 steps, sync on 1 thread, layout 1x1, no profile)")
     parser.add_argument("--work", type=Path, default=None, help="work dir (default: a temp dir, removed)")
-    parser.add_argument("--append", type=Path, default=None, help="add the results under this benchmark's section of this markdown file")
-    args = parser.parse_args()
+    parser.add_argument("--json", type=Path, default=None, help="write the results and per-stage rates here")
+    parser.add_argument("--append", type=Path, default=None, help="add the report under this benchmark's section")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.warmup, args.layouts, args.profile, args.sync_threads = 6, 2, "1x1", False, "1"
     if args.warmup < 1 or args.steps <= args.warmup + 1:
         parser.error("need 1 <= --warmup < --steps - 1")
     scenarios = [x for x in args.scenarios.split(",") if x]
     if unknown := sorted(set(scenarios) - set(SCENARIOS)):
         parser.error(f"unknown scenarios {unknown}")
-    rows: list[tuple[str, list[Result]]] = []
-    cores = os.cpu_count() or 1
-    notes: list[str] = []
+    try:
+        args.sync_threads = sorted({int(x) for x in args.sync_threads.split(",") if x}, reverse=True)
+        args.layouts = [Layout.parse(x) for x in args.layouts.split(",") if x]
+    except ValueError as exc:
+        parser.error(str(exc))
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         work = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-pipeline-")))
         work.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
+        url = stack.enter_context(redis_server(None, work, aof=True))
         build_tiny_assets(work / "assets", seed=0)
         paths = asset_paths(work / "assets")
-        print(f"tiny models ready in {time.perf_counter() - t0:.0f}s", flush=True)
-        for scenario in scenarios:
-            run_dir = work / scenario
-            overrides = [
-                f"run.workdir={run_dir}", "run.tiny_assets=null", "run.warm_cache=null", f"actor.model_dir={paths.student_dir}",
-                f"actor.prompts_file={paths.prompts_file}", f"teacher.model_dir={paths.teacher_dir}",
-                f"teacher.cache_dir={run_dir / 'cache'}", f"learner.model_dir={paths.student_dir}",
-                f"learner.workdir={run_dir / 'learner'}", "learner.eval.heldout_file=",
-                f"learner.checkpoint_every={args.steps}", *SCENARIOS[scenario],
-            ]
-            cfg = load_config(CONFIG, overrides)
-            t0 = time.perf_counter()
-            syncs = [run_sync(cfg, args.steps, args.warmup, threads=n) for n in sorted({cores, 1}, reverse=True)]
-            print(f"{scenario}: sync loops {time.perf_counter() - t0:.0f}s", flush=True)
-            t0 = time.perf_counter()
-            run_dir.mkdir(parents=True, exist_ok=True)
-            asynchronous = run_async(overrides, args.steps, args.warmup, run_dir)
-            print(f"{scenario}: async pipeline {time.perf_counter() - t0:.0f}s", flush=True)
-            rows.append((scenario, [*syncs, asynchronous]))
-            notes.append(f"- {scenario}: batch {cfg.learner.batch_size}, max_new_tokens {cfg.actor.max_new_tokens}, "
-                         f"{cfg.actor.schedule.kind} truncation; async: {asynchronous.note}")
-
-    command = shlex.join(["python", "bench/bench_pipeline.py", *sys.argv[1:]])
-    section = "\n".join([
-        f"### Pipeline: async vs sync ({time.strftime('%Y-%m-%d')})", "",
-        f"Command: `{command}` on {machine()}, {time.perf_counter() - started:.0f}s in all. "
-        f"`configs/tiny-cpu.yaml` ({cfg.learner.loss.kind}, lr {cfg.learner.lr}); {args.steps} steps per run, "
-        f"the first {args.warmup} left out.", "",
-        table(rows), "", *notes, "",
-    ])
-    print()
-    print(section)
+        xadd = None if args.quick else xadd_ceiling_mbps(url, work)
+        done = [run_scenario(name, args, work, paths, url) for name in scenarios]
+    section = report(done, args, time.perf_counter() - started, xadd)
+    print("\n" + section)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(stage_rates(done, xadd), indent=1, default=str))
+        print(f"wrote {args.json}")
     if args.append:
         append_under_section(args.append, section)
         print(f"appended to {args.append}")
@@ -284,11 +235,7 @@ def main() -> int:
 
 
 def append_under_section(path: Path, block: str) -> None:
-    """Add ``block`` at the end of this benchmark's section of ``path`` (other sections stay as they are).
-
-    Why not at the end of the file: the file holds every benchmark's section, each with its own history
-    of results, so a new result belongs after the last one of its own section.
-    """
+    """Add ``block`` at the end of this benchmark's section of ``path`` (other sections stay as they are)."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     start = text.find(SECTION)
     if start == -1:

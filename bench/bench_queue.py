@@ -10,11 +10,13 @@ just before each row. What the rows measure, all with the real `protocol.streams
 real messages (`bench.common.scored_prefix`: prompt 256, response 2048 tokens, top-k 32 of a
 152k-id vocabulary, float32 top-k logprobs by default, encoded by `protocol.codec`):
 
-- publish only: one producer process, `publish()` per prefix with its ledger outcome (as an actor does);
+- publish only: one producer process, `publish()` per prefix with its ledger outcome (one round trip each);
+- publish_many: the same, `publish_many()` per `--batch` prefixes (one round trip per batch, as an actor
+  publishes its generation batch);
 - read + ack only: one consumer process on a pre-filled stream, `read(count=--batch)` then one `ack()`
   per batch with the ledger's terminal outcome (as the learner settles);
 - publish -> read -> ack: both processes at once (pipelined: the consumer reads batches while the
-  producer publishes), from the first publish to the last ack;
+  producer publishes them with `publish_many`), from the first publish to the last ack;
 - teacher hop: rollouts published by one process, read and `forward()`ed as scored prefixes by a
   second, read and acknowledged by a third: the full actor -> teacher -> learner path of the queue.
   Its ceiling is one rollout XADD plus one scored XADD per prefix (1 / (1/x_rollout + 1/x_scored)).
@@ -109,13 +111,19 @@ def _queue(url: str, stream: str, names: Names, consumer: str, expect: type | No
     return StreamQueue(connect(url), stream, names=names, consumer=consumer, expect=expect, high_water=1 << 30)
 
 
-def producer(url: str, names: Names, message: RolloutPrefix, n: int, go: Any, out: Any) -> None:
+def producer(url: str, names: Names, message: RolloutPrefix, n: int, many: int, go: Any, out: Any) -> None:
+    """`publish()` per prefix, or (`many` > 0) `publish_many()` per `many` prefixes."""
     q = _queue(url, names.rollouts, names, "producer", None)
     go.wait()
     started = time.perf_counter()
-    for _ in range(n):
-        message.id = uuid.uuid4().hex
-        q.publish(message, ledger_outcome=ledger.PRODUCED)
+    if many:
+        for i in range(0, n, many):
+            batch = [dataclasses.replace(message, id=uuid.uuid4().hex) for _ in range(min(many, n - i))]
+            q.publish_many(batch, ledger_outcome=ledger.PRODUCED)
+    else:
+        for _ in range(n):
+            message.id = uuid.uuid4().hex
+            q.publish(message, ledger_outcome=ledger.PRODUCED)
     out.put(("producer", time.perf_counter() - started))
 
 
@@ -218,8 +226,11 @@ def bench_payload(url: str, label: str, message: RolloutPrefix, n: int, args: ar
         redis.Redis.from_url(url).flushdb()
 
     fresh()
-    secs = run_roles(url, [(producer, (names, message, n))], expect_done="producer")
+    secs = run_roles(url, [(producer, (names, message, n, 0))], expect_done="producer")
     rows.append(Row("publish only", label, n, secs, ceiling, size))
+    fresh()
+    secs = run_roles(url, [(producer, (names, message, n, args.batch))], expect_done="producer")
+    rows.append(Row(f"publish_many (batch {args.batch})", label, n, secs, ceiling, size))
     fresh()
     prefill(url, names, message, n)
     secs = run_roles(url, [(consumer, (names, names.rollouts, expect, n, args.batch))], expect_done="consumer")
@@ -227,7 +238,7 @@ def bench_payload(url: str, label: str, message: RolloutPrefix, n: int, args: ar
     rows.append(Row("read + ack only", label, n, secs, ceiling, size))
     fresh()
     secs = run_roles(url, [(consumer, (names, names.rollouts, expect, n, args.batch)),
-                           (producer, (names, message, n))], expect_done="consumer")
+                           (producer, (names, message, n, args.batch))], expect_done="consumer")
     verify(url, names, n, [names.rollouts])
     rows.append(Row("publish -> read -> ack", label, n, secs, ceiling, size))
     print(f"[bench] {label} done", file=sys.stderr)
@@ -240,7 +251,7 @@ def bench_hop(url: str, rollout: RolloutPrefix, scored: ScoredPrefix, n: int, ce
     names = Names("bench-hop")
     secs = run_roles(url, [(consumer, (names, names.scored, ScoredPrefix, n, args.batch)),
                            (teacher, (names, scored, n, args.batch)),
-                           (producer, (names, rollout, n))], expect_done="consumer")
+                           (producer, (names, rollout, n, args.batch))], expect_done="consumer")
     verify(url, names, n, [names.rollouts, names.scored])
     ceiling = 1.0 / (1.0 / ceilings["rollout"] + 1.0 / ceilings["scored"])
     return Row("teacher hop (publish -> forward -> ack)", "rollout+scored", n, secs, ceiling,
@@ -280,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp_s)
         rows = bench_payload(url, "rollout", rollout, args.n_rollout, args, tmp)
         rows += bench_payload(url, "scored", scored, args.n_scored, args, tmp)
-        ceilings = {"rollout": rows[0].ceiling_ps, "scored": rows[3].ceiling_ps}
+        ceilings = {"rollout": rows[0].ceiling_ps, "scored": rows[4].ceiling_ps}
         rows.append(bench_hop(url, rollout, scored, args.n_scored, ceilings, args))
         redis.Redis.from_url(url).flushdb()
     print_report(rows, args, aof=not args.no_aof and args.redis_url is None)

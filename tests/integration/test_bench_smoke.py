@@ -3,6 +3,7 @@ row of its table, so they do not rot. Nothing here looks at a timing (the machin
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -52,7 +53,7 @@ def test_queue_bench_settles_every_prefix_and_prints_every_path() -> None:
     rows = table_rows(out, "XADD ceiling/s")
     got = [(r[0].strip(), r[1].strip()) for r in rows]
     assert got == [(p, load) for load in ("rollout", "scored")
-                   for p in ("publish only", "read + ack only", "publish -> read -> ack")] + [
+                   for p in ("publish only", "publish_many (batch 16)", "read + ack only", "publish -> read -> ack")] + [
         ("teacher hop (publish -> forward -> ack)", "rollout+scored")]
     assert all(r[-1].strip().endswith("x") for r in rows)
 
@@ -66,3 +67,21 @@ def test_cache_bench_prints_throughput_and_storage_for_every_vocabulary() -> Non
     got = {(r[0].strip(), r[1].strip(), r[2].strip()) for r in storage}
     assert ("1000", "32", "float16") in got and ("1000", "32", "float32") in got and ("tiny", "0", "float32") in got
     assert all(r[-1].strip() in ("met", "MISSED") for r in storage if r[1].strip() == "32")
+
+
+def test_pipeline_bench_compares_async_with_sync_and_writes_stage_rates(tmp_path: Path) -> None:
+    """The quick run: a sync loop and one `opd up` layout on the tiny models, the table, the JSON scaling.py reads."""
+    out = run_bench("bench_pipeline.py", "--quick", "--json", str(tmp_path / "rates.json"), timeout=600)
+    rows = [r for r in out.splitlines() if r.startswith("| demo |")]
+    assert [r.split("|")[2].strip().split(" (")[0] for r in rows] == ["sync 1 thread", "async 1x1"]
+    assert rows[0].split("|")[5].strip() == "1.00x"  # the ratio is against the best sync loop
+    assert "best layout on this machine: **1x1**" in out
+    rates = json.loads((tmp_path / "rates.json").read_text())["scenarios"]["demo"]
+    assert set(rates["stage_seconds_per_step"]) == {"generate", "score", "train"}
+    assert all(v > 0 for v in rates["stage_seconds_per_step"].values())
+    async_row = rates["results"][-1]
+    assert async_row["redis_reads_per_step"] > 0 and async_row["tokens"] > 0
+    scaling = subprocess.run([sys.executable, str(ROOT / "bench" / "scaling.py"), str(tmp_path / "rates.json")], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+    assert scaling.returncode == 0, scaling.stderr[-3000:]
+    assert "replicas per learner" in scaling.stdout and "Redis saturates" in scaling.stdout
