@@ -1,6 +1,6 @@
 """`opd cache warm`: offline teacher caching, scoring a dataset ahead of training.
 
-It runs `cache.teacher.score_with_cache`, the very code a live teacher runs, with the same
+It runs `cache.scoring.score_with_cache`, the very code a live teacher runs, with the same
 namespace, Redis prefix and block size, so a warmed entry is indistinguishable from one a teacher
 stored. Input lines:
 
@@ -45,7 +45,8 @@ from cache.cli import (
 )
 from cache.config import TeacherConfig
 from cache.layout import validate_writer_id
-from cache.teacher import make_scorer, open_cache, score_with_cache, topk_storage_dtype
+from cache.scoring import score_with_cache
+from cache.teacher import make_scorer, open_cache, topk_storage_dtype
 from protocol.config import TransportConfig
 from protocol.names import Names
 from protocol.prompts import PromptFormat, encode_prompt
