@@ -55,6 +55,8 @@ class EvalResult:
     tokens: int
     mean_response_len: float
     accuracy: AccuracyResult | None = None  # only when learner.eval.accuracy_prompts > 0
+    kl_by_position: list[float] | None = None  # per bucket of response positions (`position_edges`), nats/token
+    tokens_by_position: list[int] | None = None
 
     def row(self) -> dict[str, float | int]:
         """The measurements as one eval.jsonl row (the accuracy's keys only when it was measured)."""
@@ -142,9 +144,13 @@ class HeldoutEvaluator:
 def heldout_reverse_kl(
     student: torch.nn.Module, teacher: torch.nn.Module, prompts: list[list[int]], *, max_new_tokens: int,
     pad_id: int, eos_id: int | None, vocab_size: int, seed: int = 1234, batch_size: int = 16, use_cache: bool = True,
+    position_edges: tuple[int, ...] | None = None,
 ) -> EvalResult:
     """Mean per-token KL(student || teacher) over `[0, vocab_size)` on full-length student samples.
 
+    `position_edges` (e.g. (0, 40, 100, 200)): also the mean KL per bucket of response positions [e_i, e_i+1)
+    (the last bucket open-ended): where along the answer a student is close to its teacher, which is what a
+    truncated schedule trains unevenly.
     `use_cache`: sample with the student's KV cache (one token's forward per step instead of the whole sequence:
     hundreds of tokens cost linear, not quadratic, time); False recomputes every prefix (the same samples up
     to float rounding, kept as the reference the cached path is tested against).
@@ -152,6 +158,8 @@ def heldout_reverse_kl(
     was_training = student.training
     student.eval()
     total_kl, total_tokens = 0.0, 0
+    edges = torch.tensor(position_edges or (0,))
+    kl_by_bucket, tokens_by_bucket = torch.zeros(len(edges), dtype=torch.float64), torch.zeros(len(edges))
     gen = torch.Generator(device="cpu").manual_seed(seed)
     for start in range(0, len(prompts), batch_size):
         ids_BT, attn_BT, resp_mask_BR, P = _sample(student, prompts[start:start + batch_size], max_new_tokens,
@@ -166,9 +174,16 @@ def heldout_reverse_kl(
         kl_BR = (s_logp.exp() * (s_logp - t_logp)).sum(-1)
         total_kl += float((kl_BR * resp_mask_BR).sum())
         total_tokens += int(resp_mask_BR.sum())
+        bucket_R = torch.bucketize(torch.arange(R), edges, right=True) - 1  # response position -> bucket
+        kl_by_bucket.index_add_(0, bucket_R, (kl_BR * resp_mask_BR).sum(0).double().cpu())
+        tokens_by_bucket.index_add_(0, bucket_R, resp_mask_BR.sum(0).float().cpu())
     student.train(was_training)
-    return EvalResult(reverse_kl=total_kl / max(total_tokens, 1), tokens=total_tokens,
-                      mean_response_len=total_tokens / len(prompts))
+    result = EvalResult(reverse_kl=total_kl / max(total_tokens, 1), tokens=total_tokens,
+                        mean_response_len=total_tokens / len(prompts))
+    if position_edges:
+        result.kl_by_position = (kl_by_bucket / tokens_by_bucket.clamp(min=1)).tolist()
+        result.tokens_by_position = [int(x) for x in tokens_by_bucket]
+    return result
 
 
 @torch.no_grad()

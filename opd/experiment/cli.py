@@ -37,9 +37,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         p.add_argument("--eval-problems", type=int, default=200, metavar="N",
                        help="held-out problems answered at the end (default: all 200)")
         p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    from opd.experiment.positions import add_positions_parser
     from opd.experiment.run_cli import add_run_parser
 
     add_run_parser(exp_sub)
+    add_positions_parser(exp_sub)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,6 +50,10 @@ def run(args: argparse.Namespace) -> int:
         from opd.experiment.run_cli import run_run
 
         return run_run(args)
+    if args.experiment_command == "positions":
+        from opd.experiment.positions import run_positions
+
+        return run_positions(args)
     role = args.experiment_command.removeprefix("train-")
     for name in ("steps", "threads", "examples", "look_every", "eval_problems"):
         value = getattr(args, name, None)

@@ -99,6 +99,16 @@ def test_quick_experiment_at_a_tiny_budget(tmp_path: Path) -> None:
         assert (results / png).stat().st_size > 1000
     assert "table, JSON and plots in" in proc.stdout
 
+    # `opd experiment positions`: the kept checkpoints' KL by response position, per row, beside the table
+    proc = subprocess.run([sys.executable, "-m", "opd.cli", "experiment", "positions", "--config",
+                           str(tmp_path / "experiment.yaml"), "--quick", "--edges", "0,2,4"],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    positions = (results / "positions.md").read_text()
+    assert "| 0-1 | 2-3 | 4+ |" in positions and "| start (before training) | 1 |" in positions
+    assert "| full | 1 |" in positions and "| topd | 1 |" in positions
+    assert (results / "positions.png").stat().st_size > 1000
+
 
 def _check_accounting(run: dict, n_s: int, n_t: int, budget: float, run_dir: Path) -> None:
     assert run["status"] == "ok", run.get("reason")

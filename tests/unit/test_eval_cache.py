@@ -29,3 +29,20 @@ def test_cached_sampling_matches_recomputation(eos_id: int | None) -> None:
     assert cached.reverse_kl == pytest.approx(recomputed.reverse_kl, rel=1e-4, abs=1e-6)
     if eos_id is None:
         assert cached.tokens == 24 * len(prompts)
+
+
+def test_kl_by_position_buckets_add_up_to_the_mean() -> None:
+    """The per-bucket KL is the same per-token KL, split by response position: token-weighted it is the mean."""
+    torch.manual_seed(1)
+    tokenizer = task.build_tokenizer()
+    student = make_model(ModelSpec(hidden=16, layers=2, heads=2, intermediate=32), len(tokenizer))
+    teacher = make_model(ModelSpec(hidden=32, layers=2, heads=2, intermediate=64), len(tokenizer))
+    prompts = [tokenizer.encode(p.prompt, add_special_tokens=False) for p in task.generate(5, 5)]
+    kwargs = dict(max_new_tokens=20, pad_id=task.PAD_ID, eos_id=None, vocab_size=len(tokenizer), batch_size=2)
+    plain = heldout_reverse_kl(student, teacher, prompts, **kwargs)
+    split = heldout_reverse_kl(student, teacher, prompts, position_edges=(0, 5, 12), **kwargs)
+    assert plain.kl_by_position is None and split.reverse_kl == pytest.approx(plain.reverse_kl)
+    assert split.tokens_by_position == [5 * 5, 7 * 5, 8 * 5]  # no EOS: every row runs 20 tokens
+    weighted = sum(k * n for k, n in zip(split.kl_by_position, split.tokens_by_position, strict=True)) / split.tokens
+    assert weighted == pytest.approx(split.reverse_kl, rel=1e-6)
+    assert len(set(round(k, 6) for k in split.kl_by_position)) == 3  # random models: the buckets differ
