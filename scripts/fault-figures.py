@@ -3,6 +3,8 @@
 
     python scripts/fault-figures.py                 # run, print the table
     python scripts/fault-figures.py --write         # ... and put it into docs/reliability.md
+    python scripts/fault-figures.py --from F.jsonl  # the table of a run made with OPD_FAULT_FIGURES=F.jsonl
+                                                    # (e.g. the whole suite: `OPD_FAULT_FIGURES=F.jsonl pytest`)
 
 Every fault test ends with the same conservation check (tests/integration/roles.py
 `assert_conserved_and_trained_once`); with OPD_FAULT_FIGURES set, that check appends the test's books to a
@@ -37,11 +39,11 @@ def run_suite(figures: Path, extra: list[str]) -> int:
     return subprocess.call(cmd, cwd=REPO, env={**os.environ, "OPD_FAULT_FIGURES": str(figures)})
 
 
-def table(rows: list[dict], *, command: str, rc: int, seconds: float) -> str:
+def table(rows: list[dict], *, command: str, note: str) -> str:
     """The Markdown block: one line per conservation check, then the totals."""
     head = ["test", "fault injected", *COLUMNS]
-    lines = [f"Command: `{command}` (exit {rc}, {seconds:.0f} s, {os.cpu_count()} cores, "
-             f"{platform.python_version()}, {time.strftime('%Y-%m-%d')}).", "",
+    lines = [f"Command: `{command}` ({note}{os.cpu_count()} cores, Python {platform.python_version()}, "
+             f"{time.strftime('%Y-%m-%d')}).", "",
              "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for r in rows:
         test = r["test"].split("::", 1)[-1]
@@ -64,18 +66,26 @@ def write_doc(block: str) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--write", action="store_true", help="put the table into docs/reliability.md")
+    ap.add_argument("--from", dest="source", type=Path, metavar="JSONL",
+                    help="render the books a run with OPD_FAULT_FIGURES=JSONL left, instead of running the suite")
     ap.add_argument("pytest_args", nargs="*", help="passed to pytest (e.g. -k sigkill)")
     args = ap.parse_args()
     command = "python scripts/fault-figures.py" + (" --write" if args.write else "")
-    with tempfile.TemporaryDirectory() as tmp:
-        figures = Path(tmp) / "figures.jsonl"
-        start = time.monotonic()
-        rc = run_suite(figures, args.pytest_args)
-        rows = [json.loads(line) for line in figures.read_text().splitlines()] if figures.exists() else []
+    start, rc = time.monotonic(), 0
+    if args.source is not None:
+        command = f"OPD_FAULT_FIGURES={args.source.name} python -m pytest (the whole suite); " + command + \
+            f" --from {args.source.name}"
+        rows = [json.loads(line) for line in args.source.read_text().splitlines()]
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            figures = Path(tmp) / "figures.jsonl"
+            rc = run_suite(figures, args.pytest_args)
+            rows = [json.loads(line) for line in figures.read_text().splitlines()] if figures.exists() else []
     if not rows:
         print("no conservation check ran", file=sys.stderr)
         return rc or 1
-    block = table(rows, command=command, rc=rc, seconds=time.monotonic() - start)
+    note = "" if args.source is not None else f"exit {rc}, {time.monotonic() - start:.0f} s, "
+    block = table(rows, command=command, note=note)
     print(block)
     if args.write:
         write_doc(block)
