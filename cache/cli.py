@@ -20,13 +20,13 @@ import sys
 import time
 from collections import Counter as Tally
 from collections.abc import Callable
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
 from cache.config import TeacherConfig
 from protocol.config import TransportConfig
 from protocol.names import Names
+from protocol.reconnect import redact_url
 from protocol.streams import connect
 
 MAX_REPORTED_LINE_ERRORS = 10
@@ -71,19 +71,6 @@ def _error(command: str, message: str) -> None:
 
 def _note(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def redact_url(url: str) -> str:
-    """The URL without its password, so an error message never leaks it into logs."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable URL>"
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def _redis(command: str, transport: TransportConfig) -> redis.Redis:

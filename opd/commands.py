@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import sys
+from typing import Any
 
 import yaml
 
@@ -44,7 +45,7 @@ def dispatch(args: argparse.Namespace, cfg: OPDConfig) -> int:
         return _cache(args, cfg)
     if command == "config":
         if args.what == "show":
-            print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+            print(yaml.safe_dump(_shown_config(cfg), sort_keys=False), end="")
         else:
             print(config_docs())
         return 0
@@ -54,6 +55,20 @@ def dispatch(args: argparse.Namespace, cfg: OPDConfig) -> int:
         _require_redis(cfg, "opd top")
         return run_top(cfg, once=args.once)
     raise ValueError(f"unknown command {command}")
+
+
+def _shown_config(cfg: OPDConfig) -> dict[str, Any]:
+    """The resolved config as `opd config show` prints it: the Redis password redacted.
+
+    Why: the output lands in terminals, logs and bug reports, and the URL may carry a password from
+    `OPD_REDIS_URL` the user never typed here; a config to run from is the YAML file, not this output.
+    """
+    from protocol.reconnect import redact_url
+
+    shown = cfg.model_dump(mode="json")
+    if shown["transport"].get("redis_url"):
+        shown["transport"]["redis_url"] = redact_url(shown["transport"]["redis_url"])
+    return shown
 
 
 def _run_role(role: str, args: argparse.Namespace, cfg: OPDConfig) -> int:

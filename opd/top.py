@@ -13,7 +13,6 @@ replica knows (its own throughput) and whether it is still up.
 from __future__ import annotations
 
 import time
-import urllib.parse
 import urllib.request
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from opd.config import OPDConfig
 from protocol import ledger
 from protocol.names import Names
+from protocol.reconnect import redact_url
 from protocol.runtime import endpoints
 from protocol.savings import ProbeTally, estimate_savings
 from protocol.state import LearnerState, StateUnavailable, read_state
@@ -215,18 +215,6 @@ def _f(value: float | str | None, digits: int = 4) -> str:
         return str(value)
 
 
-def redacted(url: str) -> str:
-    """A Redis URL without its password (it ends up in error messages and terminals)."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.hostname or ""
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    user = parts.username or ""
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
-
-
 def run_top(cfg: OPDConfig, *, once: bool = False) -> int:
     from rich.console import Console
     from rich.live import Live
@@ -253,4 +241,4 @@ def run_top(cfg: OPDConfig, *, once: bool = False) -> int:
                 live.update(render(snap, previous))
     except redis.RedisError as exc:
         # The CLI turns ConnectionError into `opd top: error: ...` and exit code 1.
-        raise ConnectionError(f"Redis at {redacted(cfg.transport.redis_url)}: {exc}") from None
+        raise ConnectionError(f"Redis at {redact_url(cfg.transport.redis_url)}: {exc}") from None

@@ -63,3 +63,20 @@ def test_up_with_missing_model_dir_is_clear(tmp_path: Path, capsys: pytest.Captu
                  "--set", f"actor.model_dir={tmp_path / 'missing'}", "--set", f"run.workdir={tmp_path}"])
     assert code == 1
     assert "actor.model_dir" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("source", ["--set", "OPD_REDIS_URL"])
+def test_config_show_never_prints_the_redis_password(source: str, capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    url = "redis://:secret@127.0.0.1:6379/0"
+    monkeypatch.delenv("OPD_REDIS_URL", raising=False)
+    if source == "--set":
+        argv = ["config", "show", "--set", f"transport.redis_url={url}"]
+    else:  # a password the user never typed on this command line: filled in from the environment
+        monkeypatch.setenv("OPD_REDIS_URL", url)
+        argv = ["config", "show"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "secret" not in out + err
+    assert yaml.safe_load(out)["transport"]["redis_url"] == "redis://:***@127.0.0.1:6379/0"
+
