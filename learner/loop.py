@@ -10,9 +10,9 @@ The story, top to bottom:
   agreed across ranks), take one optimizer step (``learner/step.py``: token-budget micro-batches, the loss
   component ``cfg.loss.build()``), ``commit`` it, publish every ``learner.publish_every`` steps, record,
   checkpoint and evaluate when due.
-- Then it drains: producers are told to stop, what is in flight is trained, and the learner stops when no
-  actor is registered and the ledger has nothing ``produced`` left; a last checkpoint, publish and
-  evaluation close the run.
+- Then it drains (when to stop and the drain's start: ``learner/stopping.py``): producers are told to stop,
+  what is in flight is trained, and the learner stops when no actor is registered and the ledger has
+  nothing ``produced`` left; a last checkpoint, publish and evaluation close the run.
 
 Delivery guarantee (details in ``learner/journal.py``, ``learner/inflight.py`` and ``docs/learner.md``): a
 sample is acknowledged when the step that used it is committed, which journals its payload, acks and
@@ -34,7 +34,7 @@ from typing import IO, Any
 import torch
 from prometheus_client import CollectorRegistry
 
-from learner import resume
+from learner import resume, stopping
 from learner.checkpoint import Stash, WriteFailed, save_checkpoint
 from learner.config import LearnerConfig
 from learner.distributed import Distributed, TrainModel, checksum
@@ -46,7 +46,7 @@ from learner.position_kl import PositionKL
 from learner.publish import Publisher
 from learner.step import StepStats, Trainer
 from protocol import ledger
-from protocol.compute import ComputeTally, format_flops, train_flops
+from protocol.compute import train_flops
 from protocol.config import TransportConfig
 from protocol.files import check_model_dir
 from protocol.messages import ScoredPrefix
@@ -179,12 +179,12 @@ class Learner:
         draining = False
         quiet_since: float | None = None
         while True:
-            reason = None if draining else self._done_reason()
+            reason = None if draining else stopping.done_reason(self)
             if reason is not None:
                 if not cfg.drain:
                     return None
                 draining = True
-                self._start_draining(reason)
+                stopping.start_draining(self, reason)
             if self.publisher.stalled(self.version) and not self.stop.is_set():  # actors' weights too old: publish again
                 self.publish()
                 continue
@@ -221,32 +221,6 @@ class Learner:
             self.checkpoint()
         if cfg.eval.every and self.step % cfg.eval.every == 0:
             self.evaluate()
-
-    def _done_reason(self) -> str | None:
-        """Why training should stop now (`learner.steps` reached, or the run's FLOPs reached `learner.max_flops`), or None.
-
-        The FLOPs are the run stats every role adds to (protocol/compute.py), so the budget covers generation and
-        teacher scoring too; under several ranks they agree through a max, as they read Redis at different times.
-        """
-        if self.step >= self.cfg.steps:
-            return f"reached {self.cfg.steps} steps"
-        if self.cfg.max_flops is None:
-            return None
-        spent = ComputeTally.from_stats(ledger.stats(self.client, self.names)).total
-        over = spent >= self.cfg.max_flops
-        if self.dist.enabled:
-            over = bool(self.dist.max([float(over)])[0])
-        if not over:
-            return None
-        return (f"spent the compute budget at step {self.step} ({format_flops(spent)} of learner.max_flops="
-                f"{format_flops(self.cfg.max_flops)})")
-
-    def _start_draining(self, reason: str) -> None:
-        """Tell the producers to stop; what is in flight is still trained."""
-        if self.dist.is_main:
-            self.client.hset(self.names.control, "stop_producing", "1")
-        self.advertise(phase="draining")
-        log.info("%s: draining in-flight prefixes", reason)
 
     # -- one step ----------------------------------------------------------------------------------
     def train_step(self, messages: list[ScoredPrefix]) -> StepStats:
