@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import sys
 from pathlib import Path
 
@@ -116,6 +117,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one `opd` command; returns its exit code.
+
+    A reader that goes away early (`opd config docs | head -1`) ends the command quietly with 141, what a
+    shell reports for a writer killed by SIGPIPE (so `set -o pipefail` still sees output cut short), not
+    with `error: [Errno 32] Broken pipe` or Python's "Exception ignored" at exit.
+    """
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a reader gone shows here, not in the interpreter's own flush at exit
+    except BrokenPipeError:
+        if not _stdout_gone():
+            raise
+        # Python flushes stdout again at exit: let that write go nowhere instead of failing a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    return code
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (POLLERR on the write end). Why ask: a
+    BrokenPipeError from elsewhere (a child process's stdin, a socket) is a real error and is reported."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _fd, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll() (Windows), stdout without a file descriptor
+        return False
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "experiment":  # needs no pipeline config
         from opd.experiment.cli import run as run_experiment
@@ -125,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             return 130
         except (ValueError, OSError) as exc:
+            if isinstance(exc, BrokenPipeError) and _stdout_gone():
+                raise  # main: the reader went away, not an error to report
             print(f"opd experiment: error: {exc}", file=sys.stderr)
             return 1
     from opd.config import ConfigError, load_config
@@ -150,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"opd {args.command}: {exc}", file=sys.stderr)
         return 2
     except (ValueError, OSError) as exc:  # OSError: a missing or unreadable file, named with the real cause
+        if isinstance(exc, BrokenPipeError) and _stdout_gone():
+            raise  # main: the reader went away, not an error to report
         print(f"opd {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

@@ -2,11 +2,13 @@
 
 Pins: `opd learner --help` lists every learner option with its default; `--help` does not import
 torch (so it answers fast); a bad config key exits 2 naming the key; a role without a Redis URL exits
-1 with a message saying what to set; `opd config show` prints YAML that loads back to the same config.
+1 with a message saying what to set; `opd config show` prints YAML that loads back to the same config,
+the Redis password redacted; a reader that closes the pipe early (`| head -1`) ends the CLI quietly with 141.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -80,3 +82,29 @@ def test_config_show_never_prints_the_redis_password(source: str, capsys: pytest
     assert "secret" not in out + err
     assert yaml.safe_load(out)["transport"]["redis_url"] == "redis://:***@127.0.0.1:6379/0"
 
+
+
+def test_closed_stdout_ends_quietly_with_141(tmp_path: Path) -> None:
+    """`opd config docs | head -1`: the reader goes away after one line; no error line, no traceback.
+
+    The pipe is shrunk to one page so that the output cannot fit in it: the CLI is still writing when
+    the reader closes, so it meets the closed pipe for sure (a 64 KiB pipe would swallow it all first).
+    """
+    fcntl = pytest.importorskip("fcntl")
+    if not hasattr(fcntl, "F_SETPIPE_SZ"):
+        pytest.skip("F_SETPIPE_SZ is Linux-only")
+    read_fd, write_fd = os.pipe()
+    fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, 4096)
+    with open(tmp_path / "stderr", "wb") as errf:
+        proc = subprocess.Popen([sys.executable, "-m", "opd.cli", "config", "docs"], cwd=REPO, stdout=write_fd,
+                                stderr=errf, env={"PATH": "/usr/bin:/bin", "HOME": str(REPO)})
+    os.close(write_fd)
+    first = b""
+    while not first.endswith(b"\n"):  # one byte at a time: read the first line and nothing more
+        chunk = os.read(read_fd, 1)
+        assert chunk, "opd config docs ended before its first line"
+        first += chunk
+    os.close(read_fd)
+    assert proc.wait(timeout=120) == 141
+    assert first.strip()
+    assert (tmp_path / "stderr").read_text() == ""
