@@ -174,7 +174,7 @@ def run_sync(cfg: OPDConfig, steps: int, warmup: int, *, threads: int) -> Result
     tokenizer = AutoTokenizer.from_pretrained(a.model_dir)
     prompts = load_prompts(a.prompts_file, tokenizer, use_chat_template=a.use_chat_template)
     engine, scorer = HFRolloutEngine(a.model_dir), HFTeacherScorer(t.model_dir)
-    student = AutoModelForCausalLM.from_pretrained(lc.model_dir, dtype=torch.float32)
+    student = AutoModelForCausalLM.from_pretrained(lc.model_dir, dtype=torch.float32, use_safetensors=True)
     student.train()
     optimizer = torch.optim.AdamW(student.parameters(), lr=lc.lr, weight_decay=lc.weight_decay)
     schedule, loss = a.schedule.build(a.max_new_tokens), lc.loss.build()
