@@ -41,7 +41,7 @@ def run_suite(figures: Path, extra: list[str]) -> int:
 
 def table(rows: list[dict], *, command: str, note: str) -> str:
     """The Markdown block: one line per conservation check, then the totals."""
-    head = ["test", "fault injected", *COLUMNS]
+    head = ["test", "what it does (its docstring)", *COLUMNS]
     lines = [f"Command: `{command}` ({note}{os.cpu_count()} cores, Python {platform.python_version()}, "
              f"{time.strftime('%Y-%m-%d')}).", "",
              "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
