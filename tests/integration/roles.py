@@ -107,6 +107,34 @@ def wait_until(what: str, check: Callable[[], bool], pipeline: Pipeline, timeout
         time.sleep(poll_s)
 
 
+def held_by(client: redis.Redis, names: Names, consumer: str) -> list[str]:
+    """Entry ids of the rollout stream that `consumer` (a teacher) holds pending."""
+    if not client.exists(names.rollouts):
+        return []
+    pending = client.xpending_range(names.rollouts, names.groups[names.rollouts], "-", "+", 1000, consumername=consumer)
+    return [p["message_id"].decode() for p in pending]
+
+
+def pause_while_holding(client: redis.Redis, names: Names, pipe: Pipeline, name: str) -> list[str]:
+    """SIGSTOP the teacher at a moment it holds entries; returns them (retries until it catches one)."""
+    proc = pipe.roles[name].proc
+    held: list[str] = []
+
+    def paused_holding() -> bool:
+        nonlocal held
+        proc.send_signal(signal.SIGSTOP)
+        time.sleep(0.2)  # a command it sent just before the pause still executes: let it land
+        held = held_by(client, names, name)
+        if held:
+            return True
+        proc.send_signal(signal.SIGCONT)
+        time.sleep(0.05)
+        return False
+
+    wait_until(f"{name} paused while holding entries", paused_holding, pipe, poll_s=0.0)
+    return held
+
+
 def metric(client: redis.Redis, names: Names, role_id: str, name: str) -> float | None:
     """One sample's value from a live role's /metrics (None while it is not registered or not answering)."""
     url = client.hget(names.key("endpoints"), role_id)

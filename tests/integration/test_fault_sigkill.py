@@ -15,12 +15,19 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import time
 from pathlib import Path
 
 import pytest
 import redis
-from roles import Pipeline, assert_conserved_and_trained_once, metric, pipeline_overrides, wait_until
+from roles import (
+    Pipeline,
+    assert_conserved_and_trained_once,
+    held_by,
+    metric,
+    pause_while_holding,
+    pipeline_overrides,
+    wait_until,
+)
 
 from protocol import ledger
 from protocol.names import Names
@@ -45,13 +52,6 @@ def _step(client: redis.Redis, names: Names) -> int:
     return -1 if state is None else state.step
 
 
-def _held_by(client: redis.Redis, names: Names, consumer: str) -> list[str]:
-    if not client.exists(names.rollouts):
-        return []
-    pending = client.xpending_range(names.rollouts, names.groups[names.rollouts], "-", "+", 1000, consumername=consumer)
-    return [p["message_id"].decode() for p in pending]
-
-
 def _kill(pipe: Pipeline, name: str) -> None:
     """SIGKILL a role and forget it (a killed role is not a failed one; its restart takes the name again)."""
     proc = pipe.roles.pop(name).proc
@@ -60,23 +60,9 @@ def _kill(pipe: Pipeline, name: str) -> None:
 
 
 def _kill_teacher_holding(client: redis.Redis, names: Names, pipe: Pipeline, name: str) -> list[str]:
-    """SIGKILL the teacher at a moment it holds entries (paused first to catch one); returns them."""
-    proc = pipe.roles[name].proc
-    held: list[str] = []
-    # (the pause below is the kill's aim, not part of the fault: SIGKILL reaches a stopped process)
-
-    def paused_holding() -> bool:
-        nonlocal held
-        proc.send_signal(signal.SIGSTOP)
-        time.sleep(0.2)  # a command it sent just before the pause still executes: let it land
-        held = _held_by(client, names, name)
-        if held:
-            return True
-        proc.send_signal(signal.SIGCONT)
-        time.sleep(0.05)
-        return False
-
-    wait_until(f"{name} holding entries", paused_holding, pipe, poll_s=0.0)
+    """SIGKILL the teacher at a moment it holds entries (paused first to catch one; SIGKILL reaches a paused
+    process); returns them."""
+    held = pause_while_holding(client, names, pipe, name)
     _kill(pipe, name)
     return held
 
@@ -107,7 +93,7 @@ def test_sigkill_of_every_role_loses_nothing(redis_url: str, tiny_assets: Path, 
         # a teacher, mid-batch: what it held is claimed again
         held = _kill_teacher_holding(client, names, pipe, "teacher-0")
         wait_until("the killed teacher's entries claimed again",
-                   lambda: not set(held) & set(_held_by(client, names, "teacher-0")), pipe)
+                   lambda: not set(held) & set(held_by(client, names, "teacher-0")), pipe)
         pipe.start("teacher", "teacher-0", overrides, life2)
 
         # the learner, between checkpoints

@@ -17,12 +17,19 @@ Pins:
 from __future__ import annotations
 
 import signal
-import time
 from pathlib import Path
 
 import pytest
 import redis
-from roles import Pipeline, assert_conserved_and_trained_once, metric, pipeline_overrides, wait_until
+from roles import (
+    Pipeline,
+    assert_conserved_and_trained_once,
+    held_by,
+    metric,
+    pause_while_holding,
+    pipeline_overrides,
+    wait_until,
+)
 
 from protocol import ledger
 from protocol.messages import ScoredPrefix, decode
@@ -32,33 +39,6 @@ from protocol.streams import StreamQueue
 pytestmark = pytest.mark.integration
 
 CLAIM_IDLE_MS = 4000
-
-
-def _held_by(client: redis.Redis, names: Names, consumer: str) -> list[str]:
-    if not client.exists(names.rollouts):
-        return []
-    pending = client.xpending_range(names.rollouts, names.groups[names.rollouts], "-", "+", 1000, consumername=consumer)
-    return [p["message_id"].decode() for p in pending]
-
-
-def _pause_while_holding(client: redis.Redis, names: Names, pipe: Pipeline, name: str) -> list[str]:
-    """SIGSTOP the teacher at a moment it holds entries; returns them (retries until it catches one)."""
-    proc = pipe.roles[name].proc
-    held: list[str] = []
-
-    def paused_holding() -> bool:
-        nonlocal held
-        proc.send_signal(signal.SIGSTOP)
-        time.sleep(0.2)  # a command it sent just before the pause still executes: let it land
-        held = _held_by(client, names, name)
-        if held:
-            return True
-        proc.send_signal(signal.SIGCONT)
-        time.sleep(0.05)
-        return False
-
-    wait_until(f"{name} paused while holding entries", paused_holding, pipe, poll_s=0.0)
-    return held
 
 
 def test_paused_teacher_past_claim_timeout_forwards_nothing_twice(redis_url: str, tiny_assets: Path,
@@ -77,9 +57,9 @@ def test_paused_teacher_past_claim_timeout_forwards_nothing_twice(redis_url: str
         wait_until("teacher-0 serving metrics",
                    lambda: metric(client, names, "teacher-0", "opd_teacher_prefixes_total") is not None, pipe)
 
-        held = _pause_while_holding(client, names, pipe, "teacher-0")
+        held = pause_while_holding(client, names, pipe, "teacher-0")
         wait_until("teacher-1 reclaiming what teacher-0 holds",
-                   lambda: not set(held) & set(_held_by(client, names, "teacher-0")), pipe)
+                   lambda: not set(held) & set(held_by(client, names, "teacher-0")), pipe)
         pipe.roles["teacher-0"].proc.send_signal(signal.SIGCONT)
         wait_until("teacher-0's forward of the lost entries refused",
                    lambda: (metric(client, names, "teacher-0", "opd_teacher_forwards_refused_total") or 0) >= len(held),
