@@ -122,6 +122,12 @@ class Intake:
         self.position_kl = position_kl
         self.local_batch = dist.share(cfg.batch_size)
         self._held: list[Delivery] = []  # several ranks: fresh samples held over for the next step
+        # Called while waiting for data after samples were retired untrained (dropped stale, probes): the loop
+        # republishes its state. WHY: actors admit work against the state's `retired`; without this, a learner
+        # that dropped what it had (e.g. stale work taken back after a restart) waits for data that no actor
+        # may produce until the learner's next step, which never comes: a deadlock until read_timeout_s.
+        self.on_idle_after_drops: Callable[[], None] | None = None
+        self._retired_unannounced = False
 
     def prefetcher(self) -> Prefetcher:
         """Start reading (this rank's deliveries, duplicates refused as they arrive)."""
@@ -145,6 +151,9 @@ class Intake:
             d = prefetch.get(timeout=0.2)
             waited += time.perf_counter() - t0
             if d is None:
+                if self._retired_unannounced and self.on_idle_after_drops is not None:
+                    self._retired_unannounced = False
+                    self.on_idle_after_drops()
                 if self.stop.is_set() or time.monotonic() - start > deadline_s:
                     break
                 continue
@@ -159,6 +168,7 @@ class Intake:
         self.metrics.staleness.observe(max(lag, 0))
         if split.kept and getattr(d.message, "probe", False):
             self._measure_probe(d)
+            self._retired_unannounced = True
             return False
         if split.kept:
             return True
@@ -168,6 +178,7 @@ class Intake:
         self.inflight.discard([d.entry_id])
         self.metrics.dropped.labels(reason=reason).inc()
         self.summary.dropped[reason] = self.summary.dropped.get(reason, 0) + 1
+        self._retired_unannounced = True
         return False
 
     def _measure_probe(self, d: Delivery) -> None:

@@ -100,6 +100,7 @@ class Learner:
         self.summary = LearnerSummary()
         self.intake = Intake(cfg, self.queue, self.inflight, self.journal, self.dist, self.stop, self.metrics,
                              self.summary, self.position_kl)
+        self.intake.on_idle_after_drops = self.advertise  # drops free admission slots: say so while waiting
         # Keeps the ledger bounded (protocol/ledger.py `rollup`); rank 0 only: one suffices, several are harmless.
         self.ledger_rollup = ledger.PeriodicRollup(
             self.client, self.names, every_s=transport.ledger_rollup_every_s if self.dist.is_main else 0.0,

@@ -11,6 +11,9 @@ Pins:
 
 from __future__ import annotations
 
+import dataclasses
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -27,13 +30,15 @@ from protocol import ledger
 from protocol.config import TransportConfig
 from protocol.names import Names
 from protocol.runtime import latest_weights
+from protocol.state import LearnerState, read_state
 
 pytestmark = pytest.mark.integration
 
 
 def _learner(redis_url: str, tiny_assets: Path, workdir: Path, **cfg: object) -> Learner:
+    cfg = {"max_staleness": 10, **cfg}
     config = LearnerConfig(model_dir=str(asset_paths(tiny_assets).student_dir), workdir=str(workdir), device="cpu",
-                           batch_size=4, micro_batch_tokens=64, max_staleness=10, **cfg)  # type: ignore[arg-type]
+                           batch_size=4, micro_batch_tokens=64, **cfg)  # type: ignore[arg-type]
     return Learner(config, TransportConfig(redis_url=redis_url, namespace="loop"), learner_id="learner-test")
 
 
@@ -87,3 +92,38 @@ def test_a_drain_that_never_completes_is_bounded(redis_url: str, tiny_assets: Pa
     assert ckpt is not None and read_meta(ckpt).step == 1
     ann = latest_weights(client, names)
     assert ann is not None and ann.version == 1
+
+
+def test_drops_while_waiting_free_admission_slots_at_once(redis_url: str, tiny_assets: Path, tmp_path: Path) -> None:
+    """Stale work dropped while the learner waits is announced in its state's `retired` before the next step.
+
+    Actors admit work against `retired` (actors/actor.py `Admission`); before the fix a learner that dropped all
+    it had (stale work taken back after a restart: seen in CI on a full-disk test) published nothing until its
+    next step, so no actor could produce the data that step needed: a deadlock until `read_timeout_s`.
+    """
+    client = redis.Redis.from_url(redis_url)
+    names = Names("loop")
+    messages = scored_messages(tiny_assets, 16)
+    publish(client, names, messages[:8])  # two steps at version 0
+    learner = _learner(redis_url, tiny_assets, tmp_path / "learner", steps=3, max_staleness=1, read_timeout_s=120)
+    done = threading.Thread(target=learner.run, daemon=True)
+    done.start()
+
+    def state() -> LearnerState:
+        got = read_state(client, names)
+        assert isinstance(got, LearnerState), got
+        return got
+
+    deadline = time.monotonic() + 120
+    while not (learner.step == 2 and state().retired == 8):
+        assert time.monotonic() < deadline, "two steps were not trained"
+        time.sleep(0.05)
+    publish(client, names, messages[8:12])  # version 0 at learner version 2: lag 2 > max_staleness 1, dropped
+    while state().retired < 12:
+        assert learner.step == 2 and done.is_alive(), "the drops were announced only by a step"
+        assert time.monotonic() < deadline, f"the drops never reached the state: retired {state().retired}"
+        time.sleep(0.05)
+    assert ledger.counts(client, names)[ledger.DROPPED] == 4
+    publish(client, names, [dataclasses.replace(m, policy_version=2) for m in messages[12:]])  # fresh: step 3
+    done.join(timeout=120)
+    assert not done.is_alive() and learner.step == 3
