@@ -164,8 +164,16 @@ def assert_conserved_and_trained_once(client: redis.Redis, names: Names, learner
     rows = [json.loads(line) for line in (learner_workdir / "trained_ids.jsonl").read_text().splitlines()]
     trained = [i for row in rows if not row["replayed"] for i in row["ids"]]
     assert len(trained) == len(set(trained)), "a prefix was trained twice"
+    # A replay retrains a journaled step with the same ids (not a second training); a learner SIGKILLed between
+    # committing a step and writing its lineage row has only the replay's row for it. So: every trained id in
+    # some row, each id in one step only.
+    steps_of: dict[str, set[int]] = {}
+    for row in rows:
+        for i in row["ids"]:
+            steps_of.setdefault(i, set()).add(row["step"])
+    assert not [i for i, steps in steps_of.items() if len(steps) > 1], "a prefix was trained in two steps"
     in_ledger = {k.decode() for k, v in client.hgetall(names.ledger).items() if v == ledger.TRAINED.encode()}
-    assert in_ledger <= set(trained) and len(set(trained)) == counts[ledger.TRAINED], (len(trained), counts)
+    assert in_ledger <= set(steps_of) and len(steps_of) == counts[ledger.TRAINED], (len(steps_of), counts)
     result = {**counts, "duplicates": ledger.duplicates(client, names)}
     record_figures(result, produced=books.total, replayed=sum(len(r["ids"]) for r in rows if r["replayed"]))
     return result
