@@ -51,20 +51,31 @@ class Evaluator:
         self.pad_id = next(int(i) for i in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, 0) if i is not None)
         self.eos_id = self.tokenizer.eos_token_id
 
-    def evaluate(self, model_dir: str | Path) -> dict[str, Any]:
-        """{"reverse_kl", "kl_tokens", "mean_response_len", "accuracy", "finished", "mean_greedy_tokens", "seconds"}."""
+    def load_student(self, model_dir: str | Path) -> Any:
+        """A checkpoint's student, on the evaluation device, in eval mode (safetensors only)."""
         import torch
         from transformers import AutoModelForCausalLM
 
+        return AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.float32, use_safetensors=True).to(self.device).eval()
+
+    def reverse_kl(self, student: Any, *, position_edges: tuple[int, ...] | None = None) -> Any:
+        """The held-out full-length reverse KL (`learner.evaluate.EvalResult`; also by response position when
+        `position_edges` is given): the same prompts and sampling seed for every checkpoint."""
         from learner.evaluate import heldout_reverse_kl
+
+        return heldout_reverse_kl(student, self.teacher, self.kl_prompts, max_new_tokens=self.max_new_tokens,
+                                  pad_id=self.pad_id, eos_id=self.eos_id, vocab_size=self.vocab_size,
+                                  seed=self.settings.seed, batch_size=self.settings.batch_size,
+                                  position_edges=position_edges)
+
+    def evaluate(self, model_dir: str | Path) -> dict[str, Any]:
+        """{"reverse_kl", "kl_tokens", "mean_response_len", "accuracy", "finished", "mean_greedy_tokens", "seconds"}."""
         from opd.experiment.train import greedy_accuracy
 
         t0 = time.monotonic()
-        student = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=torch.float32, use_safetensors=True).to(self.device).eval()
-        kl = heldout_reverse_kl(student, self.teacher, self.kl_prompts, max_new_tokens=self.max_new_tokens,
-                                pad_id=self.pad_id, eos_id=self.eos_id, vocab_size=self.vocab_size,
-                                seed=self.settings.seed, batch_size=self.settings.batch_size)
+        student = self.load_student(model_dir)
+        kl = self.reverse_kl(student)
         out: dict[str, Any] = {"reverse_kl": kl.reverse_kl, "kl_tokens": kl.tokens,
                                "mean_response_len": kl.mean_response_len}
         if self.problems:

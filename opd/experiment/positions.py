@@ -38,7 +38,7 @@ def run_positions(args: argparse.Namespace) -> int:
     """Evaluate, aggregate, write; returns the exit code (2 when the run left nothing to evaluate)."""
     from opd.experiment.config import load_experiment
     from opd.experiment.runner import pipeline_config, plan
-    from opd.experiment.suite import _evaluator
+    from opd.experiment.suite import evaluator_for
     from protocol.vocab import load_tokenizer, shared_vocab_size
 
     edges = tuple(int(x) for x in args.edges.split(","))
@@ -52,7 +52,7 @@ def run_positions(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{path}: run `opd experiment run` with this --config and preset first")
     runs = [r for r in json.loads(path.read_text())["runs"] if r["status"] == "ok" and len(r["checkpoints"]) > 1]
     vocab = shared_vocab_size(load_tokenizer(str(cfg.path("student_dir"))))
-    evaluator = _evaluator(cfg, pipeline_config(cfg, plan(cfg, results)[0], vocab))
+    evaluator = evaluator_for(cfg, pipeline_config(cfg, plan(cfg, results)[0], vocab))
     rows: dict[str, dict[str, Any]] = {"start": {"label": "start (before training)", "runs": [
         _measure(evaluator, str(cfg.path("student_dir")), edges)]}}
     for run in runs:
@@ -76,17 +76,7 @@ def run_positions(args: argparse.Namespace) -> int:
 
 
 def _measure(evaluator: Any, model_dir: str, edges: tuple[int, ...]) -> list[float]:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from learner.evaluate import heldout_reverse_kl
-
-    student = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
-    result = heldout_reverse_kl(student.to(evaluator.device).eval(), evaluator.teacher, evaluator.kl_prompts,
-                                max_new_tokens=evaluator.max_new_tokens, pad_id=evaluator.pad_id,
-                                eos_id=evaluator.eos_id, vocab_size=evaluator.vocab_size,
-                                seed=evaluator.settings.seed, batch_size=evaluator.settings.batch_size,
-                                position_edges=edges)
+    result = evaluator.reverse_kl(evaluator.load_student(model_dir), position_edges=edges)
     return [k if n else float("nan") for k, n in zip(result.kl_by_position or [], result.tokens_by_position or [],
                                                      strict=True)]
 

@@ -52,7 +52,7 @@ def run_experiment(cfg: ExperimentConfig, *, command: str, preset: str | None, r
     records: list[dict[str, Any]] = []
     with Reporter(total_runs=len(specs), budget=cfg.budget_flops, plain=plain) as reporter:
         reporter.log(f"results in {results}; loading the teacher and held-out prompts for evaluation")
-        evaluator = _evaluator(cfg, pipes[0])
+        evaluator = evaluator_for(cfg, pipes[0])
         initial = _initial(cfg, evaluator, results, reporter)
         for i, spec in enumerate(specs):
             record = _load(spec) if resume else None
@@ -73,7 +73,8 @@ def run_experiment(cfg: ExperimentConfig, *, command: str, preset: str | None, r
     return 1 if any(r["status"] == "failed" for r in records) else 0
 
 
-def _evaluator(cfg: ExperimentConfig, pipe: Any) -> Any:
+def evaluator_for(cfg: ExperimentConfig, pipe: Any) -> Any:
+    """The held-out evaluator of an experiment (`run` and `positions` both measure with it)."""
     from opd.experiment.evaluate import Evaluator
 
     return Evaluator(cfg.eval, teacher_dir=cfg.path("teacher_dir"), heldout_file=cfg.path("heldout_file"),
