@@ -37,7 +37,12 @@ class LearnerConfig(BaseModel):
         "scoring + learner, from the run stats every role adds to (protocol/compute.py). None: steps alone decide.")
     batch_size: int = Field(16, ge=1, description="Prefixes per optimizer step (global batch: under torchrun the "
                             "ranks share it).")
-    micro_batch_tokens: int = Field(4096, ge=16, description="Token budget of one micro-batch (gradient accumulation).")
+    micro_batch_tokens: int = Field(4096, ge=16, description="Token budget of one micro-batch (gradient accumulation); "
+                                    "capped further by learner.max_logits_mb at a large vocabulary.")
+    max_logits_mb: int = Field(1024, ge=1, description="Memory a micro-batch's vocabulary-sized tensors may take "
+                               "(logits, log-softmax and their gradients: LOGITS_COPIES fp32 copies of tokens x vocab): "
+                               "the micro-batch's token budget is cut to fit. At 49k tokens of vocabulary 1 GiB is "
+                               "~1,365 tokens; tiny vocabularies are never cut.")
     loss: LossConfig = Field(default_factory=TopKKLConfig, description="Distillation loss (one file each in "
                              "learner/losses/); a bare name such as `topk_kl` means that loss with its defaults. "
                              "Unset: the exact reverse KL on the teacher's top-k (`topk_kl`, tail bucket), or "

@@ -23,6 +23,7 @@ line). Why EOS counts: a student trained on truncated prefixes must still finish
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from learner.config import LearnerConfig
 from protocol.files import check_model_dir
 from protocol.prompts import PromptFormat, encode_prompt, load_prompts, load_references
+from protocol.stops import stop_token_ids
 from protocol.vocab import check_model_covers, compare_tokenizers, load_tokenizer, shared_vocab_size
 
 
@@ -98,7 +100,7 @@ class HeldoutEvaluator:
         fmt = PromptFormat(use_chat_template=cfg.eval.use_chat_template, add_bos=cfg.eval.add_bos)
         self.prompts = load_heldout(cfg.eval.heldout_file, tokenizer, cfg.eval.num_prompts, fmt)
         self.pad_id = next(int(i) for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
-        self.eos_id = tokenizer.eos_token_id
+        self.eos_id: list[int] | None = stop_token_ids(cfg.model_dir, tokenizer) or None  # where the actor stops
         self.tokenizer = tokenizer
         self.accuracy_prompts: list[list[int]] = []
         self.references: list[str] = []
@@ -107,7 +109,7 @@ class HeldoutEvaluator:
 
     def _load_references(self, fmt: PromptFormat) -> None:
         """Prompts and reference answers for exact match; refused when no answer could ever match."""
-        if self.eos_id is None:
+        if not self.eos_id:
             raise ValueError("learner.eval.accuracy_prompts needs a tokenizer with an EOS token (an exact answer "
                              "must end with EOS); this one defines none")
         budget = self.cfg.eval.max_new_tokens
@@ -132,7 +134,7 @@ class HeldoutEvaluator:
                                     pad_id=self.pad_id, eos_id=self.eos_id, seed=self.cfg.seed + 1234,
                                     vocab_size=self.vocab_size)
         if self.accuracy_prompts:
-            assert self.eos_id is not None
+            assert self.eos_id
             result.accuracy = greedy_exact_match(
                 model, self.tokenizer, self.accuracy_prompts, self.references,
                 max_new_tokens=self.cfg.eval.max_new_tokens, pad_id=self.pad_id, eos_id=self.eos_id,
@@ -143,7 +145,8 @@ class HeldoutEvaluator:
 @torch.no_grad()
 def heldout_reverse_kl(
     student: torch.nn.Module, teacher: torch.nn.Module, prompts: list[list[int]], *, max_new_tokens: int,
-    pad_id: int, eos_id: int | None, vocab_size: int, seed: int = 1234, batch_size: int = 16, use_cache: bool = True,
+    pad_id: int, eos_id: int | Sequence[int] | None, vocab_size: int, seed: int = 1234, batch_size: int = 16,
+    use_cache: bool = True,
     position_edges: tuple[int, ...] | None = None,
 ) -> EvalResult:
     """Mean per-token KL(student || teacher) over `[0, vocab_size)` on full-length student samples.
@@ -189,7 +192,7 @@ def heldout_reverse_kl(
 @torch.no_grad()
 def greedy_exact_match(
     student: torch.nn.Module, tokenizer: Any, prompts: list[list[int]], references: list[str], *, max_new_tokens: int,
-    pad_id: int, eos_id: int, vocab_size: int, batch_size: int = 16,
+    pad_id: int, eos_id: int | Sequence[int], vocab_size: int, batch_size: int = 16,
 ) -> AccuracyResult:
     """How many greedy completions (KV-cached, stopped at EOS) are their reference answer exactly, with EOS.
 
@@ -202,6 +205,7 @@ def greedy_exact_match(
     was_training = student.training
     student.eval()
     correct, finished, tokens = 0, 0, 0
+    stops = _stop_ids(eos_id)
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         ids_BT, _, resp_mask_BR, P = _sample(student, chunk, max_new_tokens, pad_id=pad_id, eos_id=eos_id,
@@ -209,7 +213,7 @@ def greedy_exact_match(
         for row_ids, row_mask, reference in zip(ids_BT[:, P:].tolist(), resp_mask_BR.tolist(),
                                                 references[start:start + batch_size], strict=True):
             response = [t for t, keep in zip(row_ids, row_mask, strict=True) if keep]
-            ended = bool(response) and response[-1] == eos_id
+            ended = bool(response) and response[-1] in stops
             body = response[:-1] if ended else response
             tokens += len(response)
             finished += ended
@@ -226,14 +230,16 @@ def _matches(tokenizer: Any, ids: list[int], reference: str) -> bool:
 
 
 def _sample(
-    student: torch.nn.Module, chunk: list[list[int]], max_new_tokens: int, *, pad_id: int, eos_id: int | None,
-    vocab_size: int, gen: torch.Generator | None, use_cache: bool = True,
+    student: torch.nn.Module, chunk: list[list[int]], max_new_tokens: int, *, pad_id: int,
+    eos_id: int | Sequence[int] | None, vocab_size: int, gen: torch.Generator | None, use_cache: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Left-pad `chunk`, sample up to `max_new_tokens` from the student; (ids, attention, response mask, P).
 
-    `gen` None: greedy (the most likely token at every step) instead of sampling.
+    `gen` None: greedy (the most likely token at every step) instead of sampling. A row ends at any of the
+    stop ids `eos_id` (`protocol.stops.stop_token_ids`: where the actor's engine stops too).
     """
     device = next(student.parameters()).device
+    stops_E = torch.tensor(_stop_ids(eos_id), dtype=torch.long, device=device)
     P = max(len(p) for p in chunk)
     ids_BT = torch.full((len(chunk), P), pad_id, dtype=torch.long)
     attn_BT = torch.zeros((len(chunk), P), dtype=torch.long)
@@ -263,11 +269,15 @@ def _sample(
         resp_mask_list.append(~done_B)
         ids_BT = torch.cat([ids_BT, nxt_B[:, None]], dim=1)
         attn_BT = torch.cat([attn_BT, (~done_B).long()[:, None]], dim=1)
-        if eos_id is not None:
-            done_B = done_B | (nxt_B == eos_id)
+        if len(stops_E):
+            done_B = done_B | torch.isin(nxt_B, stops_E)
         if done_B.all():
             break
     return ids_BT, attn_BT, torch.stack(resp_mask_list, dim=1), P
+
+
+def _stop_ids(eos_id: int | Sequence[int] | None) -> list[int]:
+    return [] if eos_id is None else [int(eos_id)] if isinstance(eos_id, int) else [int(t) for t in eos_id]
 
 
 def _logits(model: torch.nn.Module, ids_BT: torch.Tensor, attn_BT: torch.Tensor, pos_BT: torch.Tensor,

@@ -264,7 +264,7 @@ class Learner:
         row = s.history_row(step=self.step, version=self.version, waited_s=waited_s, idle_fraction=idle_fraction)
         history.write(json.dumps(row) + "\n")
         history.flush()
-        self.advertise(loss=s.loss, reverse_kl=s.reverse_kl, tokens_per_second=s.tokens_per_second,
+        self.advertise(loss=s.loss, reverse_kl=s.reverse_kl, support_kl=s.support_kl, tokens_per_second=s.tokens_per_second,
                        idle_fraction=min(idle_fraction, 1.0))
 
     # -- what the learner writes and tells ---------------------------------------------------------

@@ -26,10 +26,21 @@ from protocol.telemetry import LearnerMetrics
 
 @dataclass
 class StepStats:
-    """What one step did, summed or averaged over all ranks (the metrics, ``history.jsonl`` and the state)."""
+    """What one step did, summed or averaged over all ranks (the metrics, ``history.jsonl`` and the state).
+
+    Two KLs, because only one of them is the truth. ``reverse_kl`` is the sampled-token estimate of the
+    reverse KL on the training prefixes, the mean of ``log mu(y_t) - log p_T(y_t)`` over the student's own
+    tokens: unbiased for KL(mu || p_T) whatever the loss, since the tokens were sampled from mu and the
+    cache holds ``log p_T(y_t)`` exactly. ``support_kl`` is what the loss itself sees: the KL restricted to
+    the teacher's top-k plus one tail bucket (``topk_kl``), a coarse-graining and so never above the true
+    KL. On a real vocabulary it can be far below it: on SmolLM2's 49k tokens the student's own samples held
+    most of its mass outside the teacher's top-8 and the bucket saw 0.33 nats of a true 6.99
+    (docs/learner.md, "Which KL you are looking at"). Every view shows ``reverse_kl``.
+    """
 
     loss: float
-    reverse_kl: float
+    reverse_kl: float  # sampled-token estimate of KL(mu || p_T) on the trained tokens (the true KL)
+    support_kl: float = 0.0  # the loss's restricted-support KL (top-k + bucket): a lower bound
     tokens: int
     samples: int = 0
     ratio_mean: float = 1.0
@@ -48,6 +59,7 @@ class StepStats:
         metrics.steps.inc()
         metrics.loss.set(self.loss)
         metrics.reverse_kl.set(self.reverse_kl)
+        metrics.support_kl.set(self.support_kl)
         metrics.tokens_trained.inc(self.tokens)
         metrics.tokens_per_second.set(self.tokens_per_second)
         metrics.policy_version.set(version)
@@ -59,7 +71,8 @@ class StepStats:
 
     def history_row(self, *, step: int, version: int, waited_s: float, idle_fraction: float) -> dict[str, Any]:
         """The step's line of ``history.jsonl``."""
-        return {"step": step, "version": version, "loss": self.loss, "reverse_kl": self.reverse_kl, "tokens": self.tokens,
+        return {"step": step, "version": version, "loss": self.loss, "reverse_kl": self.reverse_kl,
+                "support_kl": self.support_kl, "tokens": self.tokens,
                 "samples": self.samples, "seconds": self.seconds, "waited_s": waited_s,
                 "tokens_per_second": self.tokens_per_second, "idle_fraction": idle_fraction,
                 "ratio_mean": self.ratio_mean, "ratio_max": self.ratio_max, "clip_fraction": self.clip_fraction,
@@ -89,6 +102,8 @@ class Trainer:
         self.device = device
         self.pad_id = pad_id
         self.loss = cfg.loss.build()
+        vocab = int(getattr(train_model.module.config, "vocab_size", 0) or 0)
+        self.micro_batch_tokens = micro_batch_budget(cfg.micro_batch_tokens, cfg.max_logits_mb, vocab)
         self.optimizer = torch.optim.AdamW(train_model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         warmup = cfg.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -102,7 +117,7 @@ class Trainer:
         # DDP and FSDP average gradients over ranks, hence the division by the world size.
         normalizer = max(plan.tokens, 1) / self.dist.world_size
         self.optimizer.zero_grad(set_to_none=True)
-        acc = {"loss": 0.0, "kl": 0.0, "rmean": 0.0, "rmax": 0.0, "clip": 0.0, "pad": 0.0, "slots": 0.0}
+        acc = {"loss": 0.0, "kl": 0.0, "support": 0.0, "rmean": 0.0, "rmax": 0.0, "clip": 0.0, "pad": 0.0, "slots": 0.0}
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
         for i in range(plan.n_micro):
             with self.train_model.grad_sync(i == plan.n_micro - 1):
@@ -121,10 +136,10 @@ class Trainer:
         return self._stats(acc, plan, t0)
 
     def _plan(self, messages: list[ScoredPrefix]) -> _Plan:
-        """Pack this rank's samples into micro-batches of at most `learner.micro_batch_tokens`; agree on totals."""
+        """Pack this rank's samples into micro-batches of at most `micro_batch_budget` tokens; agree on totals."""
         samples = [Sample.from_record(m) for m in messages]
         lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
-        groups = pack_by_tokens(lengths, self.cfg.micro_batch_tokens) if samples else []
+        groups = pack_by_tokens(lengths, self.micro_batch_tokens) if samples else []
         local_tokens = sum(len(s.response_ids) for s in samples)
         total_tokens, total_samples, n_micro = local_tokens, len(samples), len(groups)
         sequence_tokens = sum(lengths)
@@ -150,25 +165,48 @@ class Trainer:
     def _stats(self, acc: dict[str, float], plan: _Plan, t0: float) -> StepStats:
         """The step's statistics over all ranks (token-weighted means, the max of the ratio maxima)."""
         if self.dist.enabled:
-            keys = ("loss", "kl", "rmean", "clip", "pad", "slots")
+            keys = ("loss", "kl", "support", "rmean", "clip", "pad", "slots")
             for key, value in zip(keys, self.dist.sum([acc[k] for k in keys]), strict=True):
                 acc[key] = value
             acc["loss"] /= self.dist.world_size
             acc["rmax"] = self.dist.max([acc["rmax"]])[0]
         denom = max(plan.tokens, 1)
         return StepStats(
-            loss=acc["loss"], reverse_kl=acc["kl"] / denom, tokens=plan.tokens, samples=plan.samples_total,
+            loss=acc["loss"], reverse_kl=acc["kl"] / denom, support_kl=acc["support"] / denom, tokens=plan.tokens, samples=plan.samples_total,
             ratio_mean=acc["rmean"] / denom if acc["rmean"] else 1.0, ratio_max=acc["rmax"] or 1.0,
             clip_fraction=acc["clip"] / denom, padding_fraction=acc["pad"] / max(acc["slots"], 1),
             seconds=time.perf_counter() - t0, sequence_tokens=plan.sequence_tokens,
         )
 
 
+LOGITS_COPIES = 4  # fp32 tokens x vocab tensors alive at the peak: logits, log-softmax, and their gradients
+
+
+def micro_batch_budget(micro_batch_tokens: int, max_logits_mb: int, vocab_size: int) -> int:
+    """Tokens per micro-batch: `learner.micro_batch_tokens`, cut so the vocabulary-sized tensors fit in
+    `learner.max_logits_mb`. WHY: at a real vocabulary the logits, not the model, dominate the learner's
+    memory (4,096 tokens x 49,152 x 4 bytes is 805 MB per copy, and the forward and backward hold several);
+    a token budget that ignores the vocabulary is an out-of-memory waiting for a long batch. Never below
+    16 tokens (a single longer sequence still gets a micro-batch of its own, as `pack_by_tokens` does)."""
+    if vocab_size <= 0:
+        return micro_batch_tokens
+    fits = (max_logits_mb << 20) // (vocab_size * 4 * LOGITS_COPIES)
+    return max(16, min(micro_batch_tokens, fits))
+
+
+def sampled_kl_sum(batch: Batch) -> torch.Tensor:
+    """Sum over the response tokens of ``log mu(y_t) - log p_T(y_t)``: the sampled reverse-KL estimate's
+    numerator (see `StepStats`), from the behaviour and teacher logprobs every message carries."""
+    diff_BT = torch.where(batch.response_mask_BT, batch.behaviour_logprobs_BT - batch.teacher_logprobs_BT, 0.0)
+    return diff_BT.sum()
+
+
 def _accumulate(acc: dict[str, float], out: LossOutput, batch: Batch) -> None:
     """Add one micro-batch's loss output to the step's sums (token-weighted, so ranks and micro-batches combine)."""
     n = float(out.tokens)
     acc["loss"] += float(out.loss.detach())
-    acc["kl"] += float(out.reverse_kl) * n
+    acc["kl"] += float(sampled_kl_sum(batch))
+    acc["support"] += float(out.reverse_kl) * n
     if out.ratio_mean is not None:
         acc["rmean"] += float(out.ratio_mean) * n
         acc["rmax"] = max(acc["rmax"], float(out.ratio_max))

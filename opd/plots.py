@@ -21,8 +21,11 @@ def plot_run(history: list[dict[str, Any]], evals: list[dict[str, Any]], out: Pa
     scored = [r for r in evals if "accuracy" in r]
     fig, axes = plt.subplots(1, 4 if scored else 3, figsize=(20 if scored else 15, 4))
     steps = [r["step"] for r in history]
-    axes[0].plot(steps, [r["reverse_kl"] for r in history])
-    axes[0].set_title("reverse KL on training prefixes (as the loss measures it)")
+    axes[0].plot(steps, [r["reverse_kl"] for r in history], label="sampled-token estimate (the true KL)")
+    if any("support_kl" in r for r in history):
+        axes[0].plot(steps, [r.get("support_kl") for r in history], label="the loss's top-k support (a lower bound)")
+        axes[0].legend()
+    axes[0].set_title("reverse KL on training prefixes")
     axes[0].set_ylabel("nats / token")
     per_prefix = [r["tokens"] / r["samples"] if r.get("samples") else None for r in history]
     axes[1].plot(steps, per_prefix)

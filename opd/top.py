@@ -200,7 +200,8 @@ def _learner_rows(state: LearnerState | StateUnavailable) -> list[tuple[str, str
         step += f" ({state.phase})"
     return [
         ("learner step / version", step),
-        ("loss / sampled reverse KL", f"{_f(state.loss)} / {_f(state.reverse_kl)}"),
+        ("reverse KL on training prefixes (sampled est.)", _f(state.reverse_kl)),
+        ("loss / the loss's top-k support KL", f"{_f(state.loss)} / {_f(state.support_kl)}"),
         ("held-out reverse KL (first -> last)", f"{_f(state.eval_kl_first)} -> {_f(state.eval_kl_last)}"),
         ("learner tokens/s, idle fraction", f"{_f(state.tokens_per_second, 0)}, {_f(state.idle_fraction, 2)}"),
     ]

@@ -87,7 +87,10 @@ class LearnerState(BaseModel):
                          "weights of `version` were published.")
     phase: Phase = Field("training", description="training | draining (stop_producing is set) | done.")
     loss: float | None = Field(None, description="Loss of the last step.")
-    reverse_kl: float | None = Field(None, description="Sampled reverse KL of the last step.")
+    reverse_kl: float | None = Field(None, description="Reverse KL on the last step's training prefixes: the sampled-"
+                                     "token estimate, mean log mu(y) - log p_T(y) over the student's tokens.")
+    support_kl: float | None = Field(None, description="The loss's restricted-support KL of the last step (top-k + "
+                                     "tail bucket): a lower bound of reverse_kl.")
     tokens_per_second: float | None = Field(None, ge=0, description="Training throughput of the last step.")
     idle_fraction: float | None = Field(None, ge=0, le=1, description="Fraction of wall time spent waiting for data.")
     eval_kl_first: float | None = Field(None, description="Held-out reverse KL at the first evaluation.")

