@@ -36,7 +36,7 @@ PRODUCED, TRAINED, DROPPED, DEAD = "produced", "trained", "dropped", "dead"
 TERMINAL = (TRAINED, DROPPED, DEAD)
 
 # The one definition of an outcome update, for every script that records one (`record` below, the
-# fenced settle of protocol/streams.py, the learner's duplicate check). `lk` = {ledger, outcomes, holders}.
+# fenced settle of protocol/streams.py, the learner's step commit and duplicate check). `lk` = {ledger, outcomes, holders}.
 LUA_RECORD = """
 local function ledger_record(lk, id, outcome)
   local prev = redis.call('HGET', lk[1], id)
