@@ -233,7 +233,8 @@ class Learner:
         return stats
 
     def commit(self, batch: list[Delivery]) -> None:
-        """Acknowledge the step just taken: journal, ack and ledger ``trained`` in one transaction."""
+        """Acknowledge the step just taken: journal, ack and ledger ``trained`` in one script, then the lineage row
+        (a crash between the two leaves the row to the replay: ``learner/journal.py``)."""
         self.journal.commit(self.step, self.version, batch)
         self.inflight.discard([d.entry_id for d in batch])
         self.record_lineage([d.message.id for d in batch], replayed=False)  # type: ignore[union-attr]
