@@ -26,12 +26,14 @@ import time
 import numpy as np
 import pytest
 import redis
+from reply_dropper import ReplyDropper
 
 from learner.inflight import InFlight, LearnerQueue
 from learner.journal import CommitError, StepJournal, orphaned_journals
 from protocol import ledger
 from protocol.messages import ScoredPrefix
 from protocol.names import Names
+from protocol.reconnect import Outages, ReconnectPolicy, RideOutRetry
 from protocol.streams import Delivery, StreamQueue, read_dead_letters
 
 pytestmark = pytest.mark.integration
@@ -352,3 +354,24 @@ def test_a_rank_that_autoclaims_a_stalled_ranks_entries_trains_them_once(redis_u
     assert int(client.xpending(names.scored, q0.group)["pending"]) == 0
     assert {k.decode(): v.decode() for k, v in client.hgetall(names.ledger).items()} == dict.fromkeys(published, ledger.TRAINED)
     assert ledger.counts(client, names)[ledger.TRAINED] == len(published) and ledger.duplicates(client, names) == 0
+
+
+def test_a_commit_whose_reply_is_lost_is_retried_to_the_same_step(redis_url: str) -> None:
+    """A commit reply lost for real (a proxy closes the connection after Redis ran the script): the client's
+    retry (`protocol/reconnect.py`) runs the script again, which finds the step at the journal's tail and
+    returns it; the batch is journaled, acknowledged and recorded `trained` once."""
+    client, names, q, messages = _setup(redis_url, 3)
+    batch = q.read(3, block_ms=100)
+    retry = RideOutRetry(ReconnectPolicy(base_s=0.05, cap_s=0.2, give_up_s=30), "proxied-redis", outages=Outages())
+    with ReplyDropper.in_front_of(redis_url) as dropper:
+        proxied = redis.Redis.from_url(dropper.url(), socket_timeout=10, retry=retry)
+        journal = StepJournal(proxied, names, stream=q.stream, group=q.group, consumer=q.consumer, rank=0,
+                              max_bytes=q.max_bytes)
+        proxied.ping()
+        dropper.armed.set()
+        journal.commit(1, 1, batch)
+        assert dropper.dropped == 1 and dropper.connections == 2, "the reply was not lost: the test proved nothing"
+    assert [f[b"entry"].decode() for _, f in client.xrange(journal.key)] == [d.entry_id for d in batch]
+    assert len(journal) == 3  # the ids the retry returned: this process knows what to forget at its checkpoint
+    assert ledger.counts(client, names) == {ledger.PRODUCED: 0, ledger.TRAINED: 3, ledger.DROPPED: 0, ledger.DEAD: 0}
+    assert client.xlen(names.scored) == 0 and {ledger.outcome_of(client, names, m.id) for m in messages} == {ledger.TRAINED}

@@ -12,71 +12,15 @@ Pins (`protocol/ledger.py` `add_stats`, `StatsWriter`, against a real redis-serv
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import threading
-from collections.abc import Iterator
-from urllib.parse import urlsplit
-
 import pytest
 import redis
+from reply_dropper import ReplyDropper
 
 from protocol import ledger
 from protocol.names import Names
 from protocol.reconnect import Outages, ReconnectPolicy, RideOutRetry
 
 pytestmark = pytest.mark.integration
-
-
-class ReplyDropper:
-    """A TCP proxy to Redis that, when armed, loses the next reply: it closes both connections instead of
-    passing the reply on, after Redis executed the command (the reply proves it did)."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = int(self.server.getsockname()[1])
-        self.armed = threading.Event()
-        self.dropped = 0
-        self.connections = 0
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                downstream, _ = self.server.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-            self.connections += 1
-            threading.Thread(target=self._pump, args=(downstream, upstream, False), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, downstream, True), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, replies: bool) -> None:
-        try:
-            while data := src.recv(65536):
-                if replies and self.armed.is_set():
-                    self.armed.clear()
-                    self.dropped += 1
-                    break
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-                s.close()
-
-    def close(self) -> None:
-        self.server.close()
-
-
-@pytest.fixture()
-def dropper(redis_url: str) -> Iterator[ReplyDropper]:
-    proxy = ReplyDropper(int(urlsplit(redis_url).port or 6379))
-    yield proxy
-    proxy.close()
 
 
 def test_a_repeated_update_counts_once(redis_url: str) -> None:
@@ -95,20 +39,21 @@ def test_a_repeated_update_counts_once(redis_url: str) -> None:
     assert all(w.add(teacher_prefixes=1) for w in two) and ledger.stats(client, names)["teacher_prefixes"] == 2.0
 
 
-def test_a_reply_lost_mid_retry_counts_once(redis_url: str, dropper: ReplyDropper) -> None:
+def test_a_reply_lost_mid_retry_counts_once(redis_url: str) -> None:
     """The retry of `protocol/reconnect.py` re-sends an update Redis already applied: refused, counted once.
 
     Fails before the fix: the retried HINCRBYFLOAT added the FLOPs a second time.
     """
     retry = RideOutRetry(ReconnectPolicy(base_s=0.05, cap_s=0.2, give_up_s=30), "proxied-redis", outages=Outages())
-    client = redis.Redis(host="127.0.0.1", port=dropper.port, socket_timeout=10, retry=retry)
     names = Names("stats-lost")
-    writer = ledger.StatsWriter(client, names, "learner-rank0")
-    assert writer.add(flops_learner=6e9, learner_steps=1)
-    dropper.armed.set()
-    writer.add(flops_learner=6e9, learner_steps=1)  # the reply is lost; the client reconnects and sends it again
-    assert dropper.dropped == 1 and dropper.connections == 2, "the reply was not lost: the test proved nothing"
-    direct = redis.Redis.from_url(redis_url)
-    assert ledger.stats(direct, names) == {"flops_learner": 12e9, "learner_steps": 2.0}
-    assert writer.add(flops_learner=6e9, learner_steps=1)
-    assert ledger.stats(direct, names) == {"flops_learner": 18e9, "learner_steps": 3.0}
+    with ReplyDropper.in_front_of(redis_url) as dropper:
+        client = redis.Redis.from_url(dropper.url(), socket_timeout=10, retry=retry)
+        writer = ledger.StatsWriter(client, names, "learner-rank0")
+        assert writer.add(flops_learner=6e9, learner_steps=1)
+        dropper.armed.set()
+        writer.add(flops_learner=6e9, learner_steps=1)  # the reply is lost; the client reconnects and sends it again
+        assert dropper.dropped == 1 and dropper.connections == 2, "the reply was not lost: the test proved nothing"
+        direct = redis.Redis.from_url(redis_url)
+        assert ledger.stats(direct, names) == {"flops_learner": 12e9, "learner_steps": 2.0}
+        assert writer.add(flops_learner=6e9, learner_steps=1)
+        assert ledger.stats(direct, names) == {"flops_learner": 18e9, "learner_steps": 3.0}
