@@ -129,6 +129,7 @@ class Actor:
         self.stop = stop or StopFlag()
         self.names = Names(transport.namespace)
         self.client = connect_role(transport)
+        self.stats = ledger.StatsWriter(self.client, self.names, actor_id)  # run stats, each batch's added once
         self.registry = registry or CollectorRegistry()
         self.metrics: ActorMetrics = actor_metrics(self.registry)
         self.queue = StreamQueue(
@@ -302,12 +303,12 @@ class Actor:
         # Forward pass per saved token: 2 x params FLOPs (the KV-cached decode cost); of the bound, as the
         # counter always was (the estimate is in the run stats, for the summary).
         self.metrics.compute_saved.labels(stage="actor_truncation").inc(2 * self.params * bound)
-        ledger.add_stats(self.client, self.names, actor_prefixes=len(outcomes), actor_tokens_generated=generated_total,
-                         actor_tokens_saved=bound, flops_saved_truncation=2 * self.params * bound,
-                         actor_budget_tokens=budget, actor_truncated=truncated, actor_probes=tally.probes,
-                         actor_probe_tokens=probe_tokens, probe_saving_sum=tally.saving_sum,
-                         probe_saving_sq_sum=tally.saving_sq_sum, actor_prompt_tokens=prompt_tokens,
-                         flops_generation=forward_flops(self.params, prompt_tokens + generated_total))
+        self.stats.add(actor_prefixes=len(outcomes), actor_tokens_generated=generated_total,
+                       actor_tokens_saved=bound, flops_saved_truncation=2 * self.params * bound,
+                       actor_budget_tokens=budget, actor_truncated=truncated, actor_probes=tally.probes,
+                       actor_probe_tokens=probe_tokens, probe_saving_sum=tally.saving_sum,
+                       probe_saving_sq_sum=tally.saving_sq_sum, actor_prompt_tokens=prompt_tokens,
+                       flops_generation=forward_flops(self.params, prompt_tokens + generated_total))
 
     def run(self) -> ActorSummary:
         self.maybe_reload(force=True)

@@ -96,6 +96,7 @@ class Teacher:
         self.stop = stop or StopFlag()
         self.names = Names(transport.namespace)
         self.client = connect_role(transport)
+        self.stats = ledger.StatsWriter(self.client, self.names, worker_id)  # run stats, each batch's added once
         self.registry = registry or CollectorRegistry()
         self.metrics: TeacherMetrics = teacher_metrics(self.registry)
         self.inbox = StreamQueue(
@@ -234,10 +235,10 @@ class Teacher:
             done = [(d, r) for d, r in done if d.entry_id not in refused]
         scored = sum(r.scored_tokens for _d, r in done)  # type: ignore[attr-defined]
         cached = sum(r.cached_tokens for _d, r in done)  # type: ignore[attr-defined]
-        ledger.add_stats(self.client, self.names, teacher_prefixes=len(done), teacher_tokens_scored=scored,
-                         teacher_tokens_cached=cached, flops_saved_cache=self.flops_saved,
-                         teacher_cache_errors=self.batch_cache_errors, teacher_tokens_forwarded=self.tokens_forwarded,
-                         flops_teacher=forward_flops(self.params, self.tokens_forwarded))
+        self.stats.add(teacher_prefixes=len(done), teacher_tokens_scored=scored,
+                       teacher_tokens_cached=cached, flops_saved_cache=self.flops_saved,
+                       teacher_cache_errors=self.batch_cache_errors, teacher_tokens_forwarded=self.tokens_forwarded,
+                       flops_teacher=forward_flops(self.params, self.tokens_forwarded))
         self.flops_saved = 0
         self.tokens_forwarded = 0
         self.batch_cache_errors = 0

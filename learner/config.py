@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from learner.losses import LossConfig, TopKKLConfig
 from protocol.files import UserPath
@@ -61,7 +61,8 @@ class LearnerConfig(BaseModel):
                             "later position (64 x 16 covers 1024 tokens).")
     kl_window_steps: int = Field(4, ge=1, description="Steps per published window of the KL by position.")
     kl_history: int = Field(16, ge=2, le=256, description="Windows of the KL by position kept in the published state.")
-    publish_every: int = Field(1, ge=1, description="Publish weights to the actors every N steps.")
+    publish_every: int = Field(1, ge=1, description="Publish weights to the actors every N steps; at most "
+                               "learner.max_staleness + 1, or every sample is stale before the next publication.")
     keep_published: int = Field(3, ge=1, description="Published weight directories kept.")
     checkpoint_every: int = Field(
         50, ge=1, description="Checkpoint every N steps. Steps since the last checkpoint are replayed from "
@@ -81,3 +82,20 @@ class LearnerConfig(BaseModel):
                               "each rank adds its local rank).")
     metrics_host: str = Field("127.0.0.1", description="Bind address of /metrics.")
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _publications_outpace_staleness(self) -> LearnerConfig:
+        """Refuse a publication period that makes every sample stale before the next publication (issue 16).
+
+        Actors sample with the last published weights. The steps after a publication are taken at versions
+        v, v + 1, ...; at v + max_staleness + 1 everything the actors can have sampled lags by more than
+        `max_staleness`, so it is all dropped as stale, no step is taken, and the publication due at
+        v + publish_every never comes: the learner drops all work until `read_timeout_s`.
+        """
+        if self.publish_every > self.max_staleness + 1:
+            raise ValueError(
+                f"publish_every: {self.publish_every} is more than learner.max_staleness + 1 "
+                f"({self.max_staleness + 1}), and from step {self.max_staleness + 1} after a publication every sample "
+                "lags by more than learner.max_staleness and is dropped as stale, so the learner never reaches "
+                "its next publication; lower learner.publish_every or raise learner.max_staleness")
+        return self

@@ -120,6 +120,7 @@ class Intake:
         self.metrics = metrics
         self.summary = summary
         self.position_kl = position_kl
+        self.stats = ledger.StatsWriter(q.client, q.names, f"learner-probes-rank{dist.rank}")  # each probe counted once
         self.local_batch = dist.share(cfg.batch_size)
         self._held: list[Delivery] = []  # several ranks: fresh samples held over for the next step
         # Called while waiting for data after samples were retired untrained (dropped stale, probes): the loop
@@ -193,7 +194,7 @@ class Intake:
         self.inflight.discard([d.entry_id])
         self.metrics.probes.inc()
         self.summary.probes += 1
-        ledger.add_stats(self.queue.client, self.queue.names, learner_probes=1)
+        self.stats.add(learner_probes=1)
 
     def collect(self, prefetch: Prefetcher, *, version: int, deadline_s: float, draining: bool) -> Collected:
         """This rank's batch for the next step.

@@ -12,9 +12,12 @@ checkpoint would starve the actors. Checkpoints of a real student are also far t
 few steps to keep those windows small.
 
 So the learner keeps a write-ahead log, a Redis stream per rank (``<ns>:learner:journal:<rank>``). When a
-step is done, one server-side script, in the same ``MULTI`` as the ``trained`` ledger outcome, checks that
-every entry of the batch is still pending for this consumer, copies its payload into the journal (tagged
-with the step and the resulting policy version), and acknowledges and deletes it from ``opd:scored``.
+step is done, one server-side script checks that every entry of the batch is still pending for this
+consumer, then copies its payload into the journal (tagged with the step and the resulting policy
+version), acknowledges and deletes it from ``opd:scored``, and records its id ``trained`` in the ledger.
+The ledger record is inside the script, after every check, not queued beside it in a ``MULTI``: an error
+reply does not abort a ``MULTI``, so a refused commit would still have marked its batch trained, and the
+restarted learner would then have deleted the untrained entries as copies (issue 16).
 After a checkpoint is durably written (and, with several ranks, every rank passed a barrier), the journal
 entries of the steps it contains are deleted. After a crash the learner loads the newest checkpoint and
 replays the journaled steps after it, in order, with the same batches: a checkpoint plus its journal is
@@ -36,8 +39,8 @@ refused copy is acknowledged and deleted, and counted in ``<ns>:count:duplicates
 A commit retried after a lost reply (``protocol/reconnect.py`` retries calls while Redis is down) finds
 its step already at the journal's tail and returns it instead of failing: the first attempt went through.
 
-Crash windows, each safe: before the ``MULTI`` (nothing acknowledged; the batch is re-delivered), after it
-(journaled; replayed), after a checkpoint but before its journal entries are deleted (replay skips steps
+Crash windows, each safe: before the script (nothing acknowledged; the batch is re-delivered), after it
+(journaled; replayed; a lineage row the crash kept from being written is written by the replay), after a checkpoint but before its journal entries are deleted (replay skips steps
 the checkpoint already contains, by step number). With several ranks a crash can land between two ranks'
 commits of the same step: the step is replayed with the missing rank's share empty, and that share is
 still pending, so it is trained again later, exactly once.
@@ -57,25 +60,34 @@ from protocol.streams import PAYLOAD, Delivery
 
 log = logging.getLogger(__name__)
 
-# KEYS: scored stream, journal. ARGV: group, consumer, step, version, payload field, entry ids...
-# Checks everything before writing anything, so a failed commit leaves both streams untouched. A step
-# already at the journal's tail was committed by an earlier attempt whose reply was lost: its ids are returned.
-_COMMIT = """
+# KEYS: scored stream, journal, then the ledger's keys (`ledger.keys`: ledger, outcomes, holders).
+# ARGV: group, consumer, step, version, payload field, the `trained` outcome, then per entry: entry id, message id.
+# Returns the journal entry ids written. Failure replies (nothing written, in either stream or the ledger):
+#   NOTOWNED  an entry is no longer pending for this consumer (another consumer claimed it, or it was settled);
+#   MISSING   an entry is pending but was deleted from the stream;
+#   NOPAYLOAD an entry carries no payload field.
+# Every check runs before the first write, and the ledger's `trained` is recorded here, after them, not in a
+# MULTI beside the script: an error reply does not abort a MULTI (STYLE.md item 14), so a ledger update queued
+# with a refused commit would mark untrained work trained. A step already at the journal's tail was committed
+# by an earlier attempt whose reply was lost: its journal ids are returned and nothing is written.
+_COMMIT = ledger.LUA_RECORD + """
 local stream, journal = KEYS[1], KEYS[2]
+local lk = {KEYS[3], KEYS[4], KEYS[5]}
 local group, consumer, step, version = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local payload = ARGV[5]
+local payload, trained = ARGV[5], ARGV[6]
+local first, n = 7, math.floor((#ARGV - 6) / 2)
 local function step_of(entry)
   local f = entry[2]
   for j = 1, #f, 2 do if f[j] == 'step' then return f[j + 1] end end
 end
-local tail = redis.call('XREVRANGE', journal, '+', '-', 'COUNT', math.max(#ARGV - 5, 1))
+local tail = redis.call('XREVRANGE', journal, '+', '-', 'COUNT', math.max(n, 1))
 if #tail > 0 and step_of(tail[1]) == step then
   local done = {}
   for i = #tail, 1, -1 do if step_of(tail[i]) == step then done[#done + 1] = tail[i][1] end end
   return done
 end
 local blobs = {}
-for i = 6, #ARGV do
+for i = first, #ARGV, 2 do
   local id = ARGV[i]
   if #redis.call('XPENDING', stream, group, id, id, 1, consumer) == 0 then
     return redis.error_reply('NOTOWNED entry ' .. id .. ' is no longer pending for consumer ' .. consumer)
@@ -88,15 +100,16 @@ for i = 6, #ARGV do
   blobs[#blobs + 1] = blob
 end
 local out = {}
-if #blobs == 0 then
+if n == 0 then
   out[1] = redis.call('XADD', journal, '*', 'step', step, 'version', version, 'entry', '')
   return out
 end
-for i = 6, #ARGV do
-  out[#out + 1] = redis.call('XADD', journal, '*', 'step', step, 'version', version, 'entry', ARGV[i],
-                             payload, blobs[i - 5])
-  redis.call('XACK', stream, group, ARGV[i])
-  redis.call('XDEL', stream, ARGV[i])
+for k = 1, n do
+  local id, mid = ARGV[first + 2 * (k - 1)], ARGV[first + 2 * (k - 1) + 1]
+  out[k] = redis.call('XADD', journal, '*', 'step', step, 'version', version, 'entry', id, payload, blobs[k])
+  redis.call('XACK', stream, group, id)
+  redis.call('XDEL', stream, id)
+  ledger_record(lk, mid, trained)
 end
 return out
 """
@@ -167,23 +180,21 @@ class StepJournal:
         self._trained: dict[str, None] = {}  # message ids this process committed (or replayed), oldest first
 
     def commit(self, step: int, version: int, batch: list[Delivery]) -> None:
-        """Journal the batch of ``step``, acknowledge it and record it ``trained``, atomically.
+        """Journal the batch of ``step``, acknowledge it and record it ``trained``, in one script (all or nothing).
 
         An empty batch (a rank without a share of this step) journals a marker, so every rank's journal
         lists every step and a gap always means corruption. Raises `CommitError` when an entry is no
-        longer this consumer's: then nothing was acknowledged or journaled and the caller must stop (the
-        consumer that took the entries over trains them; the ledger's ``trained`` for them, queued in the
-        same ``MULTI``, becomes true when it does).
+        longer this consumer's (or is gone): then nothing was journaled, acknowledged or recorded, the ledger
+        still says ``produced``, and the caller must stop; the entries this consumer still holds are taken
+        back at its restart, and the consumer that took the others over trains those.
         """
-        pipe = self.client.pipeline(transaction=True)
-        # EVAL, not a registered script: a pipeline loads scripts once, so a transaction retried against a
-        # restarted Redis (empty script cache) would fail with NOSCRIPT.
-        pipe.eval(_COMMIT, 2, self.stream, self.key,
-                  self.group, self.consumer, step, version, PAYLOAD, *[d.entry_id for d in batch])
-        if batch:
-            ledger.record(pipe, self.names, {d.message.id: ledger.TRAINED for d in batch})  # type: ignore[union-attr]
+        args: list[str | int] = [self.group, self.consumer, step, version, PAYLOAD, ledger.TRAINED]
+        for d in batch:
+            args += [d.entry_id, d.message.id]  # type: ignore[union-attr]
+        # EVAL, not a registered script: a retry against a restarted Redis (empty script cache) would fail
+        # with NOSCRIPT.
         try:
-            journal_ids = pipe.execute()[0]
+            journal_ids = self.client.eval(_COMMIT, 5, self.stream, self.key, *ledger.keys(self.names), *args)
         except redis.ResponseError as exc:
             raise CommitError(f"step {step}: could not commit its batch: {exc}") from exc
         self._ids += [(step, _s(j)) for j in journal_ids]

@@ -83,6 +83,7 @@ class Learner:
         torch.manual_seed(cfg.seed)
         self.names = Names(transport.namespace)
         self.client = connect_role(transport)
+        self.stats = ledger.StatsWriter(self.client, self.names, f"{learner_id}-rank{self.dist.rank}")  # once per step
         self.registry = registry or CollectorRegistry()
         self.metrics: LearnerMetrics = learner_metrics(self.registry)
         self.queue = LearnerQueue(
@@ -232,7 +233,8 @@ class Learner:
         return stats
 
     def commit(self, batch: list[Delivery]) -> None:
-        """Acknowledge the step just taken: journal, ack and ledger ``trained`` in one transaction."""
+        """Acknowledge the step just taken: journal, ack and ledger ``trained`` in one script, then the lineage row
+        (a crash between the two leaves the row to the replay: ``learner/journal.py``)."""
         self.journal.commit(self.step, self.version, batch)
         self.inflight.discard([d.entry_id for d in batch])
         self.record_lineage([d.message.id for d in batch], replayed=False)  # type: ignore[union-attr]
@@ -259,8 +261,8 @@ class Learner:
         self.metrics.queue_depth.labels(stream=self.names.scored).set(self.queue.depth())
         if history is None:
             return
-        ledger.add_stats(self.client, self.names, learner_steps=1, learner_tokens=s.sequence_tokens,
-                         learner_response_tokens=s.tokens, flops_learner=train_flops(self.params, s.sequence_tokens))
+        self.stats.add(learner_steps=1, learner_tokens=s.sequence_tokens,
+                       learner_response_tokens=s.tokens, flops_learner=train_flops(self.params, s.sequence_tokens))
         row = s.history_row(step=self.step, version=self.version, waited_s=waited_s, idle_fraction=idle_fraction)
         history.write(json.dumps(row) + "\n")
         history.flush()

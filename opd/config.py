@@ -226,16 +226,34 @@ def _variants(annotation: object) -> tuple[type[BaseModel], ...]:
     return ()
 
 
+CLAIM_IDLE_FLOOR_MS = 5_000
+"""Below this `transport.claim_idle_ms` is advised against: shorter than a teacher batch can take (see `advisories`)."""
+
+
 def advisories(cfg: OPDConfig) -> list[str]:
-    """Settings that load and run but that a measurement says to avoid: `opd learner` logs each as a warning.
+    """Settings that load and run but that a measurement or the deployment may make go wrong: `opd learner` logs
+    each as a warning.
 
     WHY not an error: they are legitimate choices (a teacher that sends no top-k), just measured to go wrong on
-    the shipped task; the warning names the measurement so a user can judge it for their own models.
+    the shipped task; or whether they go wrong depends on what the config cannot see (how long a teacher batch
+    takes on this hardware, how many teachers compose scales to). A pair that fails by construction whatever
+    the deployment is refused at load instead (`learner.publish_every` against `learner.max_staleness`).
     """
     out = []
     if cfg.learner.loss.kind == "sampled_reverse_kl" and cfg.teacher.topk == 0:
         out.append("learner.loss is sampled_reverse_kl with teacher.topk=0: on the shipped task at lr 1e-3 this lost "
                    "EOS in both seeds of `opd experiment run --preset loss` (docs/experiments.md); prefer "
                    "teacher.topk >= 8 (the default loss is then the top-k KL) or a lower learner.lr")
+    if cfg.transport.claim_idle_ms < CLAIM_IDLE_FLOOR_MS:
+        out.append(f"transport.claim_idle_ms={cfg.transport.claim_idle_ms} is under {CLAIM_IDLE_FLOOR_MS} ms: a teacher "
+                   f"batch (teacher.batch_size={cfg.teacher.batch_size}) that takes longer is reclaimed by another "
+                   "teacher while it is scored, each reclaim counts a delivery, and after transport.max_deliveries "
+                   f"({cfg.transport.max_deliveries}) the prefix is dead-lettered, not trained; raise "
+                   "transport.claim_idle_ms above the longest teacher batch")
+    if cfg.learner.batch_size > cfg.transport.high_water:
+        out.append(f"learner.batch_size={cfg.learner.batch_size} is above transport.high_water="
+                   f"{cfg.transport.high_water}: the entries the learner has read stay in the scored stream until "
+                   "its step commits, and teachers stop forwarding at the mark (a batch forwarded just under it "
+                   "overshoots it by less than teacher.batch_size), so a step can wait learner.read_timeout_s for "
+                   "a full batch; raise transport.high_water")
     return out
-

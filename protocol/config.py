@@ -18,7 +18,9 @@ class TransportConfig(BaseModel):
     )
     namespace: str = Field("opd", min_length=1, description="Prefix of every stream and key, so runs can share a Redis.")
     max_deliveries: int = Field(3, ge=1, description="Deliveries of one message before it is dead-lettered.")
-    claim_idle_ms: int = Field(30_000, ge=100, description="Pending this long, a message is reclaimed from its (dead) consumer.")
+    claim_idle_ms: int = Field(
+        30_000, ge=100, description="Pending this long, a message is reclaimed from its (dead) consumer. Keep it above "
+        "the longest teacher batch: a live teacher's batch reclaimed counts a delivery (warned under 5000).")
     high_water: int = Field(256, ge=1, description="Producers wait while a stream's backlog is at or above this.")
     backpressure_timeout_s: float = Field(600.0, gt=0, description="Longest a producer waits for room before failing loudly.")
     max_message_bytes: int = Field(MAX_MESSAGE_BYTES, ge=1024, description="Largest message accepted on either end.")

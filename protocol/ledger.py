@@ -20,6 +20,8 @@ totals; a conservation check reads `audit()`: outcomes == fields + rolled, per s
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -36,7 +38,7 @@ PRODUCED, TRAINED, DROPPED, DEAD = "produced", "trained", "dropped", "dead"
 TERMINAL = (TRAINED, DROPPED, DEAD)
 
 # The one definition of an outcome update, for every script that records one (`record` below, the
-# fenced settle of protocol/streams.py, the learner's duplicate check). `lk` = {ledger, outcomes, holders}.
+# fenced settle of protocol/streams.py, the learner's step commit and duplicate check). `lk` = {ledger, outcomes, holders}.
 LUA_RECORD = """
 local function ledger_record(lk, id, outcome)
   local prev = redis.call('HGET', lk[1], id)
@@ -98,16 +100,56 @@ def outcome_of(client: redis.Redis, names: Names, message_id: str) -> str | None
     return value.decode() if value is not None else None
 
 
-def add_stats(client: redis.Redis, names: Names, **increments: float) -> None:
-    """Run-wide totals (tokens generated, saved, scored, cached...) that outlive the processes that made them.
+# KEYS: stats hash, applied hash (writer -> the last update of it applied). ARGV: writer, seq, then
+# key, increment pairs. Returns 1 when applied; 0 when update `seq` of this writer (or a later one) was
+# applied already: a retry of an update whose reply was lost (protocol/reconnect.py), which must not count twice.
+_ADD_STATS = """
+local last = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
+if tonumber(ARGV[2]) <= last then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+for i = 3, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
 
-    Prometheus counters die with their process; the end-of-run summary and `opd top` read these.
+
+def add_stats(client: redis.Redis, names: Names, *, writer: str, seq: int, **increments: float) -> bool:
+    """Run-wide totals (tokens generated, scored, trained, FLOPs...) that outlive the processes that made them.
+
+    Prometheus counters die with their process; the end-of-run summary, `opd top`, `learner.max_flops` and
+    the experiment's compute marks read these. Because decisions are taken on them, an update is applied
+    exactly once: ``(writer, seq)`` names it (`StatsWriter` numbers a process's updates 1, 2, ...), and the
+    script applies it only if ``seq`` is above the last one applied for ``writer``, so the retry of an update
+    whose reply was lost is refused. Returns whether it was applied (False: a repeat, or nothing to add).
     """
-    pipe = client.pipeline(transaction=False)
+    args: list[str] = []
     for key, value in increments.items():
         if value:
-            pipe.hincrbyfloat(names.key("stats"), key, float(value))
-    pipe.execute()
+            args += [key, repr(float(value))]
+    if not args:
+        return False
+    return int(client.eval(_ADD_STATS, 2, names.key("stats"), names.key("stats:applied"), writer, seq, *args)) == 1
+
+
+class StatsWriter:
+    """One component's updates of the run stats, numbered so that each is applied once (`add_stats`).
+
+    The writer name is the role's id plus this process's pid and a random token: a restarted process (same
+    role id) starts its numbering again at 1 and must not be taken for the retries of its predecessor. The
+    lock keeps the numbering in the order the updates reach Redis, which the script's "above the last"
+    check relies on. Redis keeps one small field per writer (`<ns>:stats:applied`), one per process started.
+    """
+
+    def __init__(self, client: redis.Redis, names: Names, role_id: str) -> None:
+        self.client, self.names = client, names
+        self.writer = f"{role_id}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._seq = 0
+        self._lock = threading.Lock()
+
+    def add(self, **increments: float) -> bool:
+        """`add_stats` with this writer's next number; see there."""
+        with self._lock:
+            self._seq += 1
+            return add_stats(self.client, self.names, writer=self.writer, seq=self._seq, **increments)
 
 
 def set_stats(client: redis.Redis, names: Names, **values: float) -> None:

@@ -16,8 +16,9 @@ What is retried, and why that is safe (docs/reliability.md has the full table): 
 command whose first attempt went through before the connection dropped. Reads are idempotent. The
 writes that matter are made idempotent where they are issued: a publish with a ledger outcome is skipped
 when the ledger knows the id, a settle (forward, ack, dead letter) is fenced on ownership so its repeat is
-refused, a journal commit finds its step already at the journal's tail. What may still repeat is
-harmless or bounded: a run-wide stats increment (``add_stats``) counts twice, an ``XREADGROUP`` or
+refused, a journal commit finds its step already at the journal's tail, a run-wide stats update
+(``add_stats``) carries its writer and number and is applied once. What may still repeat is
+harmless or bounded: an ``XREADGROUP`` or
 ``XAUTOCLAIM`` whose reply was lost leaves entries pending until ``claim_idle_ms`` (one extra delivery),
 an admission ``INCRBY`` keeps at most one batch of slots reserved.
 

@@ -7,12 +7,15 @@ Pins (the learner runs as `python -m opd.cli learner`, on real scored prefixes o
 - entries it had read but not trained are taken back at once by the same consumer (their delivery count
   goes to 2) although `transport.claim_idle_ms` is ten minutes, so no reclaim timeout was needed;
 - at the end every message id is `trained` in the ledger, nothing is `produced` or pending, the stream
-  and the journal are empty, and each id is in exactly one step of the final lineage.
+  and the journal are empty, and each id is in exactly one step of the final lineage;
+- a learner that dies after the commit script of a step and before that step's lineage row (issue 16,
+  item 6) loses nothing either: the replay writes the row, and independent books agree (below).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import signal
 from pathlib import Path
 
@@ -35,6 +38,7 @@ from learner_streams import (
 from learner.checkpoint import latest_checkpoint, read_meta
 from protocol import ledger
 from protocol.names import Names
+from protocol.streams import read_dead_letters
 
 pytestmark = pytest.mark.integration
 
@@ -110,3 +114,54 @@ def test_sigkill_restart_resumes_at_the_last_committed_step(redis_url: str, tiny
     trained = [i for row in steps.values() for i in row["ids"]]  # type: ignore[attr-defined]
     assert sorted(trained) == sorted(ids)
     assert steps[4]["replayed"] is True
+
+
+def test_a_learner_dead_between_commit_and_lineage_row_loses_nothing(redis_url: str, tiny_assets: Path,
+                                                                     tmp_path: Path) -> None:
+    """Issue 16, item 6: the learner dies after the commit script of step 1, before its lineage row.
+
+    How, for real: its lineage file is a directory, so the append that follows the commit fails and the
+    process exits with the error, without a checkpoint: the state a SIGKILL at that instant leaves (step 1
+    journaled and `trained` in the ledger, in no lineage row). The restart replays step 1 (a `replayed`
+    row) and trains the rest. Books from independent witnesses: the ids published, the lineage rows (each
+    id in exactly one step), the journal, the dead-letter stream, what is queued or pending, and the ledger.
+    Passes on the main of issue 16 too (a regression pin for the crash window, not a reproduction).
+    """
+    names = Names("commit-crash")
+    client = redis.Redis.from_url(redis_url)
+    messages = scored_messages(tiny_assets, 3 * BATCH)
+    workdir = tmp_path / "learner"
+    (workdir / "trained_ids.jsonl").mkdir(parents=True)
+    cmd = learner_command([*learner_overrides(
+        redis_url, names.namespace, tiny_assets, workdir, batch_size=BATCH, steps=3, checkpoint_every=10,
+        max_staleness=10, read_timeout_s=300, micro_batch_tokens=64), "transport.claim_idle_ms=600000"])
+    log_path = tmp_path / "learner.log"
+    publish(client, names, messages)
+    journal_key = names.key("learner:journal:0")
+
+    proc = start(cmd, log_path)
+    try:
+        assert proc.wait(timeout=300) != 0, log_path.read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "trained_ids.jsonl" in log_path.read_text()  # the failed lineage append is what stopped it
+    journaled = [f[b"entry"] for _, f in client.xrange(journal_key)]
+    assert len(journaled) == BATCH and {int(f[b"step"]) for _, f in client.xrange(journal_key)} == {1}
+    assert ledger.counts(client, names)[ledger.TRAINED] == BATCH
+
+    (workdir / "trained_ids.jsonl").rmdir()
+    proc = start(cmd, log_path)
+    try:
+        assert proc.wait(timeout=300) == 0, log_path.read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    rows = [json.loads(line) for line in (workdir / "trained_ids.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["replayed"]) for r in rows] == [(1, True), (2, False), (3, False)]
+    published = sorted(m.id for m in messages)
+    assert sorted(i for r in rows for i in r["ids"]) == published  # every id in exactly one step
+    assert {k.decode(): v.decode() for k, v in client.hgetall(names.ledger).items()} == dict.fromkeys(published, ledger.TRAINED)
+    assert ledger.counts(client, names)[ledger.TRAINED] == len(published) and ledger.duplicates(client, names) == 0
+    assert read_dead_letters(client, names) == [] and client.xlen(names.scored) == 0
+    assert pending_entries(client, names) == [] and client.xlen(journal_key) == 0

@@ -63,8 +63,8 @@ def pipeline_state(redis_url: str) -> Iterator[redis.Redis]:
     outcomes = {f"p{i}": ledger.PRODUCED for i in range(4)}
     outcomes |= {f"t{i}": ledger.TRAINED for i in range(5)} | {"d0": ledger.DROPPED, "d1": ledger.DROPPED, "x0": ledger.DEAD}
     ledger.record(client, names, outcomes)
-    ledger.add_stats(client, names, actor_tokens_generated=1500, actor_tokens_saved=500, teacher_tokens_scored=750,
-                     teacher_tokens_cached=250, flops_saved_truncation=2e9, flops_saved_cache=3e8,
+    ledger.add_stats(client, names, writer="test", seq=1, actor_tokens_generated=1500, actor_tokens_saved=500,
+                     teacher_tokens_scored=750, teacher_tokens_cached=250, flops_saved_truncation=2e9, flops_saved_cache=3e8,
                      # 3 probes (300 tokens) saved 10, 20 and 30 past their drawn horizons; 30 other rollouts truncated
                      actor_budget_tokens=2500, actor_truncated=30, actor_probes=3, actor_probe_tokens=300,
                      probe_saving_sum=60, probe_saving_sq_sum=1400)
@@ -176,7 +176,8 @@ def test_the_live_view_shows_rates_between_two_snapshots(pipeline_state: redis.R
     names = Names(NS)
     first = snapshot(pipeline_state, names)
     assert not any(what.startswith("tokens/s now") for what, _ in rows(first)), "one snapshot has no rate"
-    ledger.add_stats(pipeline_state, names, actor_tokens_generated=400, teacher_tokens_scored=200, teacher_tokens_cached=100)
+    ledger.StatsWriter(pipeline_state, names, "test").add(actor_tokens_generated=400, teacher_tokens_scored=200,
+                                                          teacher_tokens_cached=100)
     second = snapshot(pipeline_state, names)
     second.taken_at = first.taken_at + 2.0  # the rate is per second of the snapshots' own clock
     shown = dict(rows(second, first))

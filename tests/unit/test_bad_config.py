@@ -91,3 +91,37 @@ def test_a_role_refuses_a_bad_config_before_it_needs_redis(capsys: pytest.Captur
     for role in ("actor", "teacher", "learner"):
         assert main([role, "--config", str(CONFIG), "--set", "learner.lr=-1"]) == 2
         assert "learner.lr: Input should be greater than 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("publish_every", "max_staleness"), [(4, 2), (2, 0), (10, 8)])
+def test_publications_rarer_than_the_staleness_bound_are_refused(capsys: pytest.CaptureFixture[str], publish_every: int,
+                                                                 max_staleness: int) -> None:
+    """Issue 16, defect 5: `learner.publish_every > learner.max_staleness + 1` makes every sample stale from
+    step max_staleness + 1 after a publication on, so the learner never reaches the next one; refused at load,
+    naming both keys. Loaded without a word before the fix."""
+    err = config_error(capsys, "--set", f"learner.publish_every={publish_every}",
+                       "--set", f"learner.max_staleness={max_staleness}")
+    problems = [line.strip() for line in err.splitlines()[1:] if line.strip()]
+    assert len(problems) == 1 and problems[0].startswith("learner.publish_every: "), err
+    assert "learner.max_staleness" in problems[0] and f"({max_staleness + 1})" in problems[0], err
+
+
+def test_publications_within_the_staleness_bound_load() -> None:
+    """The boundary, publish_every = max_staleness + 1, trains at every version up to the next publication."""
+    from opd.config import load_config
+
+    cfg = load_config(CONFIG, ["learner.publish_every=3", "learner.max_staleness=2"])
+    assert (cfg.learner.publish_every, cfg.learner.max_staleness) == (3, 2)
+
+
+def test_pairs_that_depend_on_the_deployment_are_advised_against() -> None:
+    """Issue 16, defect 5: a claim shorter than a teacher batch can take (work dead-lettered after
+    max_deliveries) and a learner batch above the scored stream's high-water mark (a step waits
+    read_timeout_s) load, with a warning naming the keys; the shipped tiny config gets none."""
+    from opd.config import advisories, load_config
+
+    assert advisories(load_config(CONFIG, [])) == []
+    [claim] = advisories(load_config(CONFIG, ["transport.claim_idle_ms=1000"]))
+    assert "transport.claim_idle_ms=1000" in claim and "transport.max_deliveries" in claim and "dead-lettered" in claim
+    [water] = advisories(load_config(CONFIG, ["learner.batch_size=200", "transport.high_water=64"]))
+    assert "learner.batch_size=200" in water and "transport.high_water=64" in water
