@@ -226,7 +226,7 @@ class SGLangRolloutEngine:
         base_url: the server, e.g. `http://student-sglang:30000`.
         timeout_s: read timeout of one `/generate` batch (generation of the whole batch).
         connect_timeout_s: TCP connect timeout of every call.
-        control_timeout_s: timeout of `/pause_generation`, `/continue_generation`, `/get_model_info`.
+        control_timeout_s: timeout of `/pause_generation`, `/continue_generation`, `/model_info`.
         load_timeout_s: timeout of `/update_weights_from_disk` (reads the whole checkpoint).
         pause_mode: `/pause_generation` mode (`abort`, `retract`, `in_place`); see the module docstring.
         max_failures: consecutive transient failures the actor retries with back-off (`is_transient`).
@@ -355,7 +355,7 @@ class SGLangRolloutEngine:
     # ---- extras
 
     def model_info(self) -> dict[str, Any]:
-        """`/get_model_info`: `model_path`, `tokenizer_path`, `weight_version`, ..."""
+        """`/model_info`: `model_path`, `tokenizer_path`, `weight_version`, ..."""
         return self.http.model_info()
 
     def health(self) -> bool:
