@@ -48,6 +48,10 @@ MODEL_INFO_LEGACY = "/get_model_info"  # deprecated by SGLang; asked only when M
 HEALTH = "/health"
 
 PAUSE_MODES = ("abort", "retract", "in_place")
+# SGLang's `--weight-version` default: what a server reports until its first weight update, i.e. the
+# weights it was launched with. Every launcher of this project starts the student server on the initial
+# student (policy version 0), so a server that reports it after a restart is read as version 0.
+LAUNCH_WEIGHT_VERSION = "default"
 CONNECT_TIMEOUT_S = 5.0  # default TCP connect timeout of every call
 CONTROL_TIMEOUT_S = 60.0  # default read timeout of the small control calls
 _EXCERPT = 300
@@ -86,6 +90,51 @@ def logprob_entry(entry: Any, where: str, context: Any) -> tuple[float | None, i
     if isinstance(token_id, bool) or not isinstance(token_id, int):
         raise field_error(where, f"token id {token_id!r} is not an integer", context)
     return (None if logprob is None else float(logprob)), token_id
+
+
+def parse_weight_version(value: Any) -> int:
+    """A server's `weight_version` as our policy version; ValueError for anything else.
+
+    We send `str(version)` with every `/update_weights_from_disk`, so a server reports a decimal string,
+    or `LAUNCH_WEIGHT_VERSION` (version 0) before its first update. A version set by someone else
+    (`--weight-version v1`, another trainer) is not one of ours: refused, never guessed.
+    """
+    if value == LAUNCH_WEIGHT_VERSION:
+        return 0
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)
+    raise ValueError(
+        f"weight_version {value!r} is not a policy version of this project (a decimal string we sent with "
+        f"/update_weights_from_disk, or {LAUNCH_WEIGHT_VERSION!r} for the launch weights, version 0)"
+    )
+
+
+def served_policy_version(meta: dict[str, Any], i: int, body: Any) -> int | None:
+    """The oldest policy version that sampled a token of this answer; None when the server does not say.
+
+    `weight_version` is the server's version when the answer was built; `weight_versions` spans (only
+    when an update landed mid-request, pause modes `retract` / `in_place`) name each version that sampled
+    a part. The oldest bounds the rollout's staleness, so it is the one the rollout is tagged with.
+    """
+    found: list[tuple[str, Any]] = []
+    if "weight_version" in meta:
+        found.append((f"[{i}].meta_info.weight_version", meta["weight_version"]))
+    spans = meta.get("weight_versions")
+    if spans is not None:
+        if not isinstance(spans, list):
+            raise field_error(f"[{i}].meta_info.weight_versions", f"expected a list of spans, got {spans!r}", body)
+        for j, span in enumerate(spans):
+            where = f"[{i}].meta_info.weight_versions[{j}]"
+            if not isinstance(span, dict) or "version" not in span:
+                raise field_error(where, f"expected {{'version', 'start', 'end'}}, got {span!r}", body)
+            found.append((where + ".version", span["version"]))
+    versions = []
+    for where, value in found:
+        try:
+            versions.append(parse_weight_version(value))
+        except ValueError as exc:
+            raise field_error(where, str(exc), body) from None
+    return min(versions) if versions else None
 
 
 def field_error(where: str, reason: str, context: Any) -> SGLangError:

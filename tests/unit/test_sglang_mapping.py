@@ -9,6 +9,8 @@ Pins:
   `Generation` / `Scores` exactly, including SGLang's null placeholder at entry 0 of prompt logprobs.
 - every malformed or failed answer is an `SGLangError` naming endpoint, field, HTTP status and body.
 - `load_weights` is pause -> update_weights_from_disk -> continue, and continue runs even on failure.
+- each `Generation` carries the policy version the server reports (`meta_info.weight_version`, the
+  oldest of `weight_versions`; `"default"` is v0); `load_weights` never loads below the server's version.
 - model info comes from `/model_info`; the deprecated `/get_model_info` only when a server answers 404.
 
 The HTTP tests talk to a real `http.server` on 127.0.0.1 serving canned bodies; only the GPU server
@@ -48,10 +50,12 @@ GENERATE_BATCH = json.loads("""
   {"text": " Paris.", "output_ids": [12095, 13, 151645],
    "meta_info": {"id": "9f1c", "finish_reason": {"type": "stop", "matched": 151645},
                  "prompt_tokens": 4, "completion_tokens": 3, "cached_tokens": 0, "e2e_latency": 0.05,
+                 "weight_version": "7",
                  "output_token_logprobs": [[-0.11, 12095, null], [-0.5, 13, null], [-0.01, 151645, null]]}},
   {"text": " The capital", "output_ids": [576, 6722],
    "meta_info": {"id": "9f1d", "finish_reason": {"type": "length", "length": 2},
                  "prompt_tokens": 3, "completion_tokens": 2, "cached_tokens": 2, "e2e_latency": 0.05,
+                 "weight_version": "7",
                  "output_token_logprobs": [[-1.5, 576, null], [-0.25, 6722, null]]}}
 ]
 """)
@@ -233,6 +237,31 @@ def test_parse_generate_errors_name_the_field(mutate, match: str) -> None:
     assert "SGLang /generate" in str(info.value)
 
 
+def test_parse_generate_tags_the_version_the_server_ran() -> None:
+    """main tagged rollouts with the actor's version; the server's `weight_version` is what sampled them."""
+    assert [g.policy_version for g in parse_generate_response(_copy(GENERATE_BATCH), [8, 2])] == [7, 7]
+    launch = _mutated(lambda b: [item["meta_info"].__setitem__("weight_version", "default") for item in b])
+    assert [g.policy_version for g in parse_generate_response(launch, [8, 2])] == [0, 0]
+    unsaid = _mutated(lambda b: [item["meta_info"].pop("weight_version") for item in b])
+    assert [g.policy_version for g in parse_generate_response(unsaid, [8, 2])] == [None, None]
+    spans = [{"version": "6", "start": 0, "end": 2}, {"version": "7", "start": 2, "end": 3}]
+    mixed = _mutated(lambda b: b[0]["meta_info"].__setitem__("weight_versions", spans))
+    assert [g.policy_version for g in parse_generate_response(mixed, [8, 2])] == [6, 7]  # the oldest weights
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda b: b[1]["meta_info"].__setitem__("weight_version", "v1"), r"\[1\]\.meta_info\.weight_version: weight_version 'v1' is not a policy version"),
+        (lambda b: b[0]["meta_info"].__setitem__("weight_version", 7), r"\[0\]\.meta_info\.weight_version: weight_version 7 is not"),
+        (lambda b: b[0]["meta_info"].__setitem__("weight_versions", [["7", 0, 3]]), r"\[0\]\.meta_info\.weight_versions\[0\]: expected"),
+    ],
+)
+def test_parse_generate_refuses_a_version_that_is_not_ours(mutate, match: str) -> None:
+    with pytest.raises(eng.SGLangError, match=match):
+        parse_generate_response(_mutated(mutate), [8, 2])
+
+
 def test_parse_generate_rejects_more_tokens_than_budget() -> None:
     with pytest.raises(eng.SGLangError, match=r"3 tokens for max_new_tokens=2"):
         parse_generate_response(_copy(GENERATE_BATCH), [2, 2])
@@ -316,6 +345,7 @@ def test_engine_generate_over_http(server: CannedServer) -> None:
     out = engine.generate([[1, 2, 3, 4], [9, 9], [5, 6, 7]], [8, 0, 2], temperature=1.0, top_p=1.0, seed=3)
     assert [g.response_ids for g in out] == [[12095, 13, 151645], [], [576, 6722]]
     assert [g.finished for g in out] == [True, False, False]
+    assert [g.policy_version for g in out] == [7, 7, 7]  # the unsent one: the batch's weights
     sent = server.body_of("/generate")
     # the zero-budget prompt is answered locally, not sent
     assert sent == build_generate_request([[1, 2, 3, 4], [5, 6, 7]], [8, 2], temperature=1.0, top_p=1.0, seed=3)
@@ -383,6 +413,24 @@ def test_load_weights_skips_when_server_already_has_the_version(server: CannedSe
     engine = SGLangRolloutEngine(server.url)
     engine.load_weights("/data/weights/v000007", 7)
     assert server.paths() == ["/model_info"] and engine.loaded_version == 7
+
+
+def test_load_weights_never_loads_below_the_server(server: CannedServer) -> None:
+    """A lagging actor (announcement v7 read before a peer loaded v9) must not put v7 back: main reloaded
+    whenever the server's version was not exactly the one asked for."""
+    server.on("/model_info", (200, {**MODEL_INFO, "weight_version": "9"}))
+    engine = SGLangRolloutEngine(server.url)
+    engine.load_weights("/data/weights/v000007", 7)
+    assert server.paths() == ["/model_info"] and engine.loaded_version == 9
+
+
+def test_load_weights_from_the_launch_weights(server: CannedServer) -> None:
+    server.on("/model_info", (200, MODEL_INFO))  # "default": the launch weights, v0
+    for path in ("/pause_generation", "/continue_generation"):
+        server.on(path, (200, {"status": "ok"}))
+    server.on("/update_weights_from_disk", (200, {"success": True, "message": "ok"}))
+    SGLangRolloutEngine(server.url, num_parameters=1).load_weights("/data/weights/v000001", 1)
+    assert server.body_of("/update_weights_from_disk") == {"model_path": "/data/weights/v000001", "weight_version": "1"}
 
 
 @pytest.mark.parametrize(
