@@ -98,6 +98,9 @@ def test_reload_own_checkpoint(student: SGLangRolloutEngine) -> None:
     assert student.model_info().get("weight_version") == str(version)
     (after,) = student.generate(PROMPTS[:1], [4], temperature=1.0, top_p=1.0, seed=1)
     assert 1 <= len(after.response_ids) <= 4
+    assert after.policy_version == version  # tagged with what the server ran (meta_info.weight_version)
+    student.load_weights(path, version - 1)  # a lagging actor's older version is never loaded over it
+    assert student.model_info().get("weight_version") == str(version)
 
 
 def test_behaviour_logprobs_are_of_the_tempered_distribution(student: SGLangRolloutEngine) -> None:
