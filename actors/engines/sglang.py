@@ -189,7 +189,6 @@ def parse_generate_response(body: Any, max_new_tokens: Sequence[int]) -> list[Ge
     return out
 
 
-
 def _as_items(body: Any, expected: int) -> list[dict[str, Any]]:
     if isinstance(body, dict):
         if "error" in body:
