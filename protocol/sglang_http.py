@@ -112,9 +112,11 @@ def parse_weight_version(value: Any) -> int:
 def served_policy_version(meta: dict[str, Any], i: int, body: Any) -> int | None:
     """The oldest policy version that sampled a token of this answer; None when the server does not say.
 
-    `weight_version` is the server's version when the answer was built; `weight_versions` spans (only
-    when an update landed mid-request, pause modes `retract` / `in_place`) name each version that sampled
-    a part. The oldest bounds the rollout's staleness, so it is the one the rollout is tagged with.
+    `weight_version` is the server's version when the answer was built; `weight_versions` spans
+    (`[{"version", "start", "end"}]` over the output tokens, only when an update landed mid-request, pause
+    modes `retract` / `in_place`) name each version that sampled a part (`TokenizerManager.
+    _handle_batch_output`, `utils/weight_versions.py`). The oldest bounds the rollout's staleness, so it is
+    the one the rollout is tagged with.
     """
     found: list[tuple[str, Any]] = []
     if "weight_version" in meta:

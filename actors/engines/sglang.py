@@ -11,9 +11,7 @@ Field names and response shapes follow SGLang's own sources, not guesses:
   (`TokenizerManager.detokenize_logprob_tokens`) and `meta_info.finish_reason` as
   `{"type": "length", "length": n}`, `{"type": "stop", "matched": ...}` or
   `{"type": "abort", "message": ...}` (`FINISH_*.to_json()` in `schedule_batch.py`), and
-  `meta_info.weight_version`, the server's weight version when the answer was built, plus
-  `weight_versions` (`[{"version", "start", "end"}]` over the output tokens) when an update landed while
-  the request ran (`TokenizerManager._handle_batch_output`, `utils/weight_versions.py`).
+  `meta_info.weight_version` / `weight_versions` (`protocol/sglang_http.py`, `served_policy_version`).
 - weight reload: `POST /pause_generation`, `POST /update_weights_from_disk` with
   `UpdateWeightFromDiskReqInput` (`model_path`, `weight_version: Optional[str]`), answering
   `{"success", "message", ...}` and HTTP 400 on failure, then `POST /continue_generation`
@@ -46,12 +44,9 @@ Where we depart from the obvious mapping, and why:
   `SGLANG_DETERMINISTIC=true` (see `deploy/opd.env.example`). Reproducible here means the same
   tokens for the same requests and weights; actor timing still decides which weights a batch
   is sampled with.
-- Each `Generation` carries the version the *server* reports (`meta_info.weight_version`, the oldest of
-  `weight_versions` when there are several), not the one this actor last asked it to load: several
-  actors share a server, and a lagging one, a restarted server (back on its launch weights, `"default"`,
-  version 0) or a batch retried after an abort runs on whatever the server holds by then. The actor
-  tags rollouts with it and reloads when the server is behind. `load_weights` never loads a version
-  lower than the server reports.
+- Each `Generation` carries the version the *server* ran (`served_policy_version`), not the one this
+  actor last asked for: actors share a server, which may restart or be reloaded by a peer while a batch
+  is retried. `load_weights` never loads below the server's version (`actors/actor.py` follows it).
 - `pause_generation` uses mode `"abort"` by default: requests of other clients of the same server that
   are in flight during a reload are aborted (they come back with `finish_reason.type == "abort"`,
   which we raise as `SGLangError`, so the caller retries) rather than resumed on new weights, which
