@@ -18,7 +18,7 @@ import redis
 from prometheus_client import CollectorRegistry
 
 from actors.config import ActorConfig
-from actors.engines.base import RolloutEngine
+from actors.engines.base import Generation, RolloutEngine
 from actors.schedules import Schedule
 from protocol import ledger
 from protocol.compute import forward_flops
@@ -235,15 +235,22 @@ class Actor:
             self.stop.wait(min(30.0, 0.5 * 2**self.failures))
             return 0
         self.failures = 0
+        try:
+            versions = self.served_versions(gens)
+        except RuntimeError:
+            self.in_hand = 0
+            if self.cfg.admission_control:
+                self.admission.release(n)
+            raise
         max_new = self.cfg.max_new_tokens
         msgs = [RolloutPrefix(
             prompt_ids_P=np.asarray(self.prompts[idx], dtype=np.int32),
             response_ids_R=np.asarray(gen.response_ids, dtype=np.int32),
             behaviour_logprobs_R=np.minimum(np.asarray(gen.logprobs, dtype=np.float32), 0.0),
             prompt_index=idx, horizon=horizon, max_new_tokens=max_new, finished=gen.finished,
-            policy_version=self.version, actor_id=self.actor_id,
+            policy_version=version, actor_id=self.actor_id,
             temperature=self.cfg.temperature, top_p=self.cfg.top_p, probe=probe,
-        ) for idx, horizon, gen, probe in zip(indices, horizons, gens, probes, strict=True)]
+        ) for idx, horizon, gen, probe, version in zip(indices, horizons, gens, probes, versions, strict=True)]
         hw = self.queue.high_water  # one round trip per chunk that fits under the mark (docs/benchmarks.md)
         for chunk in (msgs[i:i + hw] for i in range(0, len(msgs), hw)):
             waited = self.queue.wait_for_room(timeout_s=self.backpressure_timeout_s, should_stop=self.stop.is_set,
@@ -254,6 +261,38 @@ class Actor:
                      prompt_tokens=sum(len(self.prompts[i]) for i in indices))
         self.metrics.queue_depth.labels(stream=self.names.rollouts).set(self.queue.depth())
         return len(gens)
+
+    def served_versions(self, gens: list[Generation]) -> list[int]:
+        """The policy version each rollout was sampled with, and this actor's version moved to the server's.
+
+        The engine's word where it has one (an SGLang server reports the weights it ran: several actors share
+        it, and a restart puts it back on its launch weights), else the version this actor loaded. A server
+        behind this actor (restarted, or reloaded by a lagging peer) makes the next step poll and reload the
+        newest weights; one ahead (a peer loaded newer weights) is where this actor now stands. A server
+        ahead of every version this run announced holds another run's weights, whose rollouts the learner
+        would drop one by one as `future_version`: that stops the actor with a RuntimeError saying so.
+        """
+        versions = [self.version if g.policy_version is None else g.policy_version for g in gens]
+        if not versions:
+            return versions
+        oldest, newest = min(versions), max(versions)
+        if newest > self.version:
+            ann = latest_weights(self.client, self.names)
+            announced = 0 if ann is None else ann.version
+            if newest > announced:
+                raise RuntimeError(
+                    f"{self.actor_id}: the rollout server sampled with weight version {newest}, but this run has "
+                    f"announced at most v{announced}: it holds another run's weights; restart it (e.g. docker "
+                    "compose restart student-sglang) so it serves the student it was launched with"
+                )
+        if oldest != self.version:
+            log.info("%s: the server sampled with v%d, this actor had loaded v%d%s", self.actor_id, oldest,
+                     self.version, ": reloading at the next step" if oldest < self.version else "")
+            if oldest < self.version:
+                self.last_poll = float("-inf")
+            self.version = oldest
+            self.metrics.policy_version.set(oldest)
+        return versions
 
     def pick_horizons(self, state: LearnerState, n: int) -> tuple[list[int], list[bool], list[int]]:
         """(drawn, probe, horizon) per rollout: the schedule's horizons, which of them become probes, and what is sampled.

@@ -4,7 +4,8 @@ Why every rank runs the same number of micro-batches: the collectives inside the
 gradient all-reduce per step (DDP) must line up, so a rank with fewer pads with a zero-loss one. The loss is
 normalised by all ranks' response tokens, so a step is the token mean over the global batch however the
 samples are split. The loss is a component (``learner.loss``, one file each in ``learner/losses/``), built
-once with ``cfg.loss.build()``.
+once with ``cfg.loss.build()``. On CUDA the forward runs under bf16 autocast with the output head in float32
+(``learner/precision.py``: the importance ratio compares with the actor's float32 log-probs).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from learner.batching import Batch, Sample, collate, pack_by_tokens
 from learner.config import LearnerConfig
 from learner.distributed import Distributed, TrainModel
 from learner.losses import LossOutput, token_weights
+from learner.precision import forward_autocast, fp32_output_head
 from protocol.messages import ScoredPrefix
 from protocol.telemetry import LearnerMetrics
 
@@ -104,6 +106,7 @@ class Trainer:
         self.loss = cfg.loss.build()
         vocab = int(getattr(train_model.module.config, "vocab_size", 0) or 0)
         self.micro_batch_tokens = micro_batch_budget(cfg.micro_batch_tokens, cfg.max_logits_mb, vocab)
+        fp32_output_head(train_model.module)
         self.optimizer = torch.optim.AdamW(train_model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         warmup = cfg.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -118,7 +121,7 @@ class Trainer:
         normalizer = max(plan.tokens, 1) / self.dist.world_size
         self.optimizer.zero_grad(set_to_none=True)
         acc = {"loss": 0.0, "kl": 0.0, "support": 0.0, "rmean": 0.0, "rmax": 0.0, "clip": 0.0, "pad": 0.0, "slots": 0.0}
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
+        autocast = forward_autocast(self.device)
         for i in range(plan.n_micro):
             with self.train_model.grad_sync(i == plan.n_micro - 1):
                 if i >= len(plan.groups):

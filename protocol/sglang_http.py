@@ -7,9 +7,13 @@ without importing each other. What each role sends and how it maps the answer st
 
 Names and shapes follow SGLang's own sources, not guesses:
 
-- endpoints (`/generate`, `/get_model_info`, `/health`, `/pause_generation` with its `mode`,
+- endpoints (`/generate`, `/model_info`, `/health`, `/pause_generation` with its `mode`,
   `/update_weights_from_disk`, `/continue_generation`) and error bodies: `python/sglang/srt/entrypoints/
-  http_server.py`, whose `_create_error_response` answers `{"error": {"message": ...}}` with HTTP 400.
+  http_server.py`, whose `_create_error_response` answers `{"error": {"message": ...}}` with HTTP 400
+  (the schema check in front of `/generate` answers `{"error": "<text>"}`).
+- `/model_info` replaced `/get_model_info`, which SGLang 0.5.23 still serves but marks deprecated (a
+  warning in the server log on every call, "will be removed"); servers older than `/model_info` answer
+  it 404, so `SGLangClient.model_info` falls back to the old name then and remembers it.
 - request and weight-update bodies: `GenerateReqInput` / `UpdateWeightFromDiskReqInput` in
   `python/sglang/srt/managers/io_struct.py`.
 - logprob entries: `[logprob, token_id, text_or_null]` triples (`TokenizerManager.detokenize_logprob_tokens`
@@ -20,7 +24,8 @@ Names and shapes follow SGLang's own sources, not guesses:
 
 Every failure surfaces as `SGLangError`, whose message names the endpoint, the HTTP status and a body
 excerpt. `SGLangClient` is the connection each role holds (base URL, timeouts, session, one JSON call,
-`/get_model_info`); what each sends over it stays in its role.
+`/model_info`); what each sends over it stays in its role. The version these shapes are checked
+against is `protocol/sglang_version.py`'s (`tests/unit/test_sglang_contract.py`).
 """
 
 from __future__ import annotations
@@ -38,10 +43,15 @@ GENERATE = "/generate"
 PAUSE = "/pause_generation"
 CONTINUE = "/continue_generation"
 UPDATE_FROM_DISK = "/update_weights_from_disk"
-MODEL_INFO = "/get_model_info"
+MODEL_INFO = "/model_info"
+MODEL_INFO_LEGACY = "/get_model_info"  # deprecated by SGLang; asked only when MODEL_INFO answers 404
 HEALTH = "/health"
 
 PAUSE_MODES = ("abort", "retract", "in_place")
+# SGLang's `--weight-version` default: what a server reports until its first weight update, i.e. the
+# weights it was launched with. Every launcher of this project starts the student server on the initial
+# student (policy version 0), so a server that reports it after a restart is read as version 0.
+LAUNCH_WEIGHT_VERSION = "default"
 CONNECT_TIMEOUT_S = 5.0  # default TCP connect timeout of every call
 CONTROL_TIMEOUT_S = 60.0  # default read timeout of the small control calls
 _EXCERPT = 300
@@ -80,6 +90,53 @@ def logprob_entry(entry: Any, where: str, context: Any) -> tuple[float | None, i
     if isinstance(token_id, bool) or not isinstance(token_id, int):
         raise field_error(where, f"token id {token_id!r} is not an integer", context)
     return (None if logprob is None else float(logprob)), token_id
+
+
+def parse_weight_version(value: Any) -> int:
+    """A server's `weight_version` as our policy version; ValueError for anything else.
+
+    We send `str(version)` with every `/update_weights_from_disk`, so a server reports a decimal string,
+    or `LAUNCH_WEIGHT_VERSION` (version 0) before its first update. A version set by someone else
+    (`--weight-version v1`, another trainer) is not one of ours: refused, never guessed.
+    """
+    if value == LAUNCH_WEIGHT_VERSION:
+        return 0
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)
+    raise ValueError(
+        f"weight_version {value!r} is not a policy version of this project (a decimal string we sent with "
+        f"/update_weights_from_disk, or {LAUNCH_WEIGHT_VERSION!r} for the launch weights, version 0)"
+    )
+
+
+def served_policy_version(meta: dict[str, Any], i: int, body: Any) -> int | None:
+    """The oldest policy version that sampled a token of this answer; None when the server does not say.
+
+    `weight_version` is the server's version when the answer was built; `weight_versions` spans
+    (`[{"version", "start", "end"}]` over the output tokens, only when an update landed mid-request, pause
+    modes `retract` / `in_place`) name each version that sampled a part (`TokenizerManager.
+    _handle_batch_output`, `utils/weight_versions.py`). The oldest bounds the rollout's staleness, so it is
+    the one the rollout is tagged with.
+    """
+    found: list[tuple[str, Any]] = []
+    if "weight_version" in meta:
+        found.append((f"[{i}].meta_info.weight_version", meta["weight_version"]))
+    spans = meta.get("weight_versions")
+    if spans is not None:
+        if not isinstance(spans, list):
+            raise field_error(f"[{i}].meta_info.weight_versions", f"expected a list of spans, got {spans!r}", body)
+        for j, span in enumerate(spans):
+            where = f"[{i}].meta_info.weight_versions[{j}]"
+            if not isinstance(span, dict) or "version" not in span:
+                raise field_error(where, f"expected {{'version', 'start', 'end'}}, got {span!r}", body)
+            found.append((where + ".version", span["version"]))
+    versions = []
+    for where, value in found:
+        try:
+            versions.append(parse_weight_version(value))
+        except ValueError as exc:
+            raise field_error(where, str(exc), body) from None
+    return min(versions) if versions else None
 
 
 def field_error(where: str, reason: str, context: Any) -> SGLangError:
@@ -192,7 +249,7 @@ class SGLangClient:
     Args:
         base_url: the server, e.g. `http://student-sglang:30000` (a trailing `/` is dropped).
         connect_timeout_s: TCP connect timeout of every call.
-        control_timeout_s: read timeout of the small control calls (`/get_model_info`, ...).
+        control_timeout_s: read timeout of the small control calls (`/model_info`, ...).
         session: the `requests.Session` to call through (a new one by default).
     """
 
@@ -212,6 +269,7 @@ class SGLangClient:
 
             session = requests.Session()
         self.session = session
+        self._model_info_endpoint = MODEL_INFO
 
     def call(self, method: str, endpoint: str, payload: Any, read_timeout_s: float) -> Any:
         """`http_json` against this server, with this connect timeout and `read_timeout_s`."""
@@ -222,8 +280,19 @@ class SGLangClient:
         return self.call(method, endpoint, payload, self.control_timeout_s)
 
     def model_info(self) -> dict[str, Any]:
-        """`/get_model_info` (uncached): `model_path`, `tokenizer_path`, `weight_version`, ..."""
-        body = self.control("GET", MODEL_INFO, None)
+        """`/model_info` (uncached): `model_path`, `tokenizer_path`, `weight_version`, ...
+
+        A server that answers `/model_info` 404 predates it: the deprecated `/get_model_info` is asked
+        instead, and from then on. Any other failure is raised as is.
+        """
+        endpoint = self._model_info_endpoint
+        try:
+            body = self.control("GET", endpoint, None)
+        except SGLangError as exc:
+            if exc.status != 404 or endpoint == MODEL_INFO_LEGACY:
+                raise
+            endpoint = self._model_info_endpoint = MODEL_INFO_LEGACY
+            body = self.control("GET", endpoint, None)
         if not isinstance(body, dict):
-            raise SGLangError(MODEL_INFO, f"expected an object, got {type(body).__name__}")
+            raise SGLangError(endpoint, f"expected an object, got {type(body).__name__}")
         return body

@@ -10,7 +10,7 @@ width while the ids they can produce are the same. Everything that compares the 
 the shared tokenizer's ids, `[0, len(tokenizer))` (`shared_vocab_size`), and slices logits to it;
 a model whose embedding is *smaller* than the tokenizer cannot score every id and is refused.
 
-An SGLang server is checked through `/get_model_info` (its `tokenizer_path`) where that path is a
+An SGLang server is checked through `/model_info` (its `tokenizer_path`) where that path is a
 local directory; a hub name or a path on another machine cannot be compared here and is reported.
 """
 
@@ -102,7 +102,7 @@ def check_model_dirs(dirs: dict[str, str | Path]) -> None:
 
 
 def check_served_tokenizer(url: str, local_dir: str | Path, key: str, local_key: str) -> str:
-    """Compare an SGLang server's tokenizer (`/get_model_info`) with the one in `local_dir`.
+    """Compare an SGLang server's tokenizer (`/model_info`) with the one in `local_dir`.
 
     Returns what was checked, for the log; raises ValueError naming `key` on a mismatch. A server
     that does not answer, or whose `tokenizer_path` is not a local directory, cannot be checked

@@ -17,6 +17,11 @@ class Generation:
     response_ids: list[int]  # sampled tokens, len <= max_new_tokens (includes the EOS token if sampled)
     logprobs: list[float]  # behaviour logprob of each sampled token
     finished: bool  # stopped on EOS (not on the length limit)
+    # The policy version of the weights that sampled it, as a server reports them (SGLang's
+    # `meta_info.weight_version`): a server shared by several actors, or restarted, may hold other weights
+    # than the ones this actor last asked it to load. None: the engine samples in process, with exactly
+    # the weights of its last `load_weights`, and the actor tags the rollout with that version.
+    policy_version: int | None = None
 
 
 class RolloutEngine(Protocol):

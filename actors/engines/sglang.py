@@ -10,7 +10,8 @@ Field names and response shapes follow SGLang's own sources, not guesses:
   `meta_info.output_token_logprobs` as `[logprob, token_id, text_or_null]` triples
   (`TokenizerManager.detokenize_logprob_tokens`) and `meta_info.finish_reason` as
   `{"type": "length", "length": n}`, `{"type": "stop", "matched": ...}` or
-  `{"type": "abort", "message": ...}` (`FINISH_*.to_json()` in `schedule_batch.py`).
+  `{"type": "abort", "message": ...}` (`FINISH_*.to_json()` in `schedule_batch.py`), and
+  `meta_info.weight_version` / `weight_versions` (`protocol/sglang_http.py`, `served_policy_version`).
 - weight reload: `POST /pause_generation`, `POST /update_weights_from_disk` with
   `UpdateWeightFromDiskReqInput` (`model_path`, `weight_version: Optional[str]`), answering
   `{"success", "message", ...}` and HTTP 400 on failure, then `POST /continue_generation`
@@ -43,6 +44,9 @@ Where we depart from the obvious mapping, and why:
   `SGLANG_DETERMINISTIC=true` (see `deploy/opd.env.example`). Reproducible here means the same
   tokens for the same requests and weights; actor timing still decides which weights a batch
   is sampled with.
+- Each `Generation` carries the version the *server* ran (`served_policy_version`), not the one this
+  actor last asked for: actors share a server, which may restart or be reloaded by a peer while a batch
+  is retried. `load_weights` never loads below the server's version (`actors/actor.py` follows it).
 - `pause_generation` uses mode `"abort"` by default: requests of other clients of the same server that
   are in flight during a reload are aborted (they come back with `finish_reason.type == "abort"`,
   which we raise as `SGLangError`, so the caller retries) rather than resumed on new weights, which
@@ -84,6 +88,8 @@ from protocol.sglang_http import (
     field_error,
     first_checkpoint_parameters,
     logprob_entry,
+    parse_weight_version,
+    served_policy_version,
 )
 from protocol.sglang_http import (
     http_json as http_json,
@@ -173,7 +179,8 @@ def parse_generate_response(body: Any, max_new_tokens: Sequence[int]) -> list[Ge
             logprobs.append(logprob)
         if len(ids) > budget:
             raise field_error(f"[{i}].meta_info.output_token_logprobs", f"{len(ids)} tokens for max_new_tokens={budget}", body)
-        out.append(Generation(response_ids=ids, logprobs=logprobs, finished=finished))
+        out.append(Generation(response_ids=ids, logprobs=logprobs, finished=finished,
+                              policy_version=served_policy_version(meta, i, body)))
     return out
 
 
@@ -226,7 +233,7 @@ class SGLangRolloutEngine:
         base_url: the server, e.g. `http://student-sglang:30000`.
         timeout_s: read timeout of one `/generate` batch (generation of the whole batch).
         connect_timeout_s: TCP connect timeout of every call.
-        control_timeout_s: timeout of `/pause_generation`, `/continue_generation`, `/get_model_info`.
+        control_timeout_s: timeout of `/pause_generation`, `/continue_generation`, `/model_info`.
         load_timeout_s: timeout of `/update_weights_from_disk` (reads the whole checkpoint).
         pause_mode: `/pause_generation` mode (`abort`, `retract`, `in_place`); see the module docstring.
         max_failures: consecutive transient failures the actor retries with back-off (`is_transient`).
@@ -293,7 +300,11 @@ class SGLangRolloutEngine:
             [prompts[i] for i in live], budgets, temperature=temperature, top_p=top_p, seed=seed
         )
         body = self.http.call("POST", GENERATE, request, self.timeout_s)
-        for i, generation in zip(live, parse_generate_response(body, budgets), strict=True):
+        parsed = parse_generate_response(body, budgets)
+        served = [g.policy_version for g in parsed if g.policy_version is not None]
+        for generation in out:  # the empty ones: of the weights the rest of the batch ran on
+            generation.policy_version = min(served, default=None)
+        for i, generation in zip(live, parsed, strict=True):
             out[i] = generation
         return out
 
@@ -301,15 +312,18 @@ class SGLangRolloutEngine:
         """pause -> update_weights_from_disk(path, version) -> continue (always, in `finally`).
 
         `path` must be readable *by the server* (the same volume mounted at the same path). When the
-        server already reports `weight_version == str(version)` (another actor sharing this server
-        reloaded it), nothing is paused or reloaded.
+        server already reports `version` or a newer one (another actor sharing this server got there
+        first), nothing is paused or reloaded: a lagging actor never puts older weights over newer ones.
+        Two actors whose checks both pass can still land in either order (SGLang has no conditional
+        update); the answers then carry the version actually served and the actor that finds the server
+        behind reloads (`actors/actor.py`).
         """
-        try:
-            if self.model_info().get("weight_version") == str(version):
-                self.loaded_version = version
-                return
-        except SGLangError as exc:
-            log.warning("cannot read the server's weight version, reloading anyway: %s", exc)
+        served = self.served_version()
+        if served is not None and served >= version:
+            if served > version:
+                log.info("server already holds v%d, newer than v%d: not reloading", served, version)
+            self.loaded_version = served
+            return
         self.http.control("POST", PAUSE, {"mode": self.pause_mode})
         failure: BaseException | None = None
         try:
@@ -354,8 +368,16 @@ class SGLangRolloutEngine:
 
     # ---- extras
 
+    def served_version(self) -> int | None:
+        """The policy version the server reports (`/model_info`); None when it cannot be read or is not ours."""
+        try:
+            return parse_weight_version(self.model_info().get("weight_version"))
+        except (SGLangError, ValueError) as exc:
+            log.warning("cannot read the server's weight version, reloading anyway: %s", exc)
+            return None
+
     def model_info(self) -> dict[str, Any]:
-        """`/get_model_info`: `model_path`, `tokenizer_path`, `weight_version`, ..."""
+        """`/model_info`: `model_path`, `tokenizer_path`, `weight_version`, ..."""
         return self.http.model_info()
 
     def health(self) -> bool:

@@ -217,7 +217,7 @@ class SGLangTeacherScorer:
     def identity(self) -> str:
         """sha256 of model + revision + tokenizer + dtype + temperature (k is the cache's business).
 
-        The model and tokenizer come from `/get_model_info` (read once). The server's
+        The model and tokenizer come from `/model_info` (read once). The server's
         `weight_version` is left out on purpose: a teacher's weights do not change, and a server
         restart must not invalidate the cache.
         """

@@ -25,7 +25,7 @@ import os
 import numpy as np
 import pytest
 
-from actors.engines.sglang import SGLangRolloutEngine
+from actors.engines.sglang import UPDATE_FROM_DISK, SGLangRolloutEngine
 from cache.scorers.sglang import SGLangTeacherScorer
 
 pytestmark = pytest.mark.sglang
@@ -91,13 +91,25 @@ def test_teacher_scores_are_consistent_across_starts(teacher: SGLangTeacherScore
 
 
 def test_reload_own_checkpoint(student: SGLangRolloutEngine) -> None:
-    """Reload the server's own weights (as SGLang's docs do); generation must work afterwards."""
-    path = student.model_info()["model_path"]
+    """Reload the server's own weights (as SGLang's docs do); generation must work afterwards.
+
+    The server is left with the weight version it had: actors never load below the version a server
+    reports, so a pipeline run on it next would otherwise find a version its learner never announced.
+    """
+    info = student.model_info()
+    path, before = info["model_path"], info.get("weight_version")
     version = int(os.environ.get("OPD_SGLANG_TEST_VERSION", "990001"))
-    student.load_weights(path, version)
-    assert student.model_info().get("weight_version") == str(version)
-    (after,) = student.generate(PROMPTS[:1], [4], temperature=1.0, top_p=1.0, seed=1)
-    assert 1 <= len(after.response_ids) <= 4
+    try:
+        student.load_weights(path, version)
+        assert student.model_info().get("weight_version") == str(version)
+        (after,) = student.generate(PROMPTS[:1], [4], temperature=1.0, top_p=1.0, seed=1)
+        assert 1 <= len(after.response_ids) <= 4
+        assert after.policy_version == version  # tagged with what the server ran (meta_info.weight_version)
+        student.load_weights(path, version - 1)  # a lagging actor's older version is never loaded over it
+        assert student.model_info().get("weight_version") == str(version)
+    finally:
+        student.http.call("POST", UPDATE_FROM_DISK, {"model_path": path, "weight_version": before},
+                          student.load_timeout_s)
 
 
 def test_behaviour_logprobs_are_of_the_tempered_distribution(student: SGLangRolloutEngine) -> None:

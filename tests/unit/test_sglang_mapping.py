@@ -9,6 +9,9 @@ Pins:
   `Generation` / `Scores` exactly, including SGLang's null placeholder at entry 0 of prompt logprobs.
 - every malformed or failed answer is an `SGLangError` naming endpoint, field, HTTP status and body.
 - `load_weights` is pause -> update_weights_from_disk -> continue, and continue runs even on failure.
+- each `Generation` carries the policy version the server reports (`meta_info.weight_version`, the
+  oldest of `weight_versions`; `"default"` is v0); `load_weights` never loads below the server's version.
+- model info comes from `/model_info`; the deprecated `/get_model_info` only when a server answers 404.
 
 The HTTP tests talk to a real `http.server` on 127.0.0.1 serving canned bodies; only the GPU server
 itself is out of reach.
@@ -47,10 +50,12 @@ GENERATE_BATCH = json.loads("""
   {"text": " Paris.", "output_ids": [12095, 13, 151645],
    "meta_info": {"id": "9f1c", "finish_reason": {"type": "stop", "matched": 151645},
                  "prompt_tokens": 4, "completion_tokens": 3, "cached_tokens": 0, "e2e_latency": 0.05,
+                 "weight_version": "7",
                  "output_token_logprobs": [[-0.11, 12095, null], [-0.5, 13, null], [-0.01, 151645, null]]}},
   {"text": " The capital", "output_ids": [576, 6722],
    "meta_info": {"id": "9f1d", "finish_reason": {"type": "length", "length": 2},
                  "prompt_tokens": 3, "completion_tokens": 2, "cached_tokens": 2, "e2e_latency": 0.05,
+                 "weight_version": "7",
                  "output_token_logprobs": [[-1.5, 576, null], [-0.25, 6722, null]]}}
 ]
 """)
@@ -232,6 +237,31 @@ def test_parse_generate_errors_name_the_field(mutate, match: str) -> None:
     assert "SGLang /generate" in str(info.value)
 
 
+def test_parse_generate_tags_the_version_the_server_ran() -> None:
+    """main tagged rollouts with the actor's version; the server's `weight_version` is what sampled them."""
+    assert [g.policy_version for g in parse_generate_response(_copy(GENERATE_BATCH), [8, 2])] == [7, 7]
+    launch = _mutated(lambda b: [item["meta_info"].__setitem__("weight_version", "default") for item in b])
+    assert [g.policy_version for g in parse_generate_response(launch, [8, 2])] == [0, 0]
+    unsaid = _mutated(lambda b: [item["meta_info"].pop("weight_version") for item in b])
+    assert [g.policy_version for g in parse_generate_response(unsaid, [8, 2])] == [None, None]
+    spans = [{"version": "6", "start": 0, "end": 2}, {"version": "7", "start": 2, "end": 3}]
+    mixed = _mutated(lambda b: b[0]["meta_info"].__setitem__("weight_versions", spans))
+    assert [g.policy_version for g in parse_generate_response(mixed, [8, 2])] == [6, 7]  # the oldest weights
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda b: b[1]["meta_info"].__setitem__("weight_version", "v1"), r"\[1\]\.meta_info\.weight_version: weight_version 'v1' is not a policy version"),
+        (lambda b: b[0]["meta_info"].__setitem__("weight_version", 7), r"\[0\]\.meta_info\.weight_version: weight_version 7 is not"),
+        (lambda b: b[0]["meta_info"].__setitem__("weight_versions", [["7", 0, 3]]), r"\[0\]\.meta_info\.weight_versions\[0\]: expected"),
+    ],
+)
+def test_parse_generate_refuses_a_version_that_is_not_ours(mutate, match: str) -> None:
+    with pytest.raises(eng.SGLangError, match=match):
+        parse_generate_response(_mutated(mutate), [8, 2])
+
+
 def test_parse_generate_rejects_more_tokens_than_budget() -> None:
     with pytest.raises(eng.SGLangError, match=r"3 tokens for max_new_tokens=2"):
         parse_generate_response(_copy(GENERATE_BATCH), [2, 2])
@@ -315,6 +345,7 @@ def test_engine_generate_over_http(server: CannedServer) -> None:
     out = engine.generate([[1, 2, 3, 4], [9, 9], [5, 6, 7]], [8, 0, 2], temperature=1.0, top_p=1.0, seed=3)
     assert [g.response_ids for g in out] == [[12095, 13, 151645], [], [576, 6722]]
     assert [g.finished for g in out] == [True, False, False]
+    assert [g.policy_version for g in out] == [7, 7, 7]  # the unsent one: the batch's weights
     sent = server.body_of("/generate")
     # the zero-budget prompt is answered locally, not sent
     assert sent == build_generate_request([[1, 2, 3, 4], [5, 6, 7]], [8, 2], temperature=1.0, top_p=1.0, seed=3)
@@ -364,13 +395,13 @@ def _write_safetensors(directory: Path, shapes: dict[str, list[int]]) -> int:
 def test_load_weights_pauses_updates_and_continues(server: CannedServer, tmp_path: Path) -> None:
     weights = tmp_path / "v000007"
     expected = _write_safetensors(weights, {"embed.weight": [10, 4], "lm_head.weight": [10, 4], "norm": [4]})
-    server.on("/get_model_info", (200, MODEL_INFO))
+    server.on("/model_info", (200, MODEL_INFO))
     server.on("/pause_generation", (200, {"message": "Generation paused successfully.", "status": "ok"}))
     server.on("/update_weights_from_disk", (200, {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0}))
     server.on("/continue_generation", (200, {"message": "Generation continued successfully.", "status": "ok"}))
     engine = SGLangRolloutEngine(server.url)
     engine.load_weights(str(weights), 7)
-    assert server.paths() == ["/get_model_info", "/pause_generation", "/update_weights_from_disk", "/continue_generation"]
+    assert server.paths() == ["/model_info", "/pause_generation", "/update_weights_from_disk", "/continue_generation"]
     assert server.body_of("/pause_generation") == {"mode": "abort"}
     assert server.body_of("/update_weights_from_disk") == {"model_path": str(weights), "weight_version": "7"}
     assert engine.loaded_version == 7
@@ -378,10 +409,28 @@ def test_load_weights_pauses_updates_and_continues(server: CannedServer, tmp_pat
 
 
 def test_load_weights_skips_when_server_already_has_the_version(server: CannedServer) -> None:
-    server.on("/get_model_info", (200, {**MODEL_INFO, "weight_version": "7"}))
+    server.on("/model_info", (200, {**MODEL_INFO, "weight_version": "7"}))
     engine = SGLangRolloutEngine(server.url)
     engine.load_weights("/data/weights/v000007", 7)
-    assert server.paths() == ["/get_model_info"] and engine.loaded_version == 7
+    assert server.paths() == ["/model_info"] and engine.loaded_version == 7
+
+
+def test_load_weights_never_loads_below_the_server(server: CannedServer) -> None:
+    """A lagging actor (announcement v7 read before a peer loaded v9) must not put v7 back: main reloaded
+    whenever the server's version was not exactly the one asked for."""
+    server.on("/model_info", (200, {**MODEL_INFO, "weight_version": "9"}))
+    engine = SGLangRolloutEngine(server.url)
+    engine.load_weights("/data/weights/v000007", 7)
+    assert server.paths() == ["/model_info"] and engine.loaded_version == 9
+
+
+def test_load_weights_from_the_launch_weights(server: CannedServer) -> None:
+    server.on("/model_info", (200, MODEL_INFO))  # "default": the launch weights, v0
+    for path in ("/pause_generation", "/continue_generation"):
+        server.on(path, (200, {"status": "ok"}))
+    server.on("/update_weights_from_disk", (200, {"success": True, "message": "ok"}))
+    SGLangRolloutEngine(server.url, num_parameters=1).load_weights("/data/weights/v000001", 1)
+    assert server.body_of("/update_weights_from_disk") == {"model_path": "/data/weights/v000001", "weight_version": "1"}
 
 
 @pytest.mark.parametrize(
@@ -393,7 +442,7 @@ def test_load_weights_skips_when_server_already_has_the_version(server: CannedSe
     ],
 )
 def test_load_weights_failure_still_continues(server: CannedServer, status: int, body: dict, match: str) -> None:
-    server.on("/get_model_info", (200, MODEL_INFO))
+    server.on("/model_info", (200, MODEL_INFO))
     server.on("/pause_generation", (200, {"status": "ok"}))
     server.on("/update_weights_from_disk", (status, body))
     server.on("/continue_generation", (200, {"status": "ok"}))
@@ -405,17 +454,17 @@ def test_load_weights_failure_still_continues(server: CannedServer, status: int,
 
 
 def test_load_weights_reports_a_failed_continue(server: CannedServer) -> None:
-    server.on("/get_model_info", (500, "boom"))  # unreadable version: reload anyway
+    server.on("/model_info", (500, "boom"))  # unreadable version: reload anyway
     server.on("/pause_generation", (200, {"status": "ok"}))
     server.on("/update_weights_from_disk", (200, {"success": True, "message": "ok"}))
     server.on("/continue_generation", (503, "Service Unavailable"))
     with pytest.raises(eng.SGLangError, match=r"SGLang /continue_generation HTTP 503"):
         SGLangRolloutEngine(server.url).load_weights("/data/weights/v000009", 9)
-    assert server.paths() == ["/get_model_info", "/pause_generation", "/update_weights_from_disk", "/continue_generation"]
+    assert server.paths() == ["/model_info", "/pause_generation", "/update_weights_from_disk", "/continue_generation"]
 
 
 def test_load_weights_pause_timeout_is_an_sglang_error(server: CannedServer) -> None:
-    server.on("/get_model_info", (200, MODEL_INFO))
+    server.on("/model_info", (200, MODEL_INFO))
     server.on("/pause_generation", (200, {"status": "ok"}, 2.0))
     engine = SGLangRolloutEngine(server.url, control_timeout_s=0.3)
     with pytest.raises(eng.SGLangError, match=r"SGLang /pause_generation: timed out after 0.3s"):
@@ -424,14 +473,14 @@ def test_load_weights_pause_timeout_is_an_sglang_error(server: CannedServer) -> 
 
 
 def test_num_parameters_without_local_weights_says_what_to_do(server: CannedServer) -> None:
-    server.on("/get_model_info", (200, MODEL_INFO))
+    server.on("/model_info", (200, MODEL_INFO))
     with pytest.raises(RuntimeError, match="pass num_parameters="):
         SGLangRolloutEngine(server.url).num_parameters()
     assert SGLangRolloutEngine(server.url, num_parameters=123).num_parameters() == 123
 
 
 def test_scorer_over_http(server: CannedServer) -> None:
-    server.on("/get_model_info", (200, MODEL_INFO))
+    server.on("/model_info", (200, MODEL_INFO))
     server.on("/generate", (200, [SCORE_ONE]), (200, [SCORE_ONE]))
     scorer = SGLangTeacherScorer(server.url, max_tokens_per_request=6)
     assert scorer.identity_fields == {}  # read lazily: constructing needs no server
@@ -446,7 +495,7 @@ def test_scorer_over_http(server: CannedServer) -> None:
     }
     pinned = SGLangTeacherScorer(server.url, revision="a1b2c3")
     assert pinned.identity != identity and pinned.identity_fields["weights"] == "revision:a1b2c3"
-    assert server.paths().count("/get_model_info") == 2  # once per scorer, cached afterwards
+    assert server.paths().count("/model_info") == 2  # once per scorer, cached afterwards
     seq = np.array(SCORE_SEQ, dtype=np.int32)
     out = scorer.score([seq, seq, seq], [3, 5, 3], 2)
     # the middle one has nothing left to score: answered without a request; the others are 5 tokens
@@ -475,12 +524,36 @@ def test_scorer_http_error(server: CannedServer) -> None:
 
 
 def test_scorer_identity_needs_model_path(server: CannedServer) -> None:
-    server.on("/get_model_info", (200, {"is_generation": True}))
-    with pytest.raises(sc.SGLangError, match="SGLang /get_model_info: no model_path"):
+    server.on("/model_info", (200, {"is_generation": True}))
+    with pytest.raises(sc.SGLangError, match="SGLang /model_info: no model_path"):
         _ = SGLangTeacherScorer(server.url).identity
 
 
 def test_scorer_counts_local_parameters(server: CannedServer, tmp_path: Path) -> None:
     expected = _write_safetensors(tmp_path / "teacher", {"w": [3, 5], "b": [5]})
-    server.on("/get_model_info", (200, {**MODEL_INFO, "model_path": str(tmp_path / "teacher")}))
+    server.on("/model_info", (200, {**MODEL_INFO, "model_path": str(tmp_path / "teacher")}))
     assert SGLangTeacherScorer(server.url).num_parameters() == expected == 20
+
+
+def test_model_info_asks_model_info_not_the_deprecated_name(server: CannedServer) -> None:
+    """SGLang 0.5.23 logs a deprecation warning on every `/get_model_info` (main asked only that name)."""
+    server.on("/model_info", (200, MODEL_INFO))
+    server.on("/get_model_info", (500, "must not be asked"))
+    assert SGLangRolloutEngine(server.url).model_info() == MODEL_INFO
+    assert server.paths() == ["/model_info"]
+
+
+def test_model_info_falls_back_on_404_once(server: CannedServer) -> None:
+    """A server older than `/model_info` answers it 404: the old name is asked, and remembered."""
+    server.on("/get_model_info", (200, MODEL_INFO))  # /model_info is not routed: 404
+    engine = SGLangRolloutEngine(server.url)
+    assert engine.model_info() == MODEL_INFO and engine.model_info() == MODEL_INFO
+    assert server.paths() == ["/model_info", "/get_model_info", "/get_model_info"]
+
+
+def test_model_info_other_errors_do_not_fall_back(server: CannedServer) -> None:
+    server.on("/model_info", (503, "Service Unavailable"))
+    server.on("/get_model_info", (200, MODEL_INFO))
+    with pytest.raises(eng.SGLangError, match=r"SGLang /model_info HTTP 503"):
+        SGLangRolloutEngine(server.url).model_info()
+    assert server.paths() == ["/model_info"]
