@@ -117,7 +117,7 @@ declare -A WHAT=(
   [python]="$PY: torch with CUDA, transformers >= 5.24, the project's packages"
   [models]="opd.tiny_gpu.build_gpu_assets -> $ASSETS (student and teacher: head size 64, bf16, 1024 ids)"
   [hf-pipeline]="opd up --config configs/tiny-cpu.yaml --steps $STEPS: HF engine and scorer on cuda, learner.device=cuda, T=0.7, lr 1e-12; |ratio - 1| <= $RATIO_TOL"
-  [sglang-student]="$SGLANG_PY -m sglang.launch_server --model-path $ASSETS/student --enable-deterministic-inference (GPU 0, --mem-fraction-static 0.2)"
+  [sglang-student]="$SGLANG_PY -m sglang.launch_server --model-path $ASSETS/student --enable-deterministic-inference (first visible GPU, --mem-fraction-static 0.2, --cuda-graph-max-bs 16)"
   [sglang-teacher]="$SGLANG_PY -m sglang.launch_server --model-path $ASSETS/teacher (after the student is healthy, --mem-fraction-static 0.2)"
   [sglang-live]="$PY -m pytest -m sglang tests/integration/test_sglang_live.py tests/integration/test_sglang_live_more.py (no skips allowed)"
   [sglang-pipeline]="opd up --steps $STEPS with actor.engine=sglang and teacher.engine=sglang at both servers"
@@ -310,13 +310,16 @@ phase_hf_pipeline() {
   check_history "$WORKDIR/hf/learner/history.jsonl" "$RATIO_TOL"
 }
 
-start_sglang() {  # name model port extra-args...: a server in its own process group, healthy within 200 s
+# A server in its own process group, healthy within 200 s. Small on purpose: 0.2 of the GPU each (both
+# servers and nothing else by then), CUDA graphs captured up to batch 16 only (capture is most of a tiny
+# model's start-up).
+start_sglang() {  # name model port extra-args...
   local name=$1 model=$2 port=$3
   shift 3
   local log="$WORKDIR/logs/$name-sglang.log" extra=()
   read -r -a extra <<<"${OPD_SGLANG_ARGS:-}"
   SGLANG_RETURN_ORIGINAL_LOGPROB=false setsid "$SGLANG_PY" -m sglang.launch_server --model-path "$model" \
-    --host 127.0.0.1 --port "$port" --mem-fraction-static 0.2 "$@" "${extra[@]}" >"$log" 2>&1 &
+    --host 127.0.0.1 --port "$port" --mem-fraction-static 0.2 --cuda-graph-max-bs 16 "$@" "${extra[@]}" >"$log" 2>&1 &
   local pid=$!
   GROUPS_+=("$pid")
   echo "    $name server: pid $pid, port $port, log $log"

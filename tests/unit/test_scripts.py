@@ -137,3 +137,21 @@ def test_gpu_smoke_dry_run_plans_the_sglang_phases_and_warns_off_the_pin(tmp_pat
     assert f"{fake} -m sglang.launch_server" in out and "--enable-deterministic-inference" in out
     assert "SGLang 0.5.22 is not the pinned 0.5.23" in out
     assert "9 phases, 1 skipped" in out
+
+
+def test_gpu_wheels_dry_run_carries_everything_but_torch(tmp_path: Path) -> None:
+    """scripts/gpu-wheels.sh: the project, its dependencies without torch (the host's CUDA one stays), pytest,
+    a redis-server; for the host's Python and platform, binary wheels only. --dry-run downloads nothing."""
+    dest = tmp_path / "wheels"
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-wheels.sh"), "--dry-run", "--dest", str(dest),
+                             "--python-version", "3.12", "--redis-server", "/usr/bin/redis-server"],
+                            cwd=ROOT, env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    download = next(line for line in result.stdout.splitlines() if line.startswith("+ ") and " download " in line)
+    assert "--only-binary=:all:" in download and "--python-version 3.12" in download and "--platform manylinux" in download
+    words = download.split()
+    assert "transformers>=5.24" in words and "zarr>=3.0" in words and "redis>=5.0" in words and "msgpack>=1.0" in words
+    assert "pytest>=8.0" in words and not any(w.startswith("torch") for w in words), words
+    assert f"+ cp /usr/bin/redis-server {dest}/bin/redis-server" in result.stdout
+    assert any(line.startswith("+ ") and " wheel --no-deps " in line for line in result.stdout.splitlines())
+    assert not dest.exists()
