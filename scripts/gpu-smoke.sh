@@ -84,7 +84,7 @@ SGLANG_PY=${OPD_SGLANG_PYTHON:-}
 WORKDIR=$(realpath -m "${WORKDIR:-runs/gpu-smoke}")
 ASSETS="$WORKDIR/assets"
 RATIO_TOL=${OPD_SMOKE_RATIO_TOL:-0.01}
-PINNED=$(sed -n 's/^SGLANG_VERSION = "\(.*\)"$/\1/p' opd/sglang_release.py)
+PINNED=$(sed -n 's/^SGLANG_VERSION = "\(.*\)"$/\1/p' protocol/sglang_version.py)
 
 # ---------------------------------------------------------------- the plan: what runs, what is skipped and why
 PHASES=(preflight wheels python models hf-pipeline sglang-student sglang-teacher sglang-pipeline sglang-live)
@@ -173,7 +173,7 @@ run_phase() {  # name: runs phase_<name with _ for ->, or says why not
       echo "    (on this machine it would stop here: '$SMI' not found, so this is not a GPU host)"
     fi
     if [ "$name" = preflight ] && [ -z "$SGLANG_SKIP" ] && [ "$SGLANG_VERSION" != "$PINNED" ]; then
-      echo "    warning: SGLang $SGLANG_VERSION is not the pinned $PINNED (opd/sglang_release.py): its request schema may differ"
+      echo "    warning: SGLang $SGLANG_VERSION is not the pinned $PINNED (protocol/sglang_version.py): its request schema may differ"
     fi
     return
   fi
@@ -212,7 +212,7 @@ phase_preflight() {
   else
     echo "    SGLang $SGLANG_VERSION at $SGLANG_PY"
     [ "$SGLANG_VERSION" = "$PINNED" ] \
-      || echo "    warning: SGLang $SGLANG_VERSION is not the pinned $PINNED (opd/sglang_release.py): its request schema may differ"
+      || echo "    warning: SGLang $SGLANG_VERSION is not the pinned $PINNED (protocol/sglang_version.py): its request schema may differ"
   fi
 }
 

@@ -16,7 +16,7 @@ Pins:
   it samples from), extra actor services answer to `actor` (Prometheus' DNS discovery), extra teacher
   servers answer to `teacher-sglang`, and the teacher role waits for all of them;
 - the CPU profile still merges to a CPU learner: no reservation, the CPU image and index;
-- the SGLang image is `lmsysorg/sglang:v<SGLANG_VERSION>` (opd/sglang_release.py) in every layout, in
+- the SGLang image is `lmsysorg/sglang:v<SGLANG_VERSION>` (protocol/sglang_version.py) in every layout, in
   compose's default and in deploy/opd.env.example, never `:latest`.
 
 Where the docker CLI has no compose v2 the merge checks are skipped (failed under CI, where
@@ -37,9 +37,12 @@ from typing import Any
 import pytest
 import yaml
 
-from opd.sglang_release import SGLANG_IMAGE, SGLANG_VERSION
+from protocol.sglang_version import SGLANG_VERSION
 
 ROOT = Path(__file__).resolve().parents[2]
+# lmsysorg/sglang tags a release `v<version>` (CUDA 13 builds since 0.5.20; `v0.5.19-cu129` was the last
+# CUDA 12 tag, per SGLang's install docs).
+SGLANG_IMAGE = f"lmsysorg/sglang:v{SGLANG_VERSION}"
 BASE = "docker-compose.yml"
 CPU = "docker-compose.cpu.yml"
 ENV_EXAMPLE = ROOT / "deploy" / "opd.env.example"
@@ -193,7 +196,7 @@ def test_the_cpu_profile_keeps_a_cpu_learner() -> None:
 
 def test_the_sglang_image_is_the_pinned_release() -> None:
     """Fails on the old files: both servers ran `lmsysorg/sglang:latest` (issue 18, item 5)."""
-    assert re.fullmatch(r"\d+\.\d+\.\d+", SGLANG_VERSION) and f"lmsysorg/sglang:v{SGLANG_VERSION}" == SGLANG_IMAGE
+    assert re.fullmatch(r"\d+\.\d+\.\d+", SGLANG_VERSION), SGLANG_VERSION
     base = yaml.safe_load((ROOT / BASE).read_text())
     assert base["x-sglang-image"] == f"${{SGLANG_IMAGE:-{SGLANG_IMAGE}}}"
     for name in ("student-sglang", "teacher-sglang"):

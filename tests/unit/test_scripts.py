@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from protocol.sglang_version import SGLANG_VERSION
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted((ROOT / "scripts").glob("*.sh"))
 SMOKE = ROOT / "scripts" / "gpu-smoke.sh"
@@ -135,7 +137,7 @@ def test_gpu_smoke_dry_run_plans_the_sglang_phases_and_warns_off_the_pin(tmp_pat
     for phase in PHASES[5:]:
         assert f"{phase}] would run: " in out, out
     assert f"{fake} -m sglang.launch_server" in out and "--enable-deterministic-inference" in out
-    assert "SGLang 0.5.22 is not the pinned 0.5.23" in out
+    assert f"SGLang 0.5.22 is not the pinned {SGLANG_VERSION}" in out
     assert "9 phases, 1 skipped" in out
 
 
