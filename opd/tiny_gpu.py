@@ -100,17 +100,19 @@ def gpu_model_config(role: str) -> LlamaConfig:
 
 
 def build_gpu_assets(
-    root: Path, seed: int = 0, *, teacher_steps: int = 200, n_train_prompts: int = 256, n_heldout_prompts: int = 32,
-    log: Callable[[str], None] | None = None,
+    root: Path, seed: int = 0, *, teacher_steps: int = 200, student_warmup_steps: int = 0, n_train_prompts: int = 256,
+    n_heldout_prompts: int = 32, log: Callable[[str], None] | None = None,
 ) -> TinyAssets:
     """Build (or reuse, once `root/.complete` exists) the GPU test models and prompts under `root`.
 
     The teacher trains `teacher_steps` AdamW steps on the CPU task in fp32 on the CPU (deterministic
-    in `seed`; a few seconds), then both models are cast to bf16 and saved with the tokenizer. The
-    student stays at its random init, as in opd/tiny.py. No GPU is needed to build them.
+    in `seed`; a few seconds), the student `student_warmup_steps` (0: its random init, as in
+    opd/tiny.py; a few steps make its distribution peaked, so a sampling-temperature mismatch shows in
+    the importance ratio), then both are cast to bf16 and saved with the tokenizer. No GPU is needed.
     """
-    if teacher_steps < 0:
-        raise ValueError(f"teacher_steps must be >= 0, got {teacher_steps}")
+    for name, value in (("teacher_steps", teacher_steps), ("student_warmup_steps", student_warmup_steps)):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
     emit = log or (lambda _msg: None)
     root = Path(root)
     paths = asset_paths(root)
@@ -129,9 +131,10 @@ def build_gpu_assets(
     with torch.random.fork_rng(devices=[]), single_thread():
         torch.manual_seed(seed)
         built = {role: LlamaForCausalLM(gpu_model_config(role)).float() for role in ("teacher", "student")}
-        steps, loss = train_lm(built["teacher"], lambda: packed_rows(pool, data_rng, rows=8, width=PACK_WIDTH),
-                               steps=teacher_steps, lr=3e-3, max_seconds=600.0, log=emit)
-    info["teacher_train"] = {"steps": steps, "final_loss": loss if steps else None}
+        for role, steps_wanted, lr in (("teacher", teacher_steps, 3e-3), ("student", student_warmup_steps, 1e-3)):
+            steps, loss = train_lm(built[role], lambda: packed_rows(pool, data_rng, rows=8, width=PACK_WIDTH),
+                                   steps=steps_wanted, lr=lr, max_seconds=600.0, log=emit)
+            info[f"{role}_train"] = {"steps": steps, "final_loss": loss if steps else None}
     with quiet_progress_bars():
         for role, directory in (("teacher", paths.teacher_dir), ("student", paths.student_dir)):
             if directory.exists():

@@ -80,5 +80,7 @@ def test_layout_is_the_cpu_models_and_is_built_once(assets: Path) -> None:
 def test_bad_arguments_name_the_key(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="teacher_steps"):
         build_gpu_assets(tmp_path, teacher_steps=-1)
+    with pytest.raises(ValueError, match="student_warmup_steps"):
+        build_gpu_assets(tmp_path, student_warmup_steps=-1)
     with pytest.raises(ValueError, match="role"):
         gpu_model_config("critic")
