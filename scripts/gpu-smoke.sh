@@ -42,6 +42,7 @@
 #   CUDA_VISIBLE_DEVICES        as usual: every phase uses the first visible GPU
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export LC_NUMERIC=C  # $EPOCHREALTIME and awk agree on the decimal point
 
 usage() {
   sed -n '/^# usage:/,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
@@ -128,6 +129,7 @@ declare -A WHAT=(
 
 # ---------------------------------------------------------------- phases: timing, summary, cleanup
 SUMMARY=()
+SUMMARY_SHOWN=0
 NUM_GPUS=0
 STUDENT_PORT=""
 TEACHER_PORT=""
@@ -155,7 +157,7 @@ cleanup() {
     for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -KILL -- "-$pid" 2>/dev/null || true
   done
-  [ "$DRY_RUN" = 1 ] || summary
+  [ "$DRY_RUN" = 1 ] || [ "$SUMMARY_SHOWN" = 1 ] || summary
   exit "$code"
 }
 trap cleanup EXIT
@@ -386,4 +388,12 @@ if [ "$DRY_RUN" = 1 ]; then
   echo "gpu-smoke: dry run done: ${#PHASES[@]} phases, ${#SKIP[@]} skipped"
   exit 0
 fi
-echo "gpu-smoke: ok"
+summary
+SUMMARY_SHOWN=1
+skipped=0
+for phase in "${PHASES[@]}"; do [ -z "${SKIP[$phase]:-}" ] || skipped=$((skipped + 1)); done
+if [ "$skipped" = 0 ]; then
+  echo "gpu-smoke: ok, all ${#PHASES[@]} phases"
+else
+  echo "gpu-smoke: ok, $((${#PHASES[@]} - skipped)) of ${#PHASES[@]} phases ($skipped skipped, reasons above)"
+fi
