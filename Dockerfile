@@ -1,11 +1,13 @@
-# One image for every pipeline role (`opd actor|teacher|learner`); docker-compose.yml builds it once
-# and every role service runs it.
+# One image for every pipeline role (`opd actor|teacher|learner`); docker-compose.yml builds it twice,
+# CPU torch for the actors and teachers (opd:local), CUDA torch for the GPU learner (opd:local-cuda).
 #
 # Torch comes from the index in TORCH_INDEX_URL. The default is the CPU wheel index (a ~200 MB torch
 # instead of PyPI's CUDA build of several GB): actors and teachers that talk to SGLang servers need
-# no GPU. For a learner on a GPU, build with a CUDA index, e.g.
-#   docker compose build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124
-# (or set TORCH_INDEX_URL in .env; see docs/deploy.md).
+# no GPU. The GPU learner's image is this Dockerfile built with a CUDA wheel index instead:
+# docker-compose.yml builds its `learner` service as opd:local-cuda with
+#   TORCH_INDEX_URL=${TORCH_CUDA_INDEX_URL:-https://download.pytorch.org/whl/cu128}
+# (by hand: docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 -t opd:local-cuda .;
+# docs/deploy.md, "GPU layouts").
 #
 # Air-gapped clusters: put a torch wheel (cp311, for the image's platform) in deploy/wheels/ (or the
 # folder named by the WHEELS build arg, inside the build context) and torch is installed from there,
