@@ -82,15 +82,33 @@ def test_aggregate_and_table() -> None:
     assert full["checkpoints"][1]["accuracy_std"] == pytest.approx(0.1414, abs=1e-3)
     assert full["checkpoints"][2]["kl"] == pytest.approx(0.4) and full["checkpoints"][2]["flops"] == pytest.approx(102)
     assert summary["target_accuracy"] == pytest.approx(0.6)
-    # full: seed 0 never reaches 0.6, seed 1 at its last mark; short: seed 0 at mark 1 (50), seed 1 at mark 2 (100)
-    assert (full["reach"]["reached"], full["reach"]["flops"]) == (1, pytest.approx(103))
-    assert (short["reach"]["reached"], short["reach"]["flops"]) == (2, pytest.approx(75))
-    assert short["reach"]["vs_reference"] == pytest.approx(103 / 75)
+    # full: seed 0 never reaches 0.6 (censored at one mark past the budget: 150), seed 1 at its last mark (103);
+    # short: seed 0 at mark 1 (50), seed 1 at mark 2 (100). Restricted means 126.5 and 75.
+    assert summary["cap_flops"] == pytest.approx(150)
+    assert (full["reach"]["reached"], full["reach"]["restricted_mean"]["point"]) == (1, pytest.approx(126.5))
+    assert (short["reach"]["reached"], short["reach"]["restricted_mean"]["point"]) == (2, pytest.approx(75))
+    assert short["reach"]["ratio"]["point"] == pytest.approx(126.5 / 75)
+    assert short["reach"]["ratio"]["low"] < 1 < short["reach"]["ratio"]["high"]  # two seeds: not separated
+    assert short["reach"]["verdict"] == "not separated" and full["reach"]["verdict"] == "reference"
     assert trl["seeds"] == [] and trl["skipped"] == "trl is not installed" and trl["failed"] == {1: "RuntimeError: boom\nmore"}
     text = markdown(summary)
-    assert "| full | 10.0 ± 0.0 | 40.0 ± 14.1 | 60.0 ± 14.1 |" in text
-    assert "| short | 75 FLOP | 1.37x |" in text
+    assert "| full | 10.0 | 40.0 [30.0, 50.0] | 60.0 [50.0, 70.0] |" in text
+    assert "| short | 75 FLOP [50 FLOP, 150 FLOP] | 1.69x [0.69, 2.53] | not separated | 2/2 |" in text
+    assert "Verdict: no row separated from the reference." in text
+    assert ": beats the reference" not in text
     assert "`trl` skipped: trl is not installed" in text and "`trl` seed 1 failed: RuntimeError: boom" in text
+
+
+def test_verdict_names_a_row_only_when_its_interval_excludes_one() -> None:
+    """Five seeds each; `short` reaches the reference's final accuracy at the first mark on every seed, `full` at
+    its last: the ratio's interval is above 1 and the table says `beats`, and nothing stronger."""
+    cfg = ExperimentConfig.model_validate({**BASE, "seeds": [0, 1, 2, 3, 4]})
+    records = [_run("full", k, [0.1, 0.3, 0.6 + 0.01 * k], [1.0, 0.5, 0.3], [0, 50, 100]) for k in range(5)]
+    records += [_run("short", k, [0.1, 0.7, 0.7], [1.0, 0.3, 0.3], [0, 50, 100]) for k in range(5)]
+    summary = aggregate(cfg, records, preset=None, command="c")
+    short = summary["rows"][1]["reach"]
+    assert short["ratio"]["low"] > 1 and short["verdict"] == "beats"
+    assert "Verdict: short: beats the reference." in markdown(summary)
 
 
 def test_trl_batches_hold_one_prompt_length() -> None:
