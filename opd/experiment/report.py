@@ -127,8 +127,10 @@ def aggregate(cfg: Any, records: list[dict[str, Any]], *, preset: str | None, co
     rows = []
     for row in cfg.rows:
         runs = [r for r in records if r["row"] == row.name]
+        charged = {r["charge_cache"] for r in runs if "charge_cache" in r}  # what the runs did, where recorded
         rows.append(aggregate_row({"name": row.name, "label": row.label or row.name, "kind": row.kind,
-                                   "charge_cache": cfg.charges_cache(row)}, runs, cfg.checkpoints))
+                                   "charge_cache": charged.pop() if len(charged) == 1 else cfg.charges_cache(row)},
+                                  runs, cfg.checkpoints))
     ref = next((r for r in rows if r["name"] == cfg.reference_row and r["seeds"]), None)
     metric = "accuracy" if ref is not None and ref["checkpoints"][-1]["accuracy"] is not None else "kl"
     boot = Bootstrap(resamples=cfg.bootstrap.resamples, seed=cfg.bootstrap.seed, level=cfg.bootstrap.level)
@@ -238,6 +240,11 @@ def markdown(summary: dict[str, Any]) -> str:
     lines += ["", f"Verdict: {said or 'no row separated from the reference'}. (A row beats, or is behind, the "
               f"reference only when the {100 * boot.get('level', 0.95):.0f}% interval of its compute ratio excludes 1; "
               "a row not separated from it is not shown equal to it either.)"]
+    fewest = min((len(row["seeds"]) for row in rows if row["seeds"]), default=0)
+    if 0 < fewest < 5:
+        lines += ["", f"**{fewest} seed{'s' if fewest > 1 else ''} per row**: a bootstrap over so few seeds is too "
+                  "narrow (two seeds give three possible means), so these verdicts are provisional; 5 or more per row "
+                  "before any is reported."]
     notes = [f"- `{row['name']}` skipped: {row['skipped']}" for row in rows if row["skipped"]]
     notes += [f"- `{row['name']}` seed {seed} failed: {reason.splitlines()[0]}" for row in rows
               for seed, reason in row["failed"].items()]

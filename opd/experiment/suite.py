@@ -99,7 +99,7 @@ def _initial(cfg: ExperimentConfig, evaluator: Any, results: Path, reporter: Rep
 def _run(cfg: ExperimentConfig, spec: RunSpec, pipe: Any, marks: list[float], reporter: Reporter) -> dict[str, Any]:
     """One run, as a record: status ok / skipped / failed (with the reason)."""
     base = {"row": spec.row.name, "label": spec.row.label or spec.row.name, "kind": spec.row.kind, "seed": spec.seed,
-            "budget_flops": cfg.budget_flops}
+            "budget_flops": cfg.budget_flops, "charge_cache": cfg.charges_cache(spec.row) and spec.row.kind == "opd"}
     shutil.rmtree(spec.dir / "checkpoints", ignore_errors=True)
     try:
         got = run_trl(cfg, spec, pipe, marks, reporter) if spec.row.kind == "trl" else run_opd(spec, pipe, marks, reporter)

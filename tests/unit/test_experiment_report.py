@@ -96,6 +96,7 @@ def test_aggregate_and_table() -> None:
     assert "| short | 75 FLOP [50 FLOP, 150 FLOP] | 1.69x [0.69, 2.53] | not separated | 2/2 |" in text
     assert "Verdict: no row separated from the reference." in text
     assert ": beats the reference" not in text
+    assert "**2 seeds per row**" in text and "provisional" in text
     assert "`trl` skipped: trl is not installed" in text and "`trl` seed 1 failed: RuntimeError: boom" in text
 
 
@@ -108,7 +109,8 @@ def test_verdict_names_a_row_only_when_its_interval_excludes_one() -> None:
     summary = aggregate(cfg, records, preset=None, command="c")
     short = summary["rows"][1]["reach"]
     assert short["ratio"]["low"] > 1 and short["verdict"] == "beats"
-    assert "Verdict: short: beats the reference." in markdown(summary)
+    text = markdown(summary)
+    assert "Verdict: short: beats the reference." in text and "provisional" not in text
 
 
 def test_trl_batches_hold_one_prompt_length() -> None:
@@ -119,3 +121,20 @@ def test_trl_batches_hold_one_prompt_length() -> None:
         assert len(ordered[i]) == len(ordered[i + 1])
     with pytest.raises(ValueError, match="batch_size"):
         _batches_by_length([[1], [1, 2]], 2, seed=0, count=2)
+
+
+def test_stored_schedules_result_does_not_separate_random_from_full(tmp_path: Path) -> None:
+    """`opd experiment report` on the shipped 2-seed schedules result: the random horizon's 1.11x of the old table
+    does not exclude 1 (what README.md and docs/experiments.md now say), those runs' cache hits were free, and
+    the records hold no per-problem results (said in the table)."""
+    from opd.cli import main
+
+    repo = Path(__file__).resolve().parents[2]
+    out = tmp_path / "table.md"
+    assert main(["experiment", "report", str(repo / "docs/results/truncation-schedules/results.json"),
+                 "--resamples", "500", "--out", str(out)]) == 0
+    text = out.read_text()
+    random_row = next(line for line in text.splitlines() if line.startswith("| random 5%-100% | 1.44 TFLOP"))
+    assert "| not separated |" in random_row and "(free)" in random_row
+    assert "over seeds only" in text and "Verdict: TOPD rho=0.25: behind the reference." in text
+    assert main(["experiment", "report", str(tmp_path / "nope.json")]) == 2
