@@ -138,3 +138,24 @@ def test_stored_schedules_result_does_not_separate_random_from_full(tmp_path: Pa
     assert "| not separated |" in random_row and "(free)" in random_row
     assert "over seeds only" in text and "Verdict: TOPD rho=0.25: behind the reference." in text
     assert main(["experiment", "report", str(tmp_path / "nope.json")]) == 2
+
+
+def test_probe_check_section_compares_the_estimate_with_the_truth() -> None:
+    """A `probe_truth` run's stats (actor.probe_truth) give the estimate, its stated standard error, the truth and z;
+    other runs add no section."""
+    cfg = ExperimentConfig.model_validate({**BASE, "rows": [{"name": "full", "schedule": "full"},
+                                                            {"name": "short", "probe_truth": True}], "quick": None})
+    probe = _run("short", 0, [0.1, 0.3, 0.5], [1.0, 0.5, 0.3], [0, 50, 100])
+    # 4 probes saved 10, 20, 30, 40 tokens (mean 25, sd 12.9); 100 other truncated rollouts truly saved 2,600
+    probe["stats"] = {"actor_probes": 4.0, "probe_saving_sum": 100.0, "probe_saving_sq_sum": 3000.0,
+                      "actor_truncated": 100.0, "truth_saving_sum": 2600.0, "actor_tokens_generated": 1000.0}
+    records = [_run("full", 0, [0.1, 0.3, 0.5], [1.0, 0.5, 0.3], [0, 50, 100]), probe]
+    summary = aggregate(cfg, records, preset=None, command="c")
+    [check] = summary["rows"][1]["probe_truth"]
+    assert (check["estimate"], check["truth"], check["probes"], check["rollouts"]) == (2500.0, 2600.0, 4, 100)
+    assert check["stderr"] == pytest.approx(12.910 * (100**2 / 4 + 100) ** 0.5, rel=1e-3)
+    assert check["z"] == pytest.approx(-100 / check["stderr"])
+    text = markdown(summary)
+    assert "## Truncation savings: the probe estimate against the truth" in text
+    assert "| short | 0 | 4 | 100 | 2500 |" in text and "| 2600 | -100 |" in text
+    assert summary["rows"][0]["probe_truth"] == []
