@@ -85,7 +85,9 @@ def evaluator_for(cfg: ExperimentConfig, pipe: Any) -> Any:
 def _initial(cfg: ExperimentConfig, evaluator: Any, results: Path, reporter: Reporter) -> dict[str, Any]:
     """The student before training (checkpoint 0 of every run), evaluated once."""
     path = results / "initial.json"
-    key = {"student_dir": str(cfg.path("student_dir")), "eval": cfg.eval.model_dump()}
+    # "per_problem": an initial.json from before the evaluator recorded per-problem results is evaluated again
+    # (without them every run's checkpoint 0 would lack them and the bootstrap could not resample problems)
+    key = {"student_dir": str(cfg.path("student_dir")), "eval": cfg.eval.model_dump(), "per_problem": True}
     if path.exists():
         saved = json.loads(path.read_text())
         if saved.get("key") == key:
