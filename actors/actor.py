@@ -51,6 +51,13 @@ class ActorSummary:
         return f"{est.tokens:.0f}" + (f" +- {est.stderr:.0f}" if est.stderr is not None else "")
 
 
+def truncated_view(response_ids: list[int], logprobs: list[float], finished: bool,
+                   horizon: int) -> tuple[list[int], list[float], bool]:
+    """A full-length rollout's first `horizon` tokens, as the truncated rollout they are (finished only when it
+    ended at EOS within them)."""
+    return list(response_ids[:horizon]), list(logprobs[:horizon]), finished and len(response_ids) <= horizon
+
+
 class Admission:
     """Producer-side staleness control (as in AReaL): never start work that would arrive stale.
 
@@ -216,9 +223,10 @@ class Actor:
         indices = self.next_prompts(n)
         state = self.learner_state()
         drawn, probes, horizons = self.pick_horizons(state, len(indices))
+        max_new = self.cfg.max_new_tokens
         try:
             gens = self.engine.generate(
-                [self.prompts[i] for i in indices], horizons,
+                [self.prompts[i] for i in indices], [max_new] * len(horizons) if self.cfg.probe_truth else horizons,
                 temperature=self.cfg.temperature, top_p=self.cfg.top_p, seed=self.rng.randrange(2**31),
             )
         except Exception as exc:
@@ -242,23 +250,30 @@ class Actor:
             if self.cfg.admission_control:
                 self.admission.release(n)
             raise
-        max_new = self.cfg.max_new_tokens
+        # Under actor.probe_truth every rollout ran to the budget; what is sent and charged is its first `horizon`
+        # tokens (exactly a truncated rollout: sampling is autoregressive), the rest is the truth it measured.
+        views = [(list(g.response_ids), list(g.logprobs), g.finished) if probe or not self.cfg.probe_truth
+                 else truncated_view(g.response_ids, g.logprobs, g.finished, h)
+                 for g, h, probe in zip(gens, horizons, probes, strict=True)]
         msgs = [RolloutPrefix(
             prompt_ids_P=np.asarray(self.prompts[idx], dtype=np.int32),
-            response_ids_R=np.asarray(gen.response_ids, dtype=np.int32),
-            behaviour_logprobs_R=np.minimum(np.asarray(gen.logprobs, dtype=np.float32), 0.0),
-            prompt_index=idx, horizon=horizon, max_new_tokens=max_new, finished=gen.finished,
+            response_ids_R=np.asarray(ids, dtype=np.int32),
+            behaviour_logprobs_R=np.minimum(np.asarray(lps, dtype=np.float32), 0.0),
+            prompt_index=idx, horizon=horizon, max_new_tokens=max_new, finished=finished,
             policy_version=version, actor_id=self.actor_id,
             temperature=self.cfg.temperature, top_p=self.cfg.top_p, probe=probe,
-        ) for idx, horizon, gen, probe, version in zip(indices, horizons, gens, probes, versions, strict=True)]
+        ) for idx, horizon, (ids, lps, finished), probe, version
+            in zip(indices, horizons, views, probes, versions, strict=True)]
         hw = self.queue.high_water  # one round trip per chunk that fits under the mark (docs/benchmarks.md)
         for chunk in (msgs[i:i + hw] for i in range(0, len(msgs), hw)):
             waited = self.queue.wait_for_room(timeout_s=self.backpressure_timeout_s, should_stop=self.stop.is_set,
                                               need=len(chunk))
             self.metrics.admission_wait.inc(waited)
             self.queue.publish_many(chunk, ledger_outcome=ledger.PRODUCED)
-        self.account(horizons, drawn, probes, [(len(g.response_ids), g.finished) for g in gens],
-                     prompt_tokens=sum(len(self.prompts[i]) for i in indices))
+        truth = [probe_saving(len(g.response_ids), h) for g, h, probe in zip(gens, horizons, probes, strict=True)
+                 if self.cfg.probe_truth and not probe and h < max_new]
+        self.account(horizons, drawn, probes, [(len(ids), finished) for ids, _, finished in views],
+                     prompt_tokens=sum(len(self.prompts[i]) for i in indices), truth=truth)
         self.metrics.queue_depth.labels(stream=self.names.rollouts).set(self.queue.depth())
         return len(gens)
 
@@ -307,11 +322,13 @@ class Actor:
         return drawn, probes, [max_new if p else h for h, p in zip(drawn, probes, strict=True)]
 
     def account(self, horizons: list[int], drawn: list[int], probes: list[bool], outcomes: list[tuple[int, bool]],
-                *, prompt_tokens: int = 0) -> None:
+                *, prompt_tokens: int = 0, truth: list[int] | None = None) -> None:
         """Count one published batch: tokens generated, the budget bound, the probes' savings; metrics and run stats.
 
         `outcomes` holds (tokens generated, finished at EOS) per rollout; `prompt_tokens` is the batch's prompt
-        tokens (prefilled: part of the generation FLOPs, `protocol/compute.py`).
+        tokens (prefilled: part of the generation FLOPs, `protocol/compute.py`). `truth` (actor.probe_truth): the
+        true saving of each truncated rollout that was not a probe, recorded beside the estimate and not charged
+        (the tokens past the horizon were generated to measure, as evaluation is: outside the budget).
         """
         max_new, s = self.cfg.max_new_tokens, self.summary
         bound = probe_tokens = budget = truncated = 0
@@ -348,6 +365,8 @@ class Actor:
                        actor_probe_tokens=probe_tokens, probe_saving_sum=tally.saving_sum,
                        probe_saving_sq_sum=tally.saving_sq_sum, actor_prompt_tokens=prompt_tokens,
                        flops_generation=forward_flops(self.params, prompt_tokens + generated_total))
+        if truth is not None and self.cfg.probe_truth:
+            self.stats.add(truth_saving_sum=float(sum(truth)), truth_rollouts=len(truth))
 
     def run(self) -> ActorSummary:
         self.maybe_reload(force=True)

@@ -37,6 +37,11 @@ class ActorConfig(BaseModel):
                                   "instead, as probes (seeded per actor): they measure what truncation saves and the "
                                   "KL past the horizon; the learner never trains on them. 0: no probes (the estimate "
                                   "of tokens saved is then unknown).")
+    probe_truth: bool = Field(False, description="Also sample every truncated rollout that is not a probe to full "
+                              "length, send (and charge) only its first `horizon` tokens, and record its true saving "
+                              "(run stat truth_saving_sum): checks the probes' estimate against the truth at the "
+                              "cost of wall-clock, not of the compute budget or of what is trained (the truncation "
+                              "experiment's `probe_truth` rows).")
     seed: int = Field(0, description="Base seed; each actor adds its index.")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus port (0: a free port).")
     metrics_host: str = Field("127.0.0.1", description="Bind address of /metrics (0.0.0.0 in containers).")

@@ -35,6 +35,10 @@ class LearnerConfig(BaseModel):
     max_flops: float | None = Field(
         None, gt=0, description="Also stop (and drain) once the run has spent this many FLOPs: generation + teacher "
         "scoring + learner, from the run stats every role adds to (protocol/compute.py). None: steps alone decide.")
+    max_flops_charges_cache: bool = Field(
+        False, description="Count the teacher forwards that full cache hits avoided as spent toward max_flops "
+        "(every teacher-scored token charged, cached or not: what a compute-matched comparison needs; the "
+        "truncation experiment sets it). False: only what was really computed.")
     batch_size: int = Field(16, ge=1, description="Prefixes per optimizer step (global batch: under torchrun the "
                             "ranks share it).")
     micro_batch_tokens: int = Field(4096, ge=16, description="Token budget of one micro-batch (gradient accumulation); "

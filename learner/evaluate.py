@@ -59,6 +59,8 @@ class EvalResult:
     accuracy: AccuracyResult | None = None  # only when learner.eval.accuracy_prompts > 0
     kl_by_position: list[float] | None = None  # per bucket of response positions (`position_edges`), nats/token
     tokens_by_position: list[int] | None = None
+    kl_sum_by_prompt: list[float] | None = None  # summed KL of each prompt's response, in the prompts' order
+    tokens_by_prompt: list[int] | None = None  # (a bootstrap over prompts resamples these pairs)
 
     def row(self) -> dict[str, float | int]:
         """The measurements as one eval.jsonl row (the accuracy's keys only when it was measured)."""
@@ -163,6 +165,8 @@ def heldout_reverse_kl(
     total_kl, total_tokens = 0.0, 0
     edges = torch.tensor(position_edges or (0,))
     kl_by_bucket, tokens_by_bucket = torch.zeros(len(edges), dtype=torch.float64), torch.zeros(len(edges))
+    kl_by_prompt: list[float] = []
+    tokens_by_prompt: list[int] = []
     gen = torch.Generator(device="cpu").manual_seed(seed)
     for start in range(0, len(prompts), batch_size):
         ids_BT, attn_BT, resp_mask_BR, P = _sample(student, prompts[start:start + batch_size], max_new_tokens,
@@ -177,12 +181,15 @@ def heldout_reverse_kl(
         kl_BR = (s_logp.exp() * (s_logp - t_logp)).sum(-1)
         total_kl += float((kl_BR * resp_mask_BR).sum())
         total_tokens += int(resp_mask_BR.sum())
+        kl_by_prompt += (kl_BR * resp_mask_BR).sum(1).double().cpu().tolist()
+        tokens_by_prompt += [int(t) for t in resp_mask_BR.sum(1).cpu().tolist()]
         bucket_R = torch.bucketize(torch.arange(R), edges, right=True) - 1  # response position -> bucket
         kl_by_bucket.index_add_(0, bucket_R, (kl_BR * resp_mask_BR).sum(0).double().cpu())
         tokens_by_bucket.index_add_(0, bucket_R, resp_mask_BR.sum(0).float().cpu())
     student.train(was_training)
     result = EvalResult(reverse_kl=total_kl / max(total_tokens, 1), tokens=total_tokens,
-                        mean_response_len=total_tokens / len(prompts))
+                        mean_response_len=total_tokens / len(prompts), kl_sum_by_prompt=kl_by_prompt,
+                        tokens_by_prompt=tokens_by_prompt)
     if position_edges:
         result.kl_by_position = (kl_by_bucket / tokens_by_bucket.clamp(min=1)).tolist()
         result.tokens_by_position = [int(x) for x in tokens_by_bucket]

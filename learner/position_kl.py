@@ -53,6 +53,8 @@ class PositionKL:
         self._probe_kl_B = np.zeros(self.buckets)
         self._probe_tokens_B = np.zeros(self.buckets)
         self._samples = 0
+        self._probes = 0
+        self._probes_finished = 0
         self._horizon_max = 0
         self._horizon_min = math.inf
 
@@ -76,6 +78,8 @@ class PositionKL:
         kl_B, tokens_B = self._bucketed(message)
         self._probe_kl_B += kl_B
         self._probe_tokens_B += tokens_B
+        self._probes += 1
+        self._probes_finished += bool(getattr(message, "finished", False))  # a scored prefix always carries it
 
     def due(self, step: int) -> bool:
         """Whether the window closes after `step` (the same answer on every rank)."""
@@ -83,7 +87,8 @@ class PositionKL:
 
     def pending(self) -> tuple[list[float], list[float]]:
         """This rank's open window as (values to sum over ranks, values to take the max of over ranks)."""
-        sums = [*self._kl_B, *self._tokens_B, *self._probe_kl_B, *self._probe_tokens_B, float(self._samples)]
+        sums = [*self._kl_B, *self._tokens_B, *self._probe_kl_B, *self._probe_tokens_B, float(self._samples),
+                float(self._probes), float(self._probes_finished)]
         return [float(v) for v in sums], [float(self._horizon_max), -float(min(self._horizon_min, 2**31))]
 
     def close(self, step: int, sums: Sequence[float], maxima: Sequence[float]) -> KLWindow:
@@ -93,7 +98,8 @@ class PositionKL:
         samples = int(sums[4 * b])
         window = KLWindow(
             step=step, samples=samples, horizon_max=int(maxima[0]) if samples else 0,
-            horizon_min=int(-maxima[1]) if samples else 0,
+            horizon_min=int(-maxima[1]) if samples else 0, probes=int(sums[4 * b + 1]),
+            probes_finished=int(sums[4 * b + 2]),
             **_means("kl_by_bucket", "tokens_by_bucket", kl_B, tokens_B),
             **_means("probe_kl_by_bucket", "probe_tokens_by_bucket", probe_kl_B, probe_tokens_B),
         )

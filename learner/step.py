@@ -93,6 +93,13 @@ class _Plan:
     sequence_tokens: int
 
 
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """The learning rate's factor at optimizer step `step` (0-based): linear warm-up, `(step + 1) / warmup_steps`,
+    then 1. The first step already trains (at lr / warmup_steps); transformers' `constant_with_warmup` starts at
+    0 and wastes it, so the experiment's TRL baseline is given this one (opd/experiment/trl_baseline.py)."""
+    return min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+
+
 class Trainer:
     """The model being trained, its optimizer and LR schedule, and the loss: `step` takes one optimizer step."""
 
@@ -109,9 +116,7 @@ class Trainer:
         fp32_output_head(train_model.module)
         self.optimizer = torch.optim.AdamW(train_model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         warmup = cfg.warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
-        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: warmup_factor(s, warmup))
 
     def step(self, messages: list[ScoredPrefix]) -> StepStats:
         """One optimizer step on this rank's share (possibly empty when several ranks train)."""

@@ -26,14 +26,16 @@ def done_reason(learner: Learner) -> str | None:
     """Why training should stop now (`learner.steps` reached, or the run's FLOPs reached `learner.max_flops`), or None.
 
     The FLOPs are the run stats every role adds to (protocol/compute.py), so the budget covers generation and
-    teacher scoring too; under several ranks they agree through a max, as they read Redis at different times.
+    teacher scoring too (cache hits included under `learner.max_flops_charges_cache`); under several ranks they
+    agree through a max, as they read Redis at different times.
     """
     cfg = learner.cfg
     if learner.step >= cfg.steps:
         return f"reached {cfg.steps} steps"
     if cfg.max_flops is None:
         return None
-    spent = ComputeTally.from_stats(ledger.stats(learner.client, learner.names)).total
+    spent = ComputeTally.from_stats(ledger.stats(learner.client, learner.names),
+                                    charge_cache=cfg.max_flops_charges_cache).total
     over = spent >= cfg.max_flops
     if learner.dist.enabled:
         over = bool(learner.dist.max([float(over)])[0])

@@ -195,7 +195,7 @@ def describe(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, s
     """(key, default, description) for every option, for `--help` and docs/config.md.
 
     A component union (e.g. `learner.loss`) lists its `kind`, then each variant's own options tagged
-    with the kind they belong to.
+    with the kind they belong to (and `experimental` for a variant whose class says `experimental = True`).
     """
     rows: list[tuple[str, str, str]] = []
     for name, field in model.model_fields.items():
@@ -208,10 +208,13 @@ def describe(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, s
         variants = _variants(ann)
         if variants:
             kinds = [v.model_fields["kind"].default for v in variants]
+            tags = [f"{k}, experimental" if getattr(v, "experimental", False) else k
+                    for k, v in zip(kinds, variants, strict=True)]
             rows.append((f"{key}.kind", repr(default.kind), f"{field.description or ''} One of: "
-                         + ", ".join(f"`{k}`" for k in kinds) + "."))
-            for kind, variant in zip(kinds, variants, strict=True):
-                rows.extend((k, d, f"({kind}) {text}") for k, d, text in describe(variant, key + ".")
+                         + ", ".join(f"`{k}`" + (" (experimental)" if t != k else "")
+                                     for k, t in zip(kinds, tags, strict=True)) + "."))
+            for tag, variant in zip(tags, variants, strict=True):
+                rows.extend((k, d, f"({tag}) {text}") for k, d, text in describe(variant, key + ".")
                             if k != f"{key}.kind")
             continue
         rows.append((key, "(required)" if field.is_required() else repr(default), field.description or ""))
@@ -256,4 +259,8 @@ def advisories(cfg: OPDConfig) -> list[str]:
                    "its step commits, and teachers stop forwarding at the mark (a batch forwarded just under it "
                    "overshoots it by less than teacher.batch_size), so a step can wait learner.read_timeout_s for "
                    "a full batch; raise transport.high_water")
+    if getattr(cfg.actor.schedule, "experimental", False):
+        out.append(f"actor.schedule is `{cfg.actor.schedule.kind}`, which is experimental: in the truncation experiment "
+                   "it collapsed to 0% exact match in one seed of two, and its end-of-answer guard has not been shown "
+                   "to prevent that over several seeds (docs/experiments.md); full rollouts are the supported default")
     return out

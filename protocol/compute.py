@@ -32,6 +32,7 @@ from dataclasses import dataclass
 FLOPS_GENERATION, FLOPS_TEACHER, FLOPS_LEARNER = "flops_generation", "flops_teacher", "flops_learner"
 PROMPT_TOKENS, GENERATED_TOKENS = "actor_prompt_tokens", "actor_tokens_generated"
 FORWARDED_TOKENS = "teacher_tokens_forwarded"
+FLOPS_SAVED_CACHE = "flops_saved_cache"  # teacher forwards that full cache hits avoided (cache/teacher.py)
 TRAINED_TOKENS, TRAINED_RESPONSE_TOKENS, LEARNER_STEPS = "learner_tokens", "learner_response_tokens", "learner_steps"
 
 
@@ -58,9 +59,18 @@ class ComputeTally:
         return self.generation + self.teacher + self.learner
 
     @classmethod
-    def from_stats(cls, stats: Mapping[str, float]) -> ComputeTally:
-        """The tally in a run's stats (`protocol/ledger.py` `stats`); absent keys count 0."""
-        return cls(generation=float(stats.get(FLOPS_GENERATION, 0.0)), teacher=float(stats.get(FLOPS_TEACHER, 0.0)),
+    def from_stats(cls, stats: Mapping[str, float], *, charge_cache: bool = False) -> ComputeTally:
+        """The tally in a run's stats (`protocol/ledger.py` `stats`); absent keys count 0.
+
+        `charge_cache`: count the teacher forwards that full cache hits avoided as spent, so that every
+        teacher-scored token costs `2 N_teacher` whether the cache served it or not. WHY an option: a run's
+        real spend leaves them out (the cache did save them), but a comparison at equal compute must not hand
+        rows whose rollouts repeat (short horizons on a deterministic task) teacher scoring for free.
+        """
+        teacher = float(stats.get(FLOPS_TEACHER, 0.0))
+        if charge_cache:
+            teacher += float(stats.get(FLOPS_SAVED_CACHE, 0.0))
+        return cls(generation=float(stats.get(FLOPS_GENERATION, 0.0)), teacher=teacher,
                    learner=float(stats.get(FLOPS_LEARNER, 0.0)))
 
     def as_dict(self) -> dict[str, float]:

@@ -15,6 +15,8 @@ Schema history:
 - v2: `kl_by_bucket` filled, and `kl_windows`: the learner's reverse KL by response position over its recent
   steps, with the probes' KL past the horizon (`KLWindow`), which the adaptive schedule decides from. A v1
   state is refused like any unsupported version (the roles are deployed together).
+- v2, compatibly: `KLWindow.probes` / `probes_finished` (absent reads as 0): how many of the window's probes
+  ended at EOS, the adaptive schedule's end-of-answer guard.
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ class KLWindow(BaseModel):
     tokens_by_bucket: list[Count] = Field(default_factory=list, description="Trained tokens per bucket.")
     probe_kl_by_bucket: list[float] = Field(default_factory=list, description="Mean reverse KL of the probes' tokens per bucket.")
     probe_tokens_by_bucket: list[Count] = Field(default_factory=list, description="Probe tokens per bucket.")
+    probes: Count = Field(0, description="Probes measured in the window.")
+    probes_finished: Count = Field(0, description="Of them, those that ended at EOS within the budget (the adaptive "
+                                   "schedule's end-of-answer guard).")
 
 
 class LearnerState(BaseModel):

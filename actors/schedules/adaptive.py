@@ -18,6 +18,16 @@ tokens (full-length rollouts it never trains on), and publishes the recent windo
    horizon holds. Without such evidence (no probes, or answers ending before `H`) settling alone decides.
 4. Settled and not vetoed: the horizon is `H + step_tokens`; otherwise `H`. Always within
    [`start_tokens`, `max_tokens` or `actor.max_new_tokens`].
+5. End-of-answer guard (`finish_drop`): the probes are full-length rollouts, so the fraction of them that
+   end at EOS is how often the student still finishes its answers. If, over the last `window` windows at
+   `H`, that fraction fell by more than `finish_drop` from the first half to the second (each half holding at
+   least `min_guard_probes` probes), the horizon grows whatever the KL says: positions past `H` are drifting
+   untrained, which is how the schedule collapsed to 0% exact match in one of two seeds of the truncation
+   experiment (docs/experiments.md). The guard overrides the veto: a low KL past `H` on answers that no
+   longer end is not evidence that the late positions are learnt.
+
+EXPERIMENTAL: this schedule collapsed in one seed of two in the truncation experiment, and the guard has not
+been shown to prevent that over several seeds; do not use it as a default (docs/experiments.md).
 
 Why the actors decide, from the published state: the decision is a pure function of `LearnerState`, so every
 actor handed the same state picks the same horizon (several actors agree without talking to each other),
@@ -39,7 +49,7 @@ import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -47,9 +57,12 @@ from protocol.state import KLWindow, LearnerState
 
 
 class AdaptiveScheduleConfig(BaseModel):
-    """`actor.schedule` grown by the learner's measurements (reverse KL by position, probes past the horizon)."""
+    """EXPERIMENTAL (collapsed in 1 of 2 seeds of the truncation experiment; not shown stable over 5 seeds):
+    `actor.schedule` grown by the learner's measurements (reverse KL by position, probes past the horizon, the
+    probes' finish rate)."""
 
     model_config = ConfigDict(extra="forbid")
+    experimental: ClassVar[bool] = True  # `opd config docs` tags it; `opd learner` warns (opd/config.py advisories)
 
     kind: Literal["adaptive"] = "adaptive"
     start_tokens: int = Field(16, ge=1, description="The horizon before any measurement, and its lower bound.")
@@ -62,6 +75,10 @@ class AdaptiveScheduleConfig(BaseModel):
     late_kl_ratio: float = Field(0.25, ge=0, description="The probes' KL past the horizon must be at least this times "
                                  "their KL within it for the horizon to grow (0: never veto).")
     min_probe_tokens: int = Field(64, ge=1, description="Probe tokens past the horizon needed before they may veto.")
+    finish_drop: float | None = Field(0.1, gt=0, le=1, description="End-of-answer guard: grow the horizon when the "
+                                      "probes' EOS rate over the last `window` windows fell by more than this "
+                                      "(absolute) from the first half to the second (None: no guard).")
+    min_guard_probes: int = Field(8, ge=1, description="Probes each half of the window needs before the guard acts.")
 
     def check(self, max_new_tokens: int) -> None:
         if self.start_tokens > max_new_tokens:
@@ -83,7 +100,8 @@ class AdaptiveScheduleConfig(BaseModel):
             start_tokens=self.start_tokens, step_tokens=self.step_tokens,
             max_tokens=self.max_tokens if self.max_tokens is not None else max_new_tokens, window=self.window,
             settle_threshold=self.settle_threshold, late_kl_ratio=self.late_kl_ratio,
-            min_probe_tokens=self.min_probe_tokens,
+            min_probe_tokens=self.min_probe_tokens, finish_drop=self.finish_drop,
+            min_guard_probes=self.min_guard_probes,
         )
 
 
@@ -96,6 +114,8 @@ class AdaptiveSchedule:
     settle_threshold: float
     late_kl_ratio: float
     min_probe_tokens: int
+    finish_drop: float | None = None
+    min_guard_probes: int = 8
 
     def horizon(self, state: LearnerState, rng: random.Random) -> int:
         return self.decide(state.kl_windows, state.bucket_tokens)
@@ -106,6 +126,8 @@ class AdaptiveSchedule:
         if current >= self.max_tokens:
             return self.max_tokens
         at_current = [w for w in windows if w.samples > 0 and w.horizon_min == w.horizon_max == current]
+        if self.finish_falling(at_current[-self.window:]):
+            return min(self.max_tokens, current + self.step_tokens)
         for i in range(len(at_current) - self.window + 1):
             run = at_current[i:i + self.window]
             if self.settled(run) and not self.vetoed(run, current, bucket_tokens):
@@ -120,6 +142,19 @@ class AdaptiveSchedule:
         if first <= 0:  # nothing left to improve (the sampled estimate can dip below 0)
             return True
         return (first - second) / first < self.settle_threshold
+
+    def finish_falling(self, run: Sequence[KLWindow]) -> bool:
+        """The end-of-answer guard: the probes' EOS rate fell by more than `finish_drop` across `run` (a full window)."""
+        if self.finish_drop is None or len(run) < self.window:
+            return False
+        half = len(run) // 2
+        first, second = run[:half], run[len(run) - half:]
+        n1, n2 = sum(w.probes for w in first), sum(w.probes for w in second)
+        if min(n1, n2) < self.min_guard_probes:
+            return False
+        rate1 = sum(w.probes_finished for w in first) / n1
+        rate2 = sum(w.probes_finished for w in second) / n2
+        return rate1 - rate2 > self.finish_drop
 
     def vetoed(self, run: Sequence[KLWindow], current: int, bucket_tokens: int) -> bool:
         """The probes say the tokens past the horizon carry little signal: their KL is low next to the KL within it."""

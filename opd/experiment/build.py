@@ -125,6 +125,7 @@ def evaluate(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, proble
     clock = Stopwatch()
     with torch_threads(threads):
         result = greedy_accuracy(model, tokenizer, problems)
+    result.pop("correct_by_problem", None)  # build_info.json keeps the totals only
     return {**result, "seconds": clock.seconds()}
 
 

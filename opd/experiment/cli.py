@@ -38,10 +38,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                        help="held-out problems answered at the end (default: all 200)")
         p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     from opd.experiment.positions import add_positions_parser
+    from opd.experiment.report_cli import add_report_parser
     from opd.experiment.run_cli import add_run_parser
 
     add_run_parser(exp_sub)
     add_positions_parser(exp_sub)
+    add_report_parser(exp_sub)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,6 +52,10 @@ def run(args: argparse.Namespace) -> int:
         from opd.experiment.run_cli import run_run
 
         return run_run(args)
+    if args.experiment_command == "report":
+        from opd.experiment.report_cli import run_report
+
+        return run_report(args)
     if args.experiment_command == "positions":
         from opd.experiment.positions import run_positions
 

@@ -37,13 +37,30 @@ class RowConfig(BaseModel):
         None, description="teacher.topk; `vocab`: the whole vocabulary (topk_kl is then the exact KL). None: the "
         "experiment's `teacher_topk`.")
     set: list[str] = Field(default_factory=list, description="More KEY=VALUE overrides of the pipeline config.")
+    charge_cache: bool | None = Field(
+        None, description="Count the teacher FLOPs of cache hits in the budget (true: every teacher-scored token "
+        "costs the same, cached or not: compute-matched) or not (false: a `+ cache` row, what the cache buys). "
+        "None: the experiment's `charge_cache`.")
+    probe_truth: bool = Field(False, description="Sample every truncated rollout to full length too (actor."
+                              "probe_truth): the savings estimate checked against the truth, at extra generation cost.")
 
     @model_validator(mode="after")
     def _trl_takes_no_pipeline_options(self) -> RowConfig:
-        if self.kind == "trl" and (self.schedule is not None or self.loss is not None or self.set):
-            raise ValueError(f"rows.{self.name}: a trl row has no schedule, loss or set (it always trains on full "
-                             "rollouts with the exact reverse KL)")
+        if self.kind == "trl" and (self.schedule is not None or self.loss is not None or self.set
+                                   or self.charge_cache is not None or self.probe_truth):
+            raise ValueError(f"rows.{self.name}: a trl row has no schedule, loss, set, charge_cache or probe_truth "
+                             "(it always trains on full rollouts with the exact reverse KL, without a cache)")
         return self
+
+
+class BootstrapSettings(BaseModel):
+    """The intervals of the table (opd/experiment/stats.py): a percentile bootstrap over seeds and problems."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    resamples: int = Field(2000, ge=100, description="Bootstrap replicates.")
+    seed: int = Field(0, description="Seed of the replicates' draws (the same table every time).")
+    level: float = Field(0.95, gt=0, lt=1, description="Coverage of the intervals.")
 
 
 class EvalSettings(BaseModel):
@@ -103,8 +120,15 @@ class ExperimentConfig(BaseModel):
     loss: str | dict[str, Any] | None = Field(None, description="learner.loss of rows that name none.")
     teacher_topk: int | Literal["vocab"] | None = Field(None, description="teacher.topk of rows that name none.")
     budget_flops: float = Field(..., gt=0, description="Compute budget of every run (protocol/compute.py).")
-    checkpoints: int = Field(5, ge=1, description="Evaluate at budget x i / checkpoints, i = 1..checkpoints.")
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    checkpoints: int = Field(10, ge=1, description="Evaluate at budget x i / checkpoints, i = 1..checkpoints "
+                             "(the resolution of `compute to reach`: one mark).")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4], min_length=1,
+                             description="One run per seed and row (5 or more for a reported row: fewer give "
+                             "bootstrap intervals too narrow to trust).")
+    charge_cache: bool = Field(True, description="Count the teacher FLOPs of cache hits in every OPD row's budget "
+                               "(compute-matched: a full cache hit is otherwise free, so rows whose rollouts repeat "
+                               "get teacher compute for nothing). A row's `charge_cache: false` is a `+ cache` row.")
+    bootstrap: BootstrapSettings = Field(default_factory=BootstrapSettings)
     reference_row: str = Field("full", description="The row whose final accuracy the others must reach.")
     threads: int = Field(1, ge=1, description="torch threads of the evaluation (the runner's process).")
     keep_weights: bool = Field(True, description="Keep each run's checkpoint weights after evaluating them (false "
@@ -129,6 +153,10 @@ class ExperimentConfig(BaseModel):
                 where = "quick" if key == "quick" and self.quick is not None else f"presets.{key}"
                 raise ValueError(f"{where}.rows: {unknown} are not rows (rows: {names})")
         return self
+
+    def charges_cache(self, row: RowConfig) -> bool:
+        """Whether `row`'s budget counts the teacher FLOPs its cache hits saved."""
+        return self.charge_cache if row.charge_cache is None else row.charge_cache
 
     def all_presets(self) -> dict[str, PresetSettings]:
         """Every named preset, `quick` included."""

@@ -70,17 +70,20 @@ class Evaluator:
                                   position_edges=position_edges)
 
     def evaluate(self, model_dir: str | Path) -> dict[str, Any]:
-        """{"reverse_kl", "kl_tokens", "mean_response_len", "accuracy", "finished", "mean_greedy_tokens", "seconds"}."""
+        """{"reverse_kl", "kl_tokens", "mean_response_len", "kl_by_prompt", "accuracy", "finished", "mean_greedy_tokens",
+        "correct_by_problem", "seconds"}: the per-prompt and per-problem entries feed the bootstrap (stats.py)."""
         from opd.experiment.train import greedy_accuracy
 
         t0 = time.monotonic()
         student = self.load_student(model_dir)
         kl = self.reverse_kl(student)
         out: dict[str, Any] = {"reverse_kl": kl.reverse_kl, "kl_tokens": kl.tokens,
-                               "mean_response_len": kl.mean_response_len}
+                               "mean_response_len": kl.mean_response_len,
+                               "kl_by_prompt": {"kl_sum": kl.kl_sum_by_prompt, "tokens": kl.tokens_by_prompt}}
         if self.problems:
             acc = greedy_accuracy(student.to("cpu"), self.tokenizer, self.problems, batch_size=self.settings.batch_size,
                                   max_new_tokens=self.max_new_tokens)
-            out.update(accuracy=acc["accuracy"], finished=acc["finished"], mean_greedy_tokens=acc["mean_tokens"])
+            out.update(accuracy=acc["accuracy"], finished=acc["finished"], mean_greedy_tokens=acc["mean_tokens"],
+                       correct_by_problem=acc["correct_by_problem"])
         out["seconds"] = round(time.monotonic() - t0, 2)
         return out

@@ -1,6 +1,6 @@
 """The experiment's figures: accuracy and KL against compute and against wall-clock; the horizon over training.
 
-One line per row (mean over seeds at each compute mark, the band one standard deviation); the horizon
+One line per row (mean over seeds at each compute mark, the band its bootstrap interval: stats.py); the horizon
 figure shows each OPD run's horizon (what its schedule gives at the learner's state, a random schedule's
 mean) against the FLOPs spent, one colour per row.
 """
@@ -28,16 +28,17 @@ def plot_curves(summary: dict[str, Any], out: Path) -> Path:
                 continue
             xs = [c[x_key] for c in points]
             ys = [c[y_key] * (100 if y_key == "accuracy" else 1) for c in points]
-            sd = [(c[f"{y_key}_std"] or 0.0) * (100 if y_key == "accuracy" else 1) for c in points]
+            scale = 100 if y_key == "accuracy" else 1
+            band = [c.get(f"{y_key}_ci") or [c[y_key], c[y_key]] for c in points]
             style = "--" if row["kind"] == "trl" else "-"
             (line,) = ax.plot(xs, ys, style, marker="o", label=row["label"])
-            ax.fill_between(xs, [y - s for y, s in zip(ys, sd, strict=True)],
-                            [y + s for y, s in zip(ys, sd, strict=True)], color=line.get_color(), alpha=0.12)
+            ax.fill_between(xs, [b[0] * scale for b in band], [b[1] * scale for b in band], color=line.get_color(),
+                            alpha=0.12)
         ax.set_xlabel("FLOPs spent" if x_key == "flops" else "wall-clock (s, from the learner's first state)")
         ax.set_ylabel("greedy exact match (%)" if y_key == "accuracy" else "reverse KL to teacher (nats/token)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"{summary['name']}: held-out accuracy and KL (mean ± std over seeds {summary['seeds']})")
+    fig.suptitle(f"{summary['name']}: held-out accuracy and KL (mean over seeds {summary['seeds']}, band: 95% bootstrap interval)")
     fig.tight_layout()
     return _save(fig, plt, out)
 

@@ -64,6 +64,7 @@ def pipeline_config(cfg: ExperimentConfig, spec: RunSpec, vocab_size: int) -> OP
         "teacher.cache_dir": str(work / "cache"), "learner.model_dir": str(cfg.path("student_dir")),
         "learner.workdir": str(work / "learner"), "learner.seed": spec.seed, "learner.steps": ALL_STEPS,
         "learner.max_flops": cfg.budget_flops, "learner.eval.heldout_file": "",
+        "learner.max_flops_charges_cache": cfg.charges_cache(spec.row), "actor.probe_truth": spec.row.probe_truth,
     }
     for key, value in fixed.items():
         _put(tree, key, value)

@@ -85,7 +85,9 @@ def evaluator_for(cfg: ExperimentConfig, pipe: Any) -> Any:
 def _initial(cfg: ExperimentConfig, evaluator: Any, results: Path, reporter: Reporter) -> dict[str, Any]:
     """The student before training (checkpoint 0 of every run), evaluated once."""
     path = results / "initial.json"
-    key = {"student_dir": str(cfg.path("student_dir")), "eval": cfg.eval.model_dump()}
+    # "per_problem": an initial.json from before the evaluator recorded per-problem results is evaluated again
+    # (without them every run's checkpoint 0 would lack them and the bootstrap could not resample problems)
+    key = {"student_dir": str(cfg.path("student_dir")), "eval": cfg.eval.model_dump(), "per_problem": True}
     if path.exists():
         saved = json.loads(path.read_text())
         if saved.get("key") == key:
@@ -99,7 +101,7 @@ def _initial(cfg: ExperimentConfig, evaluator: Any, results: Path, reporter: Rep
 def _run(cfg: ExperimentConfig, spec: RunSpec, pipe: Any, marks: list[float], reporter: Reporter) -> dict[str, Any]:
     """One run, as a record: status ok / skipped / failed (with the reason)."""
     base = {"row": spec.row.name, "label": spec.row.label or spec.row.name, "kind": spec.row.kind, "seed": spec.seed,
-            "budget_flops": cfg.budget_flops}
+            "budget_flops": cfg.budget_flops, "charge_cache": cfg.charges_cache(spec.row) and spec.row.kind == "opd"}
     shutil.rmtree(spec.dir / "checkpoints", ignore_errors=True)
     try:
         got = run_trl(cfg, spec, pipe, marks, reporter) if spec.row.kind == "trl" else run_opd(spec, pipe, marks, reporter)

@@ -185,32 +185,39 @@ def greedy_accuracy(
 ) -> dict[str, float]:
     """Exact-match accuracy of complete greedy answers, and the mean answer length in tokens.
 
+    `correct_by_problem`: "0"/"1" per problem, in the order given (the experiment's bootstrap resamples
+    problems: opd/experiment/stats.py).
+
     Prompts are batched by length, so no padding is needed and every prompt starts at position 0, as
     in training and as the pipeline's actors encode it (no BOS).
     """
     model.eval()
-    by_len: dict[int, list[Problem]] = {}
-    for p in problems:
-        by_len.setdefault(len(tokenizer.encode(p.prompt, add_special_tokens=False)), []).append(p)
+    by_len: dict[int, list[tuple[int, Problem]]] = {}
+    for i, p in enumerate(problems):
+        by_len.setdefault(len(tokenizer.encode(p.prompt, add_special_tokens=False)), []).append((i, p))
     correct, finished_count, tokens = 0, 0, 0
+    right = ["0"] * len(problems)
     for group in by_len.values():
         for start in range(0, len(group), batch_size):
-            chunk = group[start : start + batch_size]
+            chunk = [p for _, p in group[start : start + batch_size]]
+            where = [i for i, _ in group[start : start + batch_size]]
             ids_BP = torch.tensor([tokenizer.encode(p.prompt, add_special_tokens=False) for p in chunk])
             out_BT = model.generate(
                 input_ids=ids_BP, attention_mask=torch.ones_like(ids_BP), max_new_tokens=max_new_tokens,
                 do_sample=False, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
             )
-            for p, row in zip(chunk, out_BT[:, ids_BP.shape[1] :].tolist(), strict=True):
+            for i, p, row in zip(where, chunk, out_BT[:, ids_BP.shape[1] :].tolist(), strict=True):
                 finished = EOS_ID in row
                 response = row[: row.index(EOS_ID)] if finished else row
                 text = tokenizer.decode(response, skip_special_tokens=True)
-                correct += is_correct(p.prompt, text, finished=finished)
+                ok = is_correct(p.prompt, text, finished=finished)
+                right[i] = "1" if ok else "0"
+                correct += ok
                 finished_count += finished
                 tokens += len(response) + finished
     n = max(len(problems), 1)
     return {"accuracy": correct / n, "finished": finished_count / n, "mean_tokens": tokens / n,
-            "correct": correct, "total": len(problems)}
+            "correct": correct, "total": len(problems), "correct_by_problem": "".join(right)}
 
 
 @contextlib.contextmanager

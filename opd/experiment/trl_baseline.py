@@ -3,7 +3,8 @@
 What a user would otherwise run: synchronous on-policy distillation (generate with the student, score with
 the teacher, train, repeat, in one process). Same student, teacher, training prompts (encoded as the actors
 encode them), learning rate, warm-up, gradient clip, batch size, sampling temperature and generation budget
-as the pipeline's rows; `beta=1` makes GKD's generalised JSD the reverse KL(student || teacher) over the
+as the pipeline's rows (the warm-up included: the learner's, not `constant_with_warmup`, which trains step 0 at
+a rate of 0); `beta=1` makes GKD's generalised JSD the reverse KL(student || teacher) over the
 whole vocabulary at every generated position and `lmbda=1` trains on student samples only.
 
 Two choices, so the comparison is like for like:
@@ -66,6 +67,7 @@ class Tally:
     marks: list[dict[str, Any]] = field(default_factory=list)
     t0: float | None = None
     steps: int = 0
+    lrs: list[float] = field(default_factory=list)  # the learning rate of the first steps (the warm-up, checked)
 
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:
@@ -97,34 +99,48 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     max_batches = int(marks[-1] // (batch * (8 * n_s + 2 * n_t) * (min(len(p) for p in prompts) + 1))) + 2
     ordered = _batches_by_length(prompts, batch, int(spec["seed"]), count=batch * max_batches)
     tally = Tally()
+    # The schedule is the learner's warm-up (the Trainer subclass's create_scheduler), not lr_scheduler_type.
     args = GKDConfig(
         output_dir=str(Path(spec["out"]) / "trainer"), per_device_train_batch_size=batch,
-        gradient_accumulation_steps=1, learning_rate=float(spec["lr"]), lr_scheduler_type="constant_with_warmup",
-        warmup_steps=int(spec["warmup_steps"]), max_grad_norm=float(spec["grad_clip"]), weight_decay=0.0,
+        gradient_accumulation_steps=1, learning_rate=float(spec["lr"]), lr_scheduler_type="constant",
+        warmup_steps=0, max_grad_norm=float(spec["grad_clip"]), weight_decay=0.0,
         max_steps=max_batches, lmbda=float(spec["lmbda"]), beta=float(spec["beta"]),
         temperature=float(spec["temperature"]), max_new_tokens=int(spec["max_new_tokens"]), seed=int(spec["seed"]),
         report_to="none", save_strategy="no", logging_steps=10, use_cpu=spec.get("device", "cpu") == "cpu", dataloader_num_workers=0,
         disable_tqdm=True, bf16=False, fp16=False, max_length=None, activation_checkpointing=False,
     )
-    trainer = _counting(GKDTrainer, tally, n_s, n_t)(
+    trainer = _counting(GKDTrainer, tally, n_s, n_t, int(spec["warmup_steps"]))(
         model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list([{"prompt_ids": p} for p in ordered]),
         processing_class=tokenizer, data_collator=_collator(tokenizer),
         callbacks=[_budget(tally, marks, Path(spec["out"]) / "checkpoints", tokenizer)])
     trainer.train()
-    return {"marks": tally.marks, "final_flops": tally.flops.as_dict(), "steps": tally.steps,
+    return {"marks": tally.marks, "final_flops": tally.flops.as_dict(), "steps": tally.steps, "lrs": tally.lrs,
             "wall_s": round(time.monotonic() - (tally.t0 or time.monotonic()), 3),
             "params": {"student": n_s, "teacher": n_t}}
 
 
-def _counting(base: Any, tally: Tally, n_s: int, n_t: int) -> Any:
-    """GKDTrainer, counting each step's FLOPs, with one-length batches and the generated-token mean."""
+def _counting(base: Any, tally: Tally, n_s: int, n_t: int, warmup_steps: int) -> Any:
+    """GKDTrainer, counting each step's FLOPs, with one-length batches, the generated-token mean and the
+    learner's warm-up (learner/step.py `warmup_factor`: step 0 trains at lr / warmup_steps, where transformers'
+    `constant_with_warmup` gives it 0)."""
     import torch
+
+    from learner.step import warmup_factor
 
     class Trainer(base):  # type: ignore[misc, valid-type]
         def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Any:
             return torch.utils.data.SequentialSampler(self.train_dataset)  # keeps the one-length batches
 
+        def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+            if self.lr_scheduler is None:
+                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                    optimizer if optimizer is not None else self.optimizer, lambda s: warmup_factor(s, warmup_steps))
+                self._created_lr_scheduler = True
+            return self.lr_scheduler
+
         def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
+            if len(tally.lrs) < 16:  # the rate this step trains at (the scheduler steps after the optimizer)
+                tally.lrs.append(float(self.optimizer.param_groups[0]["lr"]))
             tokens = int(inputs["attention_mask"].sum())  # prompt + generated (EOS included), no padding
             tally.flops = tally.flops + ComputeTally(generation=forward_flops(n_s, tokens),
                                                      teacher=forward_flops(n_t, tokens), learner=train_flops(n_s, tokens))

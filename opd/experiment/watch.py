@@ -96,7 +96,8 @@ class Watcher(threading.Thread):
         return 0.0 if self.ready_at is None else time.monotonic() - self.ready_at
 
     def poll(self, *, final: bool = False) -> None:
-        tally = ComputeTally.from_stats(ledger.stats(self.client(), self.names))
+        tally = ComputeTally.from_stats(ledger.stats(self.client(), self.names),
+                                        charge_cache=self.cfg.learner.max_flops_charges_cache)  # as the learner counts
         state = read_state(self.client(), self.names)
         if isinstance(state, LearnerState):
             if self.ready_at is None:

@@ -12,7 +12,9 @@ Pins:
 - windows that mix horizons (samples still in flight from before a growth) do not count;
 - bounds hold ([start_tokens, max_tokens]); the horizon never shrinks, including while samples at the old
   horizon are in flight; two actors handed the same state agree, and the rng is not drawn from;
-- bad options fail at load naming the key, and `learner.kl_history` must hold the windows the schedule needs.
+- bad options fail at load naming the key, and `learner.kl_history` must hold the windows the schedule needs;
+- the end-of-answer guard: the probes' EOS rate falling across a window grows the horizon even while the KL
+  still improves, and only with enough probes; their counts reach the published state.
 """
 
 from __future__ import annotations
@@ -199,3 +201,42 @@ def test_the_learner_must_keep_the_windows_the_schedule_needs() -> None:
                            "learner.kl_window_steps=4"])
     load_config(None, ["actor.schedule.kind=adaptive", "learner.kl_history=7", "learner.max_staleness=4",
                        "learner.kl_window_steps=4"])
+
+
+def _probed(step: int, kl: float, probes: int, finished: int, horizon: int = 8) -> KLWindow:
+    return KLWindow(step=step, samples=8, horizon_min=horizon, horizon_max=horizon, kl_by_bucket=[kl],
+                    tokens_by_bucket=[64], probes=probes, probes_finished=finished)
+
+
+def test_end_of_answer_guard_grows_when_the_probes_stop_finishing() -> None:
+    """Issue 17: the adaptive schedule collapsed (0% exact match) in one seed: answers stopped ending while the KL
+    on the horizon still improved, so it never grew. The probes' EOS rate falling now grows it; fails on main,
+    where these windows (KL halving: not settled) hold the horizon at 8."""
+    schedule = build(start_tokens=8, step_tokens=8, window=4)
+    improving = [2.0, 2.0, 1.0, 1.0]  # not settled: the KL detector alone holds the horizon
+    falling = [_probed(2 * i + 2, kl, 10, f) for i, (kl, f) in enumerate(zip(improving, (9, 9, 5, 4), strict=True))]
+    assert schedule.decide(falling, BUCKET) == 16
+    steady = [_probed(2 * i + 2, kl, 10, 9) for i, kl in enumerate(improving)]
+    assert schedule.decide(steady, BUCKET) == 8
+    few = [_probed(2 * i + 2, kl, 3, f) for i, (kl, f) in enumerate(zip(improving, (3, 3, 0, 0), strict=True))]
+    assert schedule.decide(few, BUCKET) == 8  # 6 probes a half: below min_guard_probes, no evidence
+    assert build(start_tokens=8, step_tokens=8, window=4, finish_drop=None).decide(falling, BUCKET) == 8
+    assert schedule.decide(falling[-3:], BUCKET) == 8  # fewer windows at the horizon than `window`: no verdict
+
+
+def test_probes_finish_rate_reaches_the_state() -> None:
+    """Through the real measurement path: probes' EOS counts go into the window, sum over ranks, survive encoding."""
+    @dataclass(frozen=True)
+    class Probe:
+        behaviour_logprobs_R: np.ndarray
+        teacher_logprobs_R: np.ndarray
+        horizon: int
+        finished: bool
+
+    tracker = PositionKL(bucket_tokens=BUCKET, buckets=8, window_steps=1, history=4)
+    tracker.add_trained([Probe(np.zeros(2), np.full(2, -1.0), 8, False)])
+    for finished in (True, True, False):
+        tracker.add_probe(Probe(np.zeros(4), np.full(4, -1.0), MAX_NEW, finished))
+    window = tracker.close(1, *tracker.pending())
+    assert (window.probes, window.probes_finished) == (3, 2)
+    assert as_read_by_an_actor(tracker, 1).kl_windows[0].probes_finished == 2

@@ -134,3 +134,23 @@ def test_sampled_loss_without_topk_is_advised_against() -> None:
     assert advisories(load_config(None, [])) == []
     advice = advisories(load_config(None, ["teacher.topk=0"]))  # the default loss becomes sampled_reverse_kl
     assert len(advice) == 1 and "teacher.topk=0" in advice[0] and "--preset loss" in advice[0]
+
+
+def test_adaptive_schedule_is_marked_experimental() -> None:
+    """Issue 17: the adaptive schedule collapsed in one seed of two and shipped as a plain option. `opd config docs`
+    tags it experimental and `opd learner` warns when it is chosen (fails on main: neither says so)."""
+    from opd.config import advisories
+
+    docs = config_docs()
+    assert "`adaptive` (experimental)" in docs and "(adaptive, experimental) The horizon before" in docs
+    advice = advisories(load_config(None, ["actor.schedule=adaptive", "actor.max_new_tokens=64"]))
+    assert len(advice) == 1 and "experimental" in advice[0] and "docs/experiments.md" in advice[0]
+    assert advisories(load_config(None, ["actor.schedule=random"])) == []
+
+
+def test_own_models_template_defaults_to_the_supported_schedule() -> None:
+    """Issue 17: the template users copy defaulted to TOPD rho=0.1, which drove exact match to 0% in the truncation
+    experiment. It now trains on full rollouts and says why (fails on main: `fixed`, 0.1)."""
+    path = REPO / "configs" / "own-models.yaml"
+    assert load_config(path).actor.schedule.kind == "full"
+    assert "docs/experiments.md" in path.read_text()

@@ -82,15 +82,35 @@ def test_aggregate_and_table() -> None:
     assert full["checkpoints"][1]["accuracy_std"] == pytest.approx(0.1414, abs=1e-3)
     assert full["checkpoints"][2]["kl"] == pytest.approx(0.4) and full["checkpoints"][2]["flops"] == pytest.approx(102)
     assert summary["target_accuracy"] == pytest.approx(0.6)
-    # full: seed 0 never reaches 0.6, seed 1 at its last mark; short: seed 0 at mark 1 (50), seed 1 at mark 2 (100)
-    assert (full["reach"]["reached"], full["reach"]["flops"]) == (1, pytest.approx(103))
-    assert (short["reach"]["reached"], short["reach"]["flops"]) == (2, pytest.approx(75))
-    assert short["reach"]["vs_reference"] == pytest.approx(103 / 75)
+    # full: seed 0 never reaches 0.6 (censored at one mark past the budget: 150), seed 1 at its last mark (103);
+    # short: seed 0 at mark 1 (50), seed 1 at mark 2 (100). Restricted means 126.5 and 75.
+    assert summary["cap_flops"] == pytest.approx(150)
+    assert (full["reach"]["reached"], full["reach"]["restricted_mean"]["point"]) == (1, pytest.approx(126.5))
+    assert (short["reach"]["reached"], short["reach"]["restricted_mean"]["point"]) == (2, pytest.approx(75))
+    assert short["reach"]["ratio"]["point"] == pytest.approx(126.5 / 75)
+    assert short["reach"]["ratio"]["low"] < 1 < short["reach"]["ratio"]["high"]  # two seeds: not separated
+    assert short["reach"]["verdict"] == "not separated" and full["reach"]["verdict"] == "reference"
     assert trl["seeds"] == [] and trl["skipped"] == "trl is not installed" and trl["failed"] == {1: "RuntimeError: boom\nmore"}
     text = markdown(summary)
-    assert "| full | 10.0 ± 0.0 | 40.0 ± 14.1 | 60.0 ± 14.1 |" in text
-    assert "| short | 75 FLOP | 1.37x |" in text
+    assert "| full | 10.0 | 40.0 [30.0, 50.0] | 60.0 [50.0, 70.0] |" in text
+    assert "| short | 75 FLOP [50 FLOP, 150 FLOP] | 1.69x [0.69, 2.53] | not separated | 2/2 |" in text
+    assert "Verdict: no row separated from the reference." in text
+    assert ": beats the reference" not in text
+    assert "**2 seeds per row**" in text and "provisional" in text
     assert "`trl` skipped: trl is not installed" in text and "`trl` seed 1 failed: RuntimeError: boom" in text
+
+
+def test_verdict_names_a_row_only_when_its_interval_excludes_one() -> None:
+    """Five seeds each; `short` reaches the reference's final accuracy at the first mark on every seed, `full` at
+    its last: the ratio's interval is above 1 and the table says `beats`, and nothing stronger."""
+    cfg = ExperimentConfig.model_validate({**BASE, "seeds": [0, 1, 2, 3, 4]})
+    records = [_run("full", k, [0.1, 0.3, 0.6 + 0.01 * k], [1.0, 0.5, 0.3], [0, 50, 100]) for k in range(5)]
+    records += [_run("short", k, [0.1, 0.7, 0.7], [1.0, 0.3, 0.3], [0, 50, 100]) for k in range(5)]
+    summary = aggregate(cfg, records, preset=None, command="c")
+    short = summary["rows"][1]["reach"]
+    assert short["ratio"]["low"] > 1 and short["verdict"] == "beats"
+    text = markdown(summary)
+    assert "Verdict: short: beats the reference." in text and "provisional" not in text
 
 
 def test_trl_batches_hold_one_prompt_length() -> None:
@@ -101,3 +121,41 @@ def test_trl_batches_hold_one_prompt_length() -> None:
         assert len(ordered[i]) == len(ordered[i + 1])
     with pytest.raises(ValueError, match="batch_size"):
         _batches_by_length([[1], [1, 2]], 2, seed=0, count=2)
+
+
+def test_stored_schedules_result_does_not_separate_random_from_full(tmp_path: Path) -> None:
+    """`opd experiment report` on the shipped 2-seed schedules result: the random horizon's 1.11x of the old table
+    does not exclude 1 (what README.md and docs/experiments.md now say), those runs' cache hits were free, and
+    the records hold no per-problem results (said in the table)."""
+    from opd.cli import main
+
+    repo = Path(__file__).resolve().parents[2]
+    out = tmp_path / "table.md"
+    assert main(["experiment", "report", str(repo / "docs/results/truncation-schedules/results.json"),
+                 "--resamples", "500", "--out", str(out)]) == 0
+    text = out.read_text()
+    random_row = next(line for line in text.splitlines() if line.startswith("| random 5%-100% | 1.44 TFLOP"))
+    assert "| not separated |" in random_row and "(free)" in random_row
+    assert "over seeds only" in text and "Verdict: TOPD rho=0.25: behind the reference." in text
+    assert main(["experiment", "report", str(tmp_path / "nope.json")]) == 2
+
+
+def test_probe_check_section_compares_the_estimate_with_the_truth() -> None:
+    """A `probe_truth` run's stats (actor.probe_truth) give the estimate, its stated standard error, the truth and z;
+    other runs add no section."""
+    cfg = ExperimentConfig.model_validate({**BASE, "rows": [{"name": "full", "schedule": "full"},
+                                                            {"name": "short", "probe_truth": True}], "quick": None})
+    probe = _run("short", 0, [0.1, 0.3, 0.5], [1.0, 0.5, 0.3], [0, 50, 100])
+    # 4 probes saved 10, 20, 30, 40 tokens (mean 25, sd 12.9); 100 other truncated rollouts truly saved 2,600
+    probe["stats"] = {"actor_probes": 4.0, "probe_saving_sum": 100.0, "probe_saving_sq_sum": 3000.0,
+                      "actor_truncated": 100.0, "truth_saving_sum": 2600.0, "actor_tokens_generated": 1000.0}
+    records = [_run("full", 0, [0.1, 0.3, 0.5], [1.0, 0.5, 0.3], [0, 50, 100]), probe]
+    summary = aggregate(cfg, records, preset=None, command="c")
+    [check] = summary["rows"][1]["probe_truth"]
+    assert (check["estimate"], check["truth"], check["probes"], check["rollouts"]) == (2500.0, 2600.0, 4, 100)
+    assert check["stderr"] == pytest.approx(12.910 * (100**2 / 4 + 100) ** 0.5, rel=1e-3)
+    assert check["z"] == pytest.approx(-100 / check["stderr"])
+    text = markdown(summary)
+    assert "## Truncation savings: the probe estimate against the truth" in text
+    assert "| short | 0 | 4 | 100 | 2500 |" in text and "| 2600 | -100 |" in text
+    assert summary["rows"][0]["probe_truth"] == []
