@@ -42,7 +42,7 @@ class StepStats:
 
     loss: float
     reverse_kl: float  # sampled-token estimate of KL(mu || p_T) on the trained tokens (the true KL)
-    support_kl: float = 0.0  # the loss's restricted-support KL (top-k + bucket): a lower bound
+    support_kl: float  # the loss's restricted-support KL (top-k + bucket): a lower bound
     tokens: int
     samples: int = 0
     ratio_mean: float = 1.0
