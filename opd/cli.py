@@ -122,9 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     smol.add_argument("--out", required=True, metavar="DIR", help="output folder (teacher/, student/, build_info.json)")
     smol.add_argument("--student-layers", default="0-3,26-29", metavar="RANGES",
                       help="teacher layers the student keeps, e.g. 0-3,26-29 (default: the first and last four)")
-    smol.add_argument("--answer-tokens", type=int, default=160, metavar="N",
+    smol.add_argument("--answer-tokens", type=int, default=0, metavar="N",
                       help="also write DIR/teacher-answers.jsonl, the teacher's greedy answers to "
-                           "models/smollm2/prompts.jsonl up to N tokens (run.warm_cache); 0 skips it")
+                           "models/smollm2/prompts.jsonl up to N tokens, for run.warm_cache (tens of minutes on "
+                           "2 CPU cores at N=128; default 0: not written)")
 
     from opd.experiment.cli import add_parser as add_experiment_parser
 

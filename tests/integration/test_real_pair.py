@@ -264,7 +264,7 @@ def test_pipeline_on_the_real_pair_shows_the_true_kl(pair: Path, tmp_path: Path)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     history = [json.loads(x) for x in (workdir / "learner" / "history.jsonl").read_text().splitlines()]
-    assert len(history) == 2
+    assert len(history) >= 2  # the drain trains what was in flight past --steps
     for row in history:
         assert row["reverse_kl"] > 2 * row["support_kl"] > 0, row  # the bucket sees a fraction of the truth
     evals = [json.loads(x) for x in (workdir / "learner" / "eval.jsonl").read_text().splitlines()]

@@ -1,0 +1,78 @@
+"""How far the loss's top-k bucket KL is from the true reverse KL on a real vocabulary.
+
+On the student's own samples (temperature 1, the chat template on, the prompts of configs/smollm2-cpu.yaml)
+this computes, per response token, three numbers for the same states:
+- the true reverse KL, KL(q || p) summed over all vocabulary ids (both models' full logits);
+- the sampled-token estimate the learner now reports, log q(y) - log p(y) at the sampled token y;
+- the restricted-support KL the top-k loss sees (`learner.losses.topk_kl`: the teacher's top-k + one bucket),
+and the student's probability mass outside the teacher's top-k. One command, one seed per run:
+
+    .venv/bin/python bench/kl_views.py --pair models/smollm2 --prompts 8 --tokens 64 --k 8 32 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pair", default=str(REPO / "models" / "smollm2"), help="dir with teacher/ and student/")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--k", type=int, nargs="+", default=[8, 32, 128])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", metavar="OUT", help="also write the numbers as JSON")
+    args = parser.parse_args()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from learner.evaluate import _logits, _positions, _sample
+    from learner.losses.topk_kl import topk_kl_loss
+    from protocol.prompts import PromptFormat, load_prompts
+    from protocol.stops import stop_token_ids
+
+    pair = Path(args.pair)
+    tokenizer = AutoTokenizer.from_pretrained(pair / "student")
+    prompts = load_prompts(REPO / "models" / "smollm2" / "prompts.jsonl", tokenizer, PromptFormat(), limit=args.prompts)
+    student = AutoModelForCausalLM.from_pretrained(pair / "student", dtype=torch.float32).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(pair / "teacher", dtype=torch.float32).eval()
+    V = len(tokenizer)
+    gen = torch.Generator().manual_seed(args.seed)
+    with torch.no_grad():
+        ids_BT, attn_BT, mask_BR, P = _sample(student, prompts, args.tokens, pad_id=int(tokenizer.pad_token_id),
+                                              eos_id=stop_token_ids(pair / "student", tokenizer), vocab_size=V, gen=gen)
+        R = mask_BR.shape[1]
+        pos_BT = _positions(attn_BT)
+        s_BRV = _logits(student, ids_BT, attn_BT, pos_BT, V)[:, P - 1:P - 1 + R]
+        t_BRV = _logits(teacher, ids_BT, attn_BT, pos_BT, V)[:, P - 1:P - 1 + R]
+    logq, logp = F.log_softmax(s_BRV, -1), F.log_softmax(t_BRV, -1)
+    y_BR = ids_BT[:, P:P + R]
+    n = mask_BR.sum()
+    true_kl = float(((logq.exp() * (logq - logp)).sum(-1) * mask_BR).sum() / n)
+    sampled = float(((logq - logp).gather(-1, y_BR[..., None]).squeeze(-1) * mask_BR).sum() / n)
+    out: dict[str, object] = {"tokens": int(n), "true_reverse_kl": true_kl, "sampled_estimate": sampled, "by_k": {}}
+    for k in args.k:
+        top_lp, top_ids = logp.topk(k, dim=-1)
+        bucket = float(topk_kl_loss(s_BRV, top_ids, top_lp, mask_BR, direction="reverse").reverse_kl)
+        outside = float(((1 - logq.exp().gather(-1, top_ids).sum(-1)) * mask_BR).sum() / n)
+        out["by_k"][k] = {"bucket_kl": bucket, "student_mass_outside_topk": outside}  # type: ignore[index]
+    print(f"{int(n)} response tokens of the student's own samples ({args.prompts} prompts, seed {args.seed})")
+    print(f"true reverse KL (all {V} ids)      {true_kl:.3f} nats/token")
+    print(f"sampled-token estimate (reported)   {sampled:.3f}")
+    for k, row in out["by_k"].items():  # type: ignore[union-attr]
+        print(f"top-{k:<3} bucket KL (the loss's)     {row['bucket_kl']:.3f}   student mass outside the teacher's "
+              f"top-{k}: {100 * row['student_mass_outside_topk']:.1f}%")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
