@@ -39,7 +39,7 @@ def test_tally_charges_cache_hits_only_when_asked() -> None:
 def test_learner_budget_counts_cache_hits_when_charged(redis_url: str, charged: bool, stops: bool) -> None:
     client = redis.Redis.from_url(redis_url)
     names = Names("budget-test")
-    ledger.add_stats(client, names, flops_generation=2e9, flops_teacher=4e9, flops_learner=3e9, flops_saved_cache=2e9)
+    ledger.add_stats(client, names, writer="test", seq=1, flops_generation=2e9, flops_teacher=4e9, flops_learner=3e9, flops_saved_cache=2e9)
     cfg = LearnerConfig(max_flops=1e10, max_flops_charges_cache=charged, steps=1000)
     learner = SimpleNamespace(cfg=cfg, step=7, client=client, names=names, dist=Distributed())
     reason = done_reason(learner)  # type: ignore[arg-type]
