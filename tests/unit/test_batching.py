@@ -287,3 +287,15 @@ def test_padded_batch_logprobs_equal_unpadded_on_a_tiny_llama():
             P, R = len(sample.prompt_ids), len(sample.response_ids)
             torch.testing.assert_close(batched[b][batch.response_mask_BT[b]], alone[P : P + R],
                                        atol=1e-5, rtol=1e-5)
+
+
+def test_micro_batch_budget_accounts_for_the_vocabulary() -> None:
+    """learner.max_logits_mb cuts the token budget at a real vocabulary and never at a tiny one: 4 fp32 copies
+    of tokens x vocab must fit (SmolLM2's 49,152 ids: 1 GiB holds 1,365 tokens)."""
+    from learner.step import LOGITS_COPIES, micro_batch_budget
+
+    assert micro_batch_budget(4096, 1024, 49152) == (1024 << 20) // (49152 * 4 * LOGITS_COPIES) == 1365
+    assert micro_batch_budget(4096, 256, 49152) == 341
+    assert micro_batch_budget(4096, 1024, 70) == 4096  # a character vocabulary is never cut
+    assert micro_batch_budget(4096, 1, 152064) == 16  # never below 16 tokens
+    assert micro_batch_budget(4096, 1024, 0) == 4096  # an unknown vocabulary: the configured budget
