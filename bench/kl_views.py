@@ -42,8 +42,8 @@ def main() -> None:
     pair = Path(args.pair)
     tokenizer = AutoTokenizer.from_pretrained(pair / "student")
     prompts = load_prompts(REPO / "models" / "smollm2" / "prompts.jsonl", tokenizer, PromptFormat(), limit=args.prompts)
-    student = AutoModelForCausalLM.from_pretrained(pair / "student", dtype=torch.float32).eval()
-    teacher = AutoModelForCausalLM.from_pretrained(pair / "teacher", dtype=torch.float32).eval()
+    student = AutoModelForCausalLM.from_pretrained(pair / "student", dtype=torch.float32, use_safetensors=True).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(pair / "teacher", dtype=torch.float32, use_safetensors=True).eval()
     V = len(tokenizer)
     gen = torch.Generator().manual_seed(args.seed)
     with torch.no_grad():

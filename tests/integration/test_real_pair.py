@@ -135,7 +135,7 @@ def test_end_of_turn_is_generated_scored_and_trained(pair: Path) -> None:
     gens = engine.generate(prompts, [24, 24], temperature=0.0)
     assert all(g.finished and g.response_ids[-1] == IM_END for g in gens), [tokenizer.decode(g.response_ids) for g in gens]
 
-    model = AutoModelForCausalLM.from_pretrained(pair / "teacher", dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(pair / "teacher", dtype=torch.float32, use_safetensors=True)
     stops = stop_token_ids(pair / "teacher", tokenizer)
     for prompt, gen in zip(prompts, gens, strict=True):
         ids_BT, _, mask_BR, P = _sample(model, [prompt], 24, pad_id=IM_END, eos_id=stops, vocab_size=49152, gen=None)

@@ -86,7 +86,9 @@ def _check_call(call: ast.Call, name: str, line: str) -> str | None:
         return "trust_remote_code=True runs a model repository's Python"
     if attr == "from_pretrained":
         receiver = module.rsplit(".", 1)[-1]
-        if not receiver.endswith(NOT_A_MODEL) and not _is_true(_kw(call, "use_safetensors")):
+        # gguf_file=: the weights come from that GGUF file (tensors and metadata, no pickle), nothing else.
+        if not receiver.endswith(NOT_A_MODEL) and not _is_true(_kw(call, "use_safetensors")) \
+                and _kw(call, "gguf_file") is None:
             return f"{receiver}.from_pretrained without use_safetensors=True may unpickle a pytorch_model.bin"
     return None
 
@@ -131,7 +133,8 @@ def test_every_model_from_pretrained_asks_for_safetensors() -> None:
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
                     node.func.attr == "from_pretrained" and "ForCausalLM" in ast.unparse(node.func):
                 calls += 1
-                assert _is_true(_kw(node, "use_safetensors")), f"{p}:{node.lineno}: {ast.unparse(node)}"
+                assert _is_true(_kw(node, "use_safetensors")) or _kw(node, "gguf_file") is not None, \
+                    f"{p}:{node.lineno}: {ast.unparse(node)}"
     assert calls >= 5, calls
 
 
