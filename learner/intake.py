@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 from learner.config import LearnerConfig
 from learner.distributed import Distributed, allocate
@@ -22,14 +22,12 @@ from learner.inflight import InFlight, LearnerQueue
 from learner.journal import StepJournal
 from learner.position_kl import PositionKL
 from learner.staleness import split_by_staleness
+from learner.summary import LearnerSummary
 from protocol import ledger
 from protocol.reconnect import RedisUnavailable
 from protocol.runtime import StopFlag
 from protocol.streams import Delivery
 from protocol.telemetry import LearnerMetrics
-
-if TYPE_CHECKING:
-    from learner.loop import LearnerSummary
 
 log = logging.getLogger(__name__)
 

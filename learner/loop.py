@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -45,6 +44,7 @@ from learner.journal import StepJournal
 from learner.position_kl import PositionKL
 from learner.publish import Publisher
 from learner.step import StepStats, Trainer
+from learner.summary import LearnerSummary
 from protocol import ledger
 from protocol.compute import train_flops
 from protocol.config import TransportConfig
@@ -57,17 +57,6 @@ from protocol.streams import Delivery, connect_role
 from protocol.telemetry import LearnerMetrics, MetricsServer, learner_metrics
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class LearnerSummary:
-    steps: int = 0
-    trained: int = 0
-    replayed_steps: int = 0
-    duplicates: int = 0
-    probes: int = 0  # full-length probe rollouts measured, never trained on
-    dropped: dict[str, int] = field(default_factory=dict)
-    evals: list[dict[str, float]] = field(default_factory=list)
 
 
 class Learner:
