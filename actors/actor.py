@@ -139,7 +139,7 @@ class Actor:
         self.stats = ledger.StatsWriter(self.client, self.names, actor_id)  # run stats, each batch's added once
         self.registry = registry or CollectorRegistry()
         self.metrics: ActorMetrics = actor_metrics(self.registry)
-        self.queue = StreamQueue(
+        self.queue: StreamQueue[RolloutPrefix] = StreamQueue(
             self.client, self.names.rollouts, names=self.names, high_water=transport.high_water,
             max_bytes=transport.max_message_bytes,
         )

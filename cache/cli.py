@@ -15,8 +15,6 @@ eviction budget, no cache at `teacher.cache_dir`) or bad input lines; the messag
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from collections import Counter as Tally
 from collections.abc import Callable
@@ -24,16 +22,10 @@ from collections.abc import Callable
 import redis
 
 from cache.config import TeacherConfig
+from cache.console import UsageError, checked_redis, human_bytes, print_json, report_error, table
 from protocol.config import TransportConfig
 from protocol.names import Names
 from protocol.reconnect import redact_url
-from protocol.streams import connect
-
-MAX_REPORTED_LINE_ERRORS = 10
-
-
-class UsageError(ValueError):
-    """Bad command line, config or input: exit code 2, with a message naming what to fix."""
 
 
 def run(command: str, cfg: TeacherConfig, transport: TransportConfig, args: argparse.Namespace) -> int:
@@ -43,47 +35,26 @@ def run(command: str, cfg: TeacherConfig, transport: TransportConfig, args: argp
     }
     handler = handlers.get(command)
     if handler is None:
-        _error(command, f"unknown cache command {command!r} (known: {', '.join(handlers)})")
+        report_error(command, f"unknown cache command {command!r} (known: {', '.join(handlers)})")
         return 2
     from cache.layout import CacheError
 
     try:
         return handler(cfg, transport, args)
     except UsageError as exc:
-        _error(command, str(exc))
+        report_error(command, str(exc))
         return 2
     except redis.RedisError as exc:
-        _error(command, f"Redis at {redact_url(transport.redis_url or '')} failed: {type(exc).__name__}: {exc}")
+        report_error(command, f"Redis at {redact_url(transport.redis_url or '')} failed: {type(exc).__name__}: {exc}")
         return 1
     except CacheError as exc:
-        _error(command, str(exc))
+        report_error(command, str(exc))
         return 1
 
 
 # ---------------------------------------------------------------------------------------------
 # shared
 # ---------------------------------------------------------------------------------------------
-
-
-def _error(command: str, message: str) -> None:
-    print(f"opd cache {command}: error: {message}", file=sys.stderr)
-
-
-def _note(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def _redis(command: str, transport: TransportConfig) -> redis.Redis:
-    """A checked Redis client (one PING), or a UsageError when no URL is configured."""
-    if not transport.redis_url:
-        raise UsageError(f"opd cache {command} needs transport.redis_url (or OPD_REDIS_URL), "
-                         "e.g. --set transport.redis_url=redis://127.0.0.1:6379/0")
-    client = connect(transport.redis_url)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        raise redis.ConnectionError(f"cannot reach it ({exc})") from None
-    return client
 
 
 def _existing_root(cfg: TeacherConfig) -> str:
@@ -104,24 +75,6 @@ def _prefix(transport: TransportConfig) -> str:
     return Names(transport.namespace).key("cache")
 
 
-def human_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB' (binary units, like du -h)."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
-def _table(rows: list[tuple[str, str]]) -> str:
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
-
-
-def _print_json(obj: object) -> None:
-    print(json.dumps(obj, indent=2, default=str))
-
-
 def _when(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts > 0 else "never"
 
@@ -135,10 +88,10 @@ def _stats(cfg: TeacherConfig, transport: TransportConfig, args: argparse.Namesp
     from cache import ops
 
     root = _existing_root(cfg)
-    client = _redis("stats", transport)
+    client = checked_redis("stats", transport)
     st = ops.stats(root, client, redis_prefix=_prefix(transport))
     if getattr(args, "json", False):
-        _print_json({"root": root, "redis_prefix": _prefix(transport), **st.to_dict()})
+        print_json({"root": root, "redis_prefix": _prefix(transport), **st.to_dict()})
         return 0
     c = st.counters
     looked = c["hit_tokens"] + c["miss_tokens"]
@@ -154,7 +107,7 @@ def _stats(cfg: TeacherConfig, transport: TransportConfig, args: argparse.Namesp
     ]
     rows += [(f"counter {k}", f"{v:,}") for k, v in sorted(c.items())]
     print(f"teacher cache {root} (redis prefix {_prefix(transport)})")
-    print(_table(rows))
+    print(table(rows))
     return 0
 
 
@@ -162,11 +115,11 @@ def _verify(cfg: TeacherConfig, transport: TransportConfig, args: argparse.Names
     from cache import ops
 
     root = _existing_root(cfg)
-    client = _redis("verify", transport)
+    client = checked_redis("verify", transport)
     report = ops.verify(root, client, redis_prefix=_prefix(transport), check_data=not getattr(args, "quick", False),
                         repair=getattr(args, "repair", False))
     if getattr(args, "json", False):
-        _print_json(report.to_dict())
+        print_json(report.to_dict())
         return 0 if report.ok else 1
     print(report.summary())
     bad_shards = Tally(b.shard for b in report.bad)
@@ -187,14 +140,14 @@ def _rebuild_index(cfg: TeacherConfig, transport: TransportConfig, args: argpars
     from cache import ops
 
     root = _existing_root(cfg)
-    client = _redis("rebuild-index", transport)
+    client = checked_redis("rebuild-index", transport)
     report = ops.rebuild_index(root, client, redis_prefix=_prefix(transport),
                                check_data=not getattr(args, "quick", False))
     if getattr(args, "json", False):
-        _print_json(report.to_dict())
+        print_json(report.to_dict())
         return 0
     print(f"rebuild-index: {report.shards} shards, {report.records} records")
-    print(_table([
+    print(table([
         ("index fields added", f"{report.added:,}"),
         ("replaced (pointed at bad/missing data)", f"{report.replaced:,}"),
         ("removed (no good record behind them)", f"{report.removed:,}"),
@@ -211,11 +164,11 @@ def _evict(cfg: TeacherConfig, transport: TransportConfig, args: argparse.Namesp
         raise UsageError("opd cache evict needs a budget: set teacher.cache_budget_bytes in the config or pass "
                          "--set teacher.cache_budget_bytes=BYTES (e.g. 50000000000 for 50 GB)")
     root = _existing_root(cfg)
-    client = _redis("evict", transport)
+    client = checked_redis("evict", transport)
     report = ops.evict(root, client, cfg.cache_budget_bytes, redis_prefix=_prefix(transport),
                        dry_run=getattr(args, "dry_run", False))
     if getattr(args, "json", False):
-        _print_json(report.to_dict())
+        print_json(report.to_dict())
         return 0
     verb = "would evict" if report.dry_run else "evicted"
     print(f"evict: budget {human_bytes(report.budget_bytes)}: {human_bytes(report.bytes_before)} before, "

@@ -36,7 +36,7 @@ from protocol import ledger
 from protocol.compute import forward_flops
 from protocol.config import TransportConfig
 from protocol.errors import InputError
-from protocol.messages import Message, RolloutPrefix, ScoredPrefix
+from protocol.messages import RolloutPrefix, ScoredPrefix
 from protocol.names import Names
 from protocol.runtime import StopFlag, held_entries, register_endpoint
 from protocol.streams import Delivery, StreamQueue, connect_role
@@ -105,7 +105,7 @@ class Teacher:
             max_bytes=transport.max_message_bytes,
             on_dead_letter=lambda d: self.metrics.dead_letters.labels(stream=d.stream, reason=d.reason.split(":")[0]).inc(),
         )
-        self.outbox = StreamQueue(self.client, self.names.scored, names=self.names, high_water=transport.high_water,
+        self.outbox: StreamQueue[ScoredPrefix] = StreamQueue(self.client, self.names.scored, names=self.names, high_water=transport.high_water,
                                   max_bytes=transport.max_message_bytes)
         self.backpressure_timeout_s = transport.backpressure_timeout_s
         self.scorer = make_scorer(cfg)
@@ -141,8 +141,8 @@ class Teacher:
         self.batch_cache_errors += stats.errors
         return full
 
-    def process(self, deliveries: list[Delivery]) -> list[tuple[Delivery, Message]]:
-        msgs: list[RolloutPrefix] = [d.message for d in deliveries]  # type: ignore[misc]
+    def process(self, deliveries: list[Delivery[RolloutPrefix]]) -> list[tuple[Delivery[RolloutPrefix], ScoredPrefix]]:
+        msgs = [d.message for d in deliveries]
         seqs = [np.concatenate([m.prompt_ids_P, m.response_ids_R]).astype(np.int32) for m in msgs]
         forwarded_before = self.scorer.tokens_forwarded
         full = self.score_full(seqs)
@@ -151,7 +151,7 @@ class Teacher:
         forwarded = self.scorer.tokens_forwarded - forwarded_before
         avoided = max(0, sum(len(s) for s in seqs) - forwarded)
         flops_saved = 2 * self.params * avoided
-        done: list[tuple[Delivery, Message]] = []
+        done: list[tuple[Delivery[RolloutPrefix], ScoredPrefix]] = []
         counts: list[tuple[int, int]] = []  # (cached, scored) response tokens per message
         for d, m, seq, f in zip(deliveries, msgs, seqs, full, strict=True):
             P, T = len(m.prompt_ids_P), len(seq)
@@ -233,8 +233,8 @@ class Teacher:
             self.metrics.forwards_refused.inc(len(settled.refused))
             refused = set(settled.refused)
             done = [(d, r) for d, r in done if d.entry_id not in refused]
-        scored = sum(r.scored_tokens for _d, r in done)  # type: ignore[attr-defined]
-        cached = sum(r.cached_tokens for _d, r in done)  # type: ignore[attr-defined]
+        scored = sum(r.scored_tokens for _d, r in done)
+        cached = sum(r.cached_tokens for _d, r in done)
         self.stats.add(teacher_prefixes=len(done), teacher_tokens_scored=scored,
                        teacher_tokens_cached=cached, flops_saved_cache=self.flops_saved,
                        teacher_cache_errors=self.batch_cache_errors, teacher_tokens_forwarded=self.tokens_forwarded,

@@ -33,17 +33,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cache.cli import (
+from cache.config import TeacherConfig
+from cache.console import (
     MAX_REPORTED_LINE_ERRORS,
     UsageError,
-    _error,
-    _note,
-    _print_json,
-    _redis,
-    _table,
+    checked_redis,
     human_bytes,
+    note,
+    print_json,
+    report_error,
+    table,
 )
-from cache.config import TeacherConfig
 from cache.layout import validate_writer_id
 from cache.scoring import score_with_cache
 from cache.teacher import make_scorer, open_cache, topk_storage_dtype
@@ -180,17 +180,17 @@ def warm(cfg: TeacherConfig, transport: TransportConfig, args: argparse.Namespac
     """`opd cache warm`: score every line of `args.prompts` into the cache; returns the exit code."""
     cfg, batch_size, writer_id = _options(cfg, args)
     if not transport.redis_url:  # before reading a large file: the cheapest thing to get wrong
-        _redis("warm", transport)
+        checked_redis("warm", transport)
     lines = parse_warm_file(Path(args.prompts), ids_only=getattr(args, "ids_only", False))
     seqs = _to_ids(cfg, lines, warm_prompt_format(args), append_eos=getattr(args, "append_eos", False))
     vocab = _config_vocab_size(cfg)
     if vocab is not None:  # before the (possibly long) model load
         _check_vocab(lines, seqs, vocab, Path(args.prompts))
-    client = _redis("warm", transport)
+    client = checked_redis("warm", transport)
     if not cfg.cache_enabled:
-        _note("opd cache warm: note: teacher.cache_enabled is false, so teachers of this config will not read "
+        note("opd cache warm: note: teacher.cache_enabled is false, so teachers of this config will not read "
               "what warm writes")
-    _note(f"opd cache warm: {len(seqs)} sequences ({sum(len(s) for s in seqs):,} tokens) from {args.prompts}; "
+    note(f"opd cache warm: {len(seqs)} sequences ({sum(len(s) for s in seqs):,} tokens) from {args.prompts}; "
           f"loading the teacher ({cfg.engine.kind})")
     scorer = _load_scorer(cfg)
     if scorer is None:
@@ -208,7 +208,7 @@ def warm(cfg: TeacherConfig, transport: TransportConfig, args: argparse.Namespac
         return 1
     _report(totals, as_json=getattr(args, "json", False))
     if totals.cache_errors:
-        _error("warm", f"{totals.cache_errors} cache lookups or writes failed (see the warnings above); "
+        report_error("warm", f"{totals.cache_errors} cache lookups or writes failed (see the warnings above); "
                        "the affected sequences are not cached")
         return 1
     return 0
@@ -241,7 +241,7 @@ def _load_scorer(cfg: TeacherConfig) -> TeacherScorer | None:
         _ = scorer.identity  # the SGLang scorer asks its server here
     except Exception as exc:  # not a model dir, unreadable files, unreachable server, out of memory
         where = cfg.engine.server_url or cfg.model_dir
-        _error("warm", f"cannot load the teacher ({cfg.engine.kind}, {where}): {type(exc).__name__}: {exc}")
+        report_error("warm", f"cannot load the teacher ({cfg.engine.kind}, {where}): {type(exc).__name__}: {exc}")
         return None
     return scorer
 
@@ -257,7 +257,7 @@ def _score_all(cfg: TeacherConfig, scorer: TeacherScorer, cache: TeacherCache, l
         try:
             full, stats = score_with_cache(scorer, cache, batch, k=cfg.topk, topk_dtype=dtype)
         except Exception as exc:  # the scorer failed (server down, out of memory): say where, keep the rest
-            _error("warm", f"scoring failed on the batch starting at {source}:{lines[first].lineno} "
+            report_error("warm", f"scoring failed on the batch starting at {source}:{lines[first].lineno} "
                            f"({type(exc).__name__}: {exc}); the {totals.sequences} sequences before it are cached")
             return True
         totals.tokens_forwarded += scorer.tokens_forwarded - forwarded
@@ -274,7 +274,7 @@ def _score_all(cfg: TeacherConfig, scorer: TeacherScorer, cache: TeacherCache, l
         totals.seconds = now - started
         if now - last >= PROGRESS_EVERY_S or totals.sequences == len(seqs):
             last = now
-            _note(f"warm: {totals.sequences:,}/{len(seqs):,} sequences ({100 * totals.sequences / len(seqs):.0f}%), "
+            note(f"warm: {totals.sequences:,}/{len(seqs):,} sequences ({100 * totals.sequences / len(seqs):.0f}%), "
                   f"{totals.tokens:,} tokens ({totals.tokens_cached:,} already cached, {totals.tokens_scored:,} scored), "
                   f"{totals.tokens_per_second:,.0f} tok/s")
     return False
@@ -282,11 +282,11 @@ def _score_all(cfg: TeacherConfig, scorer: TeacherScorer, cache: TeacherCache, l
 
 def _report(totals: WarmTotals, *, as_json: bool) -> None:
     if as_json:
-        _print_json(asdict(totals) | {"tokens_per_second": totals.tokens_per_second})
+        print_json(asdict(totals) | {"tokens_per_second": totals.tokens_per_second})
         return
     print(f"warm: {totals.sequences:,} sequences, {totals.tokens:,} tokens in {totals.seconds:.1f}s "
           f"({totals.tokens_per_second:,.0f} tok/s), writer {totals.writer_id}")
-    print(_table([
+    print(table([
         ("already cached (tokens)", f"{totals.tokens_cached:,}"),
         ("scored (tokens)", f"{totals.tokens_scored:,}"),
         ("teacher forward (tokens)", f"{totals.tokens_forwarded:,}"),

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -32,6 +33,21 @@ from protocol.sampling import check_sampling_params, token_logprobs
 
 # A log-prob a hair above 0 is float16/bfloat16 rounding; more than this is a corrupt record.
 LOGPROB_TOLERANCE: float = 1e-3
+
+
+class ScoredRecord(Protocol):
+    """What a sample is built from: ``protocol.messages.ScoredPrefix``'s fields (duck-typed, so the loss probe's
+    records and a test's namespace serve too)."""
+
+    prompt_ids_P: np.ndarray
+    response_ids_R: np.ndarray
+    behaviour_logprobs_R: np.ndarray
+    teacher_logprobs_R: np.ndarray
+    topk_ids_RK: np.ndarray
+    topk_logprobs_RK: np.ndarray
+    policy_version: int
+    temperature: float
+    top_p: float
 
 
 @dataclass(frozen=True)
@@ -49,19 +65,20 @@ class Sample:
     top_p: float = 1.0  # under the same one, so the importance ratio compares like with like
 
     @classmethod
-    def from_record(cls, record: object) -> Sample:
-        """Build from any object with ``ScoredPrefix``'s field names (duck-typed: no protocol import)."""
+    def from_record(cls, record: ScoredRecord) -> Sample:
+        """Build from any object with ``ScoredPrefix``'s field names (a ``ScoredPrefix``, or a record of the experiment's
+        loss probe); one that lacks a field is refused with a ValueError naming it."""
         try:
             return cls(
-                prompt_ids=record.prompt_ids_P,  # type: ignore[attr-defined]
-                response_ids=record.response_ids_R,  # type: ignore[attr-defined]
-                behaviour_logprobs=record.behaviour_logprobs_R,  # type: ignore[attr-defined]
-                teacher_logprobs=record.teacher_logprobs_R,  # type: ignore[attr-defined]
-                topk_ids=record.topk_ids_RK,  # type: ignore[attr-defined]
-                topk_logprobs=record.topk_logprobs_RK,  # type: ignore[attr-defined]
-                policy_version=int(record.policy_version),  # type: ignore[attr-defined]
-                temperature=float(record.temperature),  # type: ignore[attr-defined]
-                top_p=float(record.top_p),  # type: ignore[attr-defined]
+                prompt_ids=record.prompt_ids_P,
+                response_ids=record.response_ids_R,
+                behaviour_logprobs=record.behaviour_logprobs_R,
+                teacher_logprobs=record.teacher_logprobs_R,
+                topk_ids=record.topk_ids_RK,
+                topk_logprobs=record.topk_logprobs_RK,
+                policy_version=int(record.policy_version),
+                temperature=float(record.temperature),
+                top_p=float(record.top_p),
             )
         except AttributeError as exc:
             raise ValueError(f"record {type(record).__name__} lacks a scored-prefix field: {exc}") from exc

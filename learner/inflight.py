@@ -23,6 +23,7 @@ import logging
 import threading
 import time
 
+from protocol.messages import ScoredPrefix
 from protocol.streams import PAYLOAD, Delivery, StreamQueue
 
 log = logging.getLogger(__name__)
@@ -33,13 +34,13 @@ def consumer_name(rank: int) -> str:
     return f"learner-{rank}"
 
 
-class LearnerQueue(StreamQueue):
-    """`StreamQueue` plus what a consumer that holds entries for a long time needs."""
+class LearnerQueue(StreamQueue[ScoredPrefix]):
+    """`StreamQueue` of scored prefixes plus what a consumer that holds entries for a long time needs."""
 
-    def recover_own(self) -> list[Delivery]:
+    def recover_own(self) -> list[Delivery[ScoredPrefix]]:
         """Re-deliver every entry pending under this consumer's name (left by a previous incarnation)."""
         self.ensure_group()
-        out: list[Delivery] = []
+        out: list[Delivery[ScoredPrefix]] = []
         last = "0"
         while True:
             resp = self.client.xreadgroup(self.group, self.consumer, {self.stream: last}, count=256)

@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 from learner.config import LearnerConfig
 from learner.distributed import Distributed, allocate
@@ -22,14 +22,13 @@ from learner.inflight import InFlight, LearnerQueue
 from learner.journal import StepJournal
 from learner.position_kl import PositionKL
 from learner.staleness import split_by_staleness
+from learner.summary import LearnerSummary
 from protocol import ledger
+from protocol.messages import ScoredPrefix
 from protocol.reconnect import RedisUnavailable
 from protocol.runtime import StopFlag
 from protocol.streams import Delivery
 from protocol.telemetry import LearnerMetrics
-
-if TYPE_CHECKING:
-    from learner.loop import LearnerSummary
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +45,12 @@ class Prefetcher:
     """
 
     def __init__(self, q: LearnerQueue, inflight: InFlight, batch_size: int, stop: StopFlag,
-                 admit: Callable[[list[Delivery]], list[Delivery]] = lambda ds: ds) -> None:
+                 admit: Callable[[list[Delivery[ScoredPrefix]]], list[Delivery[ScoredPrefix]]] = lambda ds: ds) -> None:
         self.q = q
         self.inflight = inflight
         self.admit = admit
         self.capacity = 2 * batch_size
-        self.buffer: queue.PriorityQueue[tuple[int, int, Delivery]] = queue.PriorityQueue()
+        self.buffer: queue.PriorityQueue[tuple[int, int, Delivery[ScoredPrefix]]] = queue.PriorityQueue()
         self._seq = 0
         self.batch_size = batch_size
         self.stop = stop
@@ -61,12 +60,12 @@ class Prefetcher:
         self.thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
         self.thread.start()
 
-    def _put(self, deliveries: list[Delivery]) -> None:
+    def _put(self, deliveries: list[Delivery[ScoredPrefix]]) -> None:
         deliveries = self.admit(deliveries)
         self.inflight.add([d.entry_id for d in deliveries])
         for d in deliveries:
             self._seq += 1
-            self.buffer.put((d.message.policy_version, self._seq, d))  # type: ignore[union-attr]
+            self.buffer.put((d.message.policy_version, self._seq, d))
 
     def _run(self) -> None:
         try:
@@ -80,7 +79,7 @@ class Prefetcher:
         except BaseException as exc:  # surfaced in the main thread
             self.error = exc
 
-    def get(self, timeout: float) -> Delivery | None:
+    def get(self, timeout: float) -> Delivery[ScoredPrefix] | None:
         if isinstance(self.error, RedisUnavailable):  # one clear line (the CLI prints it), not a traceback
             raise RedisUnavailable(f"reading {self.q.stream}: {self.error}")
         if self.error is not None:
@@ -98,7 +97,7 @@ class Prefetcher:
 class Collected(NamedTuple):
     """This rank's batch for the next step, and what the ranks agreed on while collecting it."""
 
-    batch: list[Delivery]
+    batch: list[Delivery[ScoredPrefix]]
     waited: float  # seconds this rank waited for data
     total: int  # samples over all ranks
     stopping: bool  # a rank is stopping
@@ -122,7 +121,7 @@ class Intake:
         self.position_kl = position_kl
         self.stats = ledger.StatsWriter(q.client, q.names, f"learner-probes-rank{dist.rank}")  # each probe counted once
         self.local_batch = dist.share(cfg.batch_size)
-        self._held: list[Delivery] = []  # several ranks: fresh samples held over for the next step
+        self._held: list[Delivery[ScoredPrefix]] = []  # several ranks: fresh samples held over for the next step
         # Called while waiting for data after samples were retired untrained (dropped stale, probes): the loop
         # republishes its state. WHY: actors admit work against the state's `retired`; without this, a learner
         # that dropped what it had (e.g. stale work taken back after a restart) waits for data that no actor
@@ -134,7 +133,7 @@ class Intake:
         """Start reading (this rank's deliveries, duplicates refused as they arrive)."""
         return Prefetcher(self.queue, self.inflight, self.local_batch, self.stop, admit=self.admit)
 
-    def admit(self, deliveries: list[Delivery]) -> list[Delivery]:
+    def admit(self, deliveries: list[Delivery[ScoredPrefix]]) -> list[Delivery[ScoredPrefix]]:
         """The deliveries that may be trained: copies of ids already trained or in flight are refused."""
         admitted, refused = self.journal.refuse_duplicates(deliveries)
         if refused:
@@ -142,9 +141,9 @@ class Intake:
             self.summary.duplicates += len(refused)
         return admitted
 
-    def next_batch(self, prefetch: Prefetcher, want: int, *, version: int, deadline_s: float) -> tuple[list[Delivery], float]:
+    def next_batch(self, prefetch: Prefetcher, want: int, *, version: int, deadline_s: float) -> tuple[list[Delivery[ScoredPrefix]], float]:
         """`want` fresh samples (fewer only when draining ends); stale ones are acked as dropped."""
-        kept: list[Delivery] = []
+        kept: list[Delivery[ScoredPrefix]] = []
         waited = 0.0
         start = time.monotonic()
         while len(kept) < want:
@@ -162,10 +161,10 @@ class Intake:
                 kept.append(d)
         return kept, waited
 
-    def fresh(self, d: Delivery, version: int) -> bool:
+    def fresh(self, d: Delivery[ScoredPrefix], version: int) -> bool:
         """Within the staleness bound at `version`; otherwise acked as dropped, with its reason."""
         split = split_by_staleness([d.message], learner_version=version, max_staleness=self.cfg.max_staleness)
-        lag = version - d.message.policy_version  # type: ignore[union-attr]
+        lag = version - d.message.policy_version
         self.metrics.staleness.observe(max(lag, 0))
         if split.kept and getattr(d.message, "probe", False):
             self._measure_probe(d)
@@ -174,23 +173,23 @@ class Intake:
         if split.kept:
             return True
         reason = split.dropped[0].reason
-        log.debug("dropped %s: v%d at learner v%d (%s)", d.message.id, d.message.policy_version, version, reason)  # type: ignore[union-attr]
-        self.queue.ack([d.entry_id], ledger={d.message.id: ledger.DROPPED})  # type: ignore[union-attr]
+        log.debug("dropped %s: v%d at learner v%d (%s)", d.message.id, d.message.policy_version, version, reason)
+        self.queue.ack([d.entry_id], ledger={d.message.id: ledger.DROPPED})
         self.inflight.discard([d.entry_id])
         self.metrics.dropped.labels(reason=reason).inc()
         self.summary.dropped[reason] = self.summary.dropped.get(reason, 0) + 1
         self._retired_unannounced = True
         return False
 
-    def _measure_probe(self, d: Delivery) -> None:
+    def _measure_probe(self, d: Delivery[ScoredPrefix]) -> None:
         """A fresh probe: its KL by position goes into the open window; acked untrained (ledger `dropped`).
 
         Why never trained: a probe is an honest on-policy full rollout, but training on it would change what
         a schedule trains on (at a 0.1 horizon, 5% of full-length probes would be about a third of the trained
         tokens), and the experiment compares schedules. Measuring costs no forward pass.
         """
-        self.position_kl.add_probe(d.message)  # type: ignore[arg-type]
-        self.queue.ack([d.entry_id], ledger={d.message.id: ledger.DROPPED})  # type: ignore[union-attr]
+        self.position_kl.add_probe(d.message)
+        self.queue.ack([d.entry_id], ledger={d.message.id: ledger.DROPPED})
         self.inflight.discard([d.entry_id])
         self.metrics.probes.inc()
         self.summary.probes += 1

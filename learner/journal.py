@@ -179,7 +179,7 @@ class StepJournal:
         self._ids: list[tuple[int, str]] = []  # (step, journal entry id), oldest first
         self._trained: dict[str, None] = {}  # message ids this process committed (or replayed), oldest first
 
-    def commit(self, step: int, version: int, batch: list[Delivery]) -> None:
+    def commit(self, step: int, version: int, batch: list[Delivery[ScoredPrefix]]) -> None:
         """Journal the batch of ``step``, acknowledge it and record it ``trained``, in one script (all or nothing).
 
         An empty batch (a rank without a share of this step) journals a marker, so every rank's journal
@@ -190,7 +190,7 @@ class StepJournal:
         """
         args: list[str | int] = [self.group, self.consumer, step, version, PAYLOAD, ledger.TRAINED]
         for d in batch:
-            args += [d.entry_id, d.message.id]  # type: ignore[union-attr]
+            args += [d.entry_id, d.message.id]
         # EVAL, not a registered script: a retry against a restarted Redis (empty script cache) would fail
         # with NOSCRIPT.
         try:
@@ -198,9 +198,9 @@ class StepJournal:
         except redis.ResponseError as exc:
             raise CommitError(f"step {step}: could not commit its batch: {exc}") from exc
         self._ids += [(step, _s(j)) for j in journal_ids]
-        self._remember([d.message.id for d in batch])  # type: ignore[union-attr]
+        self._remember([d.message.id for d in batch])
 
-    def refuse_duplicates(self, deliveries: list[Delivery]) -> tuple[list[Delivery], list[Delivery]]:
+    def refuse_duplicates(self, deliveries: list[Delivery[ScoredPrefix]]) -> tuple[list[Delivery[ScoredPrefix]], list[Delivery[ScoredPrefix]]]:
         """``(admitted, refused)``: refuse copies of ids already trained or held by another entry (see module doc).
 
         Called on every delivery before it can reach a batch, in one round trip per read.
@@ -209,7 +209,7 @@ class StepJournal:
             return [], []
         args: list[str] = [self.group, self.consumer, ledger.TRAINED]
         for d in deliveries:
-            mid = d.message.id  # type: ignore[union-attr]
+            mid = d.message.id
             args += [d.entry_id, mid, "1" if mid in self._trained else "0"]
         results = self.client.eval(_ADMIT, 5, self.stream, *ledger.keys(self.names), ledger.duplicates_key(self.names),
                                    *args)
@@ -217,7 +217,7 @@ class StepJournal:
         refused = [d for d, r in zip(deliveries, results, strict=True) if r != 1]
         if refused:
             log.warning("%s: refused %d copies of prefixes already trained or in flight: %s", self.consumer,
-                        len(refused), [d.message.id for d in refused][:4])  # type: ignore[union-attr]
+                        len(refused), [d.message.id for d in refused][:4])
         return admitted, refused
 
     def _remember(self, message_ids: list[str]) -> None:
@@ -253,8 +253,8 @@ class StepJournal:
                 blob = fields.get(PAYLOAD)
                 if blob is not None:
                     message = decode(blob, max_bytes=self.max_bytes, expect=ScoredPrefix)
-                    js.messages.append(message)  # type: ignore[arg-type]
-                    self._remember([message.id])  # type: ignore[union-attr]
+                    js.messages.append(message)
+                    self._remember([message.id])
         if stale:
             self._delete(stale)
         ordered = [steps[s] for s in sorted(steps)]

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -45,6 +44,7 @@ from learner.journal import StepJournal
 from learner.position_kl import PositionKL
 from learner.publish import Publisher
 from learner.step import StepStats, Trainer
+from learner.summary import LearnerSummary
 from protocol import ledger
 from protocol.compute import train_flops
 from protocol.config import TransportConfig
@@ -57,17 +57,6 @@ from protocol.streams import Delivery, connect_role
 from protocol.telemetry import LearnerMetrics, MetricsServer, learner_metrics
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class LearnerSummary:
-    steps: int = 0
-    trained: int = 0
-    replayed_steps: int = 0
-    duplicates: int = 0
-    probes: int = 0  # full-length probe rollouts measured, never trained on
-    dropped: dict[str, int] = field(default_factory=dict)
-    evals: list[dict[str, float]] = field(default_factory=list)
 
 
 class Learner:
@@ -207,10 +196,10 @@ class Learner:
             quiet_since = None
             self._step(got.batch, history, idle=idle, wall0=wall0, waited=got.waited)
 
-    def _step(self, batch: list[Delivery], history: IO[str] | None, *, idle: float, wall0: float, waited: float) -> None:
+    def _step(self, batch: list[Delivery[ScoredPrefix]], history: IO[str] | None, *, idle: float, wall0: float, waited: float) -> None:
         """Train on the batch and commit it; publish, record, checkpoint and evaluate when due."""
         cfg = self.cfg
-        stats = self.train_step([d.message for d in batch])  # type: ignore[misc]
+        stats = self.train_step([d.message for d in batch])
         self.commit(batch)
         self._track(batch)
         self.ledger_rollup.maybe_run()
@@ -232,12 +221,12 @@ class Learner:
         self.version += 1
         return stats
 
-    def commit(self, batch: list[Delivery]) -> None:
+    def commit(self, batch: list[Delivery[ScoredPrefix]]) -> None:
         """Acknowledge the step just taken: journal, ack and ledger ``trained`` in one script, then the lineage row
         (a crash between the two leaves the row to the replay: ``learner/journal.py``)."""
         self.journal.commit(self.step, self.version, batch)
         self.inflight.discard([d.entry_id for d in batch])
-        self.record_lineage([d.message.id for d in batch], replayed=False)  # type: ignore[union-attr]
+        self.record_lineage([d.message.id for d in batch], replayed=False)
 
     def record_lineage(self, ids: list[str], *, replayed: bool) -> None:
         """Which samples made which step (per rank): the audit trail of what the weights were trained on."""
@@ -245,10 +234,10 @@ class Learner:
         with open(self.workdir / name, "a") as f:
             f.write(json.dumps({"step": self.step, "version": self.version, "ids": ids, "replayed": replayed}) + "\n")
 
-    def _track(self, batch: list[Delivery]) -> None:
+    def _track(self, batch: list[Delivery[ScoredPrefix]]) -> None:
         """The step's samples into the KL by position; every `learner.kl_window_steps` steps the window closes
         (a sum and a max over the ranks) and the next state publishes it."""
-        self.position_kl.add_trained(d.message for d in batch)  # type: ignore[misc]
+        self.position_kl.add_trained(d.message for d in batch)
         if not self.position_kl.due(self.step):
             return
         sums, maxima = self.position_kl.pending()

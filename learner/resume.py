@@ -24,23 +24,43 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+import redis
 
 from learner.checkpoint import CheckpointCorrupt, PretrainedModel, Stash, list_checkpoints, load_checkpoint
-from learner.distributed import TrainModel
-from learner.journal import orphaned_journals
+from learner.distributed import Distributed, TrainModel
+from learner.journal import StepJournal, orphaned_journals
 from learner.position_kl import PositionKL
+from learner.summary import LearnerSummary
+from protocol.messages import ScoredPrefix
 from protocol.names import Names
 from protocol.runtime import latest_weights
 from protocol.state import LearnerState, read_state
 
 if TYPE_CHECKING:
-    import redis
     import torch
 
-    from learner.loop import Learner
-
 log = logging.getLogger(__name__)
+
+
+class ReplayState(Protocol):
+    """What replaying the journal reads and moves on (``learner.loop.Learner`` has it): the loop is never
+    imported here, so the arrows point one way (loop -> phase) and replay can be driven without a loop."""
+
+    step: int
+    version: int
+    dist: Distributed
+    client: redis.Redis
+    names: Names
+    journal: StepJournal
+    summary: LearnerSummary
+
+    def train_step(self, messages: list[ScoredPrefix]) -> Any:
+        """One optimizer step on ``messages`` (advances ``step``)."""
+
+    def record_lineage(self, ids: list[str], *, replayed: bool) -> None:
+        """Which samples made the step just taken."""
 
 
 @dataclass
@@ -101,7 +121,7 @@ def restore(model: PretrainedModel, root: Path) -> Restored:
     return restored
 
 
-def replay(learner: Learner) -> None:
+def replay(learner: ReplayState) -> None:
     """Re-run the journaled steps after the restored checkpoint: the state at the last committed step."""
     after = learner.step
     dist = learner.dist

@@ -7,8 +7,8 @@ two ways:
 * the *consumer* (``split_by_staleness``) drops samples whose policy lags the learner by more than
   ``max_staleness`` versions, and drops samples that claim a version the learner has not produced yet
   (impossible unless the record is corrupt, or a learner restarted from an older checkpoint);
-* the *producer* (``admission_budget``) stops admitting new generations once accepted + in-flight
-  samples would exceed what the learner can consume before they go stale.
+* the *producer* (the actors' admission, ``actors/actor.py``) stops admitting new generations once
+  admitted samples would exceed what the learner can consume before they go stale.
 
 The reason strings are label values of ``opd_learner_dropped_total{reason=...}``.
 """
@@ -94,22 +94,3 @@ def split_by_staleness(
         else:
             kept.append(item)
     return StalenessSplit(kept=kept, dropped=dropped)
-
-
-def admission_budget(current_version: int, max_staleness: int, batch_size: int, accepted_or_in_flight: int) -> int:
-    """How many more generations a producer may start now (AReaL's staleness-aware admission control).
-
-    The learner at version ``i`` consumes ``batch_size`` samples per step; a sample admitted now can be
-    trained on up to version ``i + max_staleness``. So at most ``(max_staleness + i + 1) * batch_size``
-    samples may ever have been admitted (counting from version 0: accepted for training so far + in flight)
-    before new ones would necessarily be stale::
-
-        budget = max(0, (max_staleness + current_version + 1) * batch_size - accepted_or_in_flight)
-    """
-    current_version = _require_version("current_version", current_version)
-    max_staleness = _require_version("max_staleness", max_staleness)
-    accepted_or_in_flight = _require_version("accepted_or_in_flight", accepted_or_in_flight)
-    if not _is_version(batch_size) or int(batch_size) < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    batch_size = int(batch_size)
-    return max(0, (max_staleness + current_version + 1) * batch_size - accepted_or_in_flight)

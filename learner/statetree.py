@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 _TAGS = ("__tensor__", "__tuple__", "__items__", "__ndarray__", "__float__")
 
@@ -96,13 +96,6 @@ def save_tree(obj: Any, directory: Path, name: str) -> None:
     if tensors:
         save_file(tensors, str(directory / f"{name}.safetensors"))
     write_json(directory / f"{name}.json", tree)
-
-
-def load_tree(directory: Path, name: str) -> Any:
-    """What ``save_tree`` wrote, on the CPU."""
-    tensor_file = directory / f"{name}.safetensors"
-    tensors = load_file(str(tensor_file), device="cpu") if tensor_file.exists() else {}
-    return decode_tree(read_json(directory / f"{name}.json"), tensors)
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -11,18 +11,34 @@ ledger has nothing ``produced`` left) is ``learner/intake.py``'s ``collect(drain
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
+import redis
+
+from learner.config import LearnerConfig
+from learner.distributed import Distributed
 from protocol import ledger
 from protocol.compute import ComputeTally, format_flops
-
-if TYPE_CHECKING:
-    from learner.loop import Learner
+from protocol.names import Names
 
 log = logging.getLogger(__name__)
 
 
-def done_reason(learner: Learner) -> str | None:
+class StoppingState(Protocol):
+    """What deciding to stop reads of the learner (``learner.loop.Learner`` has it): the loop is never imported
+    here, so the arrows point one way (loop -> phase) and this can be driven without a loop."""
+
+    cfg: LearnerConfig
+    step: int
+    dist: Distributed
+    client: redis.Redis
+    names: Names
+
+    def advertise(self, **measured: Any) -> None:
+        """Publish the learner's state (``protocol/state.py``) with these measurements."""
+
+
+def done_reason(learner: StoppingState) -> str | None:
     """Why training should stop now (`learner.steps` reached, or the run's FLOPs reached `learner.max_flops`), or None.
 
     The FLOPs are the run stats every role adds to (protocol/compute.py), so the budget covers generation and
@@ -45,7 +61,7 @@ def done_reason(learner: Learner) -> str | None:
             f"{format_flops(cfg.max_flops)})")
 
 
-def start_draining(learner: Learner, reason: str) -> None:
+def start_draining(learner: StoppingState, reason: str) -> None:
     """Tell the producers to stop (rank 0 sets ``stop_producing``); what is in flight is still trained."""
     if learner.dist.is_main:
         learner.client.hset(learner.names.control, "stop_producing", "1")

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import socket
-import sys
 from typing import Any
 
 import yaml
@@ -121,8 +119,3 @@ def config_docs() -> str:
             lines.append(f"| `{key}` | `{default}` | {cell} |")
         lines.append("")
     return "\n".join(lines)
-
-
-def print_json(obj: object) -> None:
-    json.dump(obj, sys.stdout, indent=2, default=str)
-    print()

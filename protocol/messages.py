@@ -24,7 +24,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar, TypeVar, Union, overload
 
 import numpy as np
 
@@ -174,6 +174,8 @@ class WeightsAnnouncement:
 Message = Union[RolloutPrefix, ScoredPrefix, WeightsAnnouncement]  # noqa: UP007 (a runtime alias)
 MESSAGE_TYPES: dict[str, type[Message]] = {t.kind: t for t in (RolloutPrefix, ScoredPrefix, WeightsAnnouncement)}
 
+_M = TypeVar("_M", bound=Message)  # `decode(..., expect=ScoredPrefix)` is a ScoredPrefix
+
 OPTIONAL_FIELDS = frozenset({"probe"})
 """Fields added without a schema bump: a message without one decodes with the field's default."""
 
@@ -202,7 +204,15 @@ def encode(message: Message, *, max_bytes: int = MAX_MESSAGE_BYTES) -> bytes:
     return pack(payload, max_bytes=max_bytes)
 
 
-def decode(blob: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES, expect: type[Message] | None = None,
+@overload
+def decode(blob: bytes, *, max_bytes: int = ..., expect: type[_M], vocab_size: int | None = ...) -> _M: ...
+
+
+@overload
+def decode(blob: bytes, *, max_bytes: int = ..., expect: None = ..., vocab_size: int | None = ...) -> Message: ...
+
+
+def decode(blob: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES, expect: type[_M] | None = None,
            vocab_size: int | None = None) -> Message:
     """Unpack and validate every field; raises `ProtocolError` naming the first bad field.
 

@@ -175,18 +175,6 @@ def control_flag(client: redis.Redis, names: Names, flag: str) -> bool:
     return client.hget(names.control, flag) == b"1"
 
 
-def wait_for_redis(client: redis.Redis, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            client.ping()
-            return
-        except redis.ConnectionError as exc:
-            if time.monotonic() > deadline:
-                raise ConnectionError(f"Redis not reachable after {timeout_s:.0f}s: {exc}") from None
-            time.sleep(0.2)
-
-
 def register_endpoint(client: redis.Redis, names: Names, role_id: str, url: str) -> None:
     """Where a role's /metrics lives, so the launcher and `opd top` can find every replica."""
     client.hset(names.key("endpoints"), role_id, url)

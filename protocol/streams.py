@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar, cast
 
 import redis
 
@@ -40,6 +40,7 @@ from protocol.reconnect import ReconnectPolicy, RideOutRetry, redact_url, server
 log = logging.getLogger(__name__)
 
 PAYLOAD = b"m"
+M = TypeVar("M", bound=Message)  # the message type a queue reads (its `expect`), carried by its deliveries
 _SETTLED = (ledger_mod.TRAINED.encode(), ledger_mod.DROPPED.encode())
 
 
@@ -115,9 +116,15 @@ class Settled:
 
 
 @dataclass
-class Delivery:
+class Delivery(Generic[M]):
+    """One read entry: its stream entry id, the decoded message, and how many times it has been delivered.
+
+    Generic in the message type so that a consumer knows what it holds: a `StreamQueue[ScoredPrefix]`
+    (one that reads with `expect=ScoredPrefix`) yields `Delivery[ScoredPrefix]`, and the type checker
+    needs no ignore comment to read `d.message.policy_version`."""
+
     entry_id: str
-    message: Message
+    message: M
     deliveries: int
 
 
@@ -155,8 +162,12 @@ def connect_role(transport: TransportConfig) -> redis.Redis:
     return client
 
 
-class StreamQueue:
-    """One stream seen by one consumer (or producer) of one group."""
+class StreamQueue(Generic[M]):
+    """One stream seen by one consumer (or producer) of one group.
+
+    Generic in what it reads: with `expect=ScoredPrefix` it is a `StreamQueue[ScoredPrefix]` and `read`
+    returns `Delivery[ScoredPrefix]` (any other kind is dead-lettered on read). Without `expect` it reads
+    any `Message`; annotate such a queue `StreamQueue[Message]` (a producer's queue reads nothing)."""
 
     def __init__(
         self,
@@ -166,7 +177,7 @@ class StreamQueue:
         names: Names,
         group: str | None = None,
         consumer: str = "consumer",
-        expect: type[Message] | None = None,
+        expect: type[M] | None = None,
         max_deliveries: int = 3,
         claim_idle_ms: int = 60_000,
         high_water: int = 10_000,
@@ -244,7 +255,7 @@ class StreamQueue:
                 raise
         self._group_ready = True
 
-    def read(self, count: int, *, block_ms: int = 1000) -> list[Delivery]:
+    def read(self, count: int, *, block_ms: int = 1000) -> list[Delivery[M]]:
         """Up to `count` valid deliveries: reclaimed ones first, then new ones. Bad ones are dead-lettered here."""
         self.ensure_group()
         try:
@@ -259,8 +270,8 @@ class StreamQueue:
             self.ensure_group()
             return []
 
-    def _read(self, count: int, block_ms: int) -> list[Delivery]:
-        out: list[Delivery] = []
+    def _read(self, count: int, block_ms: int) -> list[Delivery[M]]:
+        out: list[Delivery[M]] = []
         now = time.monotonic()
         if now >= self._next_reclaim:
             # A dead consumer's entries are only claimable after claim_idle_ms, so looking a few times
@@ -277,7 +288,7 @@ class StreamQueue:
                         out.append(delivery)
         return out
 
-    def _reclaim(self, count: int) -> list[Delivery]:
+    def _reclaim(self, count: int) -> list[Delivery[M]]:
         """Take over messages a dead (or stalled) consumer left pending for longer than `claim_idle_ms`."""
         resp = self.client.xautoclaim(
             self.stream, self.group, self.consumer, min_idle_time=self.claim_idle_ms, start_id="0-0", count=count
@@ -286,7 +297,7 @@ class StreamQueue:
         deleted = resp[2] if resp and len(resp) > 2 else []
         if deleted:  # pending entries whose data was deleted: nothing to redo, just clear them
             self.client.xack(self.stream, self.group, *deleted)
-        out: list[Delivery] = []
+        out: list[Delivery[M]] = []
         for entry_id, fields in claimed:
             if fields is None:
                 continue
@@ -302,17 +313,18 @@ class StreamQueue:
                 out.append(delivery)
         return out
 
-    def _decode(self, entry_id: str, fields: dict[bytes, bytes], *, deliveries: int) -> Delivery | None:
+    def _decode(self, entry_id: str, fields: dict[bytes, bytes], *, deliveries: int) -> Delivery[M] | None:
         blob = fields.get(PAYLOAD)
         if blob is None:
             self._dead_letter(entry_id, b"", f"entry has no {PAYLOAD.decode()!r} field (fields: {sorted(map(_s, fields))})")
             return None
         try:
-            message = decode(blob, max_bytes=self.max_bytes, expect=self.expect, vocab_size=self.vocab_size)
+            decoded = decode(blob, max_bytes=self.max_bytes, expect=self.expect, vocab_size=self.vocab_size)
         except ProtocolError as exc:
             self._dead_letter(entry_id, blob, f"malformed: {exc}")
             return None
-        return Delivery(entry_id=entry_id, message=message, deliveries=deliveries)
+        # decode refused any kind but `expect`; a queue without one reads every Message (its M)
+        return Delivery(entry_id=entry_id, message=cast(M, decoded), deliveries=deliveries)
 
     def settle(self, items: list[Settle], *, target: str | None = None, count_as: str | None = None) -> Settled:
         """Settle the entries this consumer still owns, in one atomic script; refuse the others.
@@ -357,7 +369,7 @@ class StreamQueue:
         items = [Settle(e, *(outcomes[i] if outcomes else ("", ""))) for i, e in enumerate(entry_ids)]
         return self.settle(items)
 
-    def forward(self, done: list[tuple[Delivery, Message]], downstream: StreamQueue) -> Settled:
+    def forward(self, done: Sequence[tuple[Delivery[M], Message]], downstream: StreamQueue[Any]) -> Settled:
         """Publish results downstream and acknowledge their inputs, for the inputs this consumer still owns.
 
         Per input, atomically: both happen or neither, so a crash can neither lose the work nor forward it
@@ -368,7 +380,7 @@ class StreamQueue:
         items = [Settle(d.entry_id, fields={PAYLOAD: blob}) for (d, _r), blob in zip(done, blobs, strict=True)]
         return self.settle(items, target=downstream.stream)
 
-    def dead_letter(self, delivery: Delivery, reason: str) -> bool:
+    def dead_letter(self, delivery: Delivery[M], reason: str) -> bool:
         """Give up on a decoded message (e.g. it made the scorer fail): park it with its reason.
 
         False when the entry is no longer this consumer's (fenced like every settle): nothing was done.

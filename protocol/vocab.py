@@ -52,11 +52,6 @@ def compare_tokenizers(student: Any, teacher: Any, labels: tuple[str, str] = ("s
             raise ValueError(f"tokenizer special token {name}_token differs: {a} id {s_id} vs {b} id {t_id}")
 
 
-def check_same_tokenizer(student_dir: str | Path, teacher_dir: str | Path) -> None:
-    """`compare_tokenizers` of the tokenizers saved in two model directories."""
-    compare_tokenizers(load_tokenizer(student_dir), load_tokenizer(teacher_dir))
-
-
 def shared_vocab_size(tokenizer: Any) -> int:
     """The ids both models can produce and be compared on: `[0, len(tokenizer))` (see module docs)."""
     return len(tokenizer)

@@ -89,7 +89,7 @@ def test_actor_skips_prompts_too_long_for_the_context(redis_server: str, tiny_as
     """A prompt with no room for max_new_tokens in the student's context is left out at start and counted; the
     actor samples the others (the engine would refuse it mid-run and stop the actor)."""
     from opd.tiny import MAX_POSITIONS
-    from protocol.messages import decode
+    from protocol.messages import RolloutPrefix, decode
 
     prompts = tmp_path / "prompts.jsonl"
     texts = ["up a b:", "a " * MAX_POSITIONS, "down c b a:"]
@@ -98,8 +98,8 @@ def test_actor_skips_prompts_too_long_for_the_context(redis_server: str, tiny_as
     try:
         assert actor.registry.get_sample_value("opd_actor_prompts_skipped_total", {"reason": "too_long"}) == 1
         assert actor.step() == 6
-        rollouts = [decode(fields[PAYLOAD]) for _e, fields in actor.client.xrange(actor.names.rollouts)]
-        assert {r.prompt_index for r in rollouts} == {0, 2}, "only the prompts that fit are sampled"  # type: ignore[union-attr]
+        rollouts = [decode(fields[PAYLOAD], expect=RolloutPrefix) for _e, fields in actor.client.xrange(actor.names.rollouts)]
+        assert {r.prompt_index for r in rollouts} == {0, 2}, "only the prompts that fit are sampled"
     finally:
         keys = actor.client.keys(f"{actor.names.namespace}:*")
         if keys:

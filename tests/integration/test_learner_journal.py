@@ -258,7 +258,7 @@ def test_a_failed_commit_marks_nothing_trained_and_a_restart_trains_the_rest(red
     q1 = LearnerQueue(client, names.scored, names=names, consumer="learner-1", expect=ScoredPrefix,
                       claim_idle_ms=60_000, max_deliveries=5)
     taken = q1.recover_own()
-    assert [d.message.id for d in taken] == [messages[2].id]  # type: ignore[union-attr]
+    assert [d.message.id for d in taken] == [messages[2].id]
     journal1 = StepJournal(client, names, stream=q1.stream, group=q1.group, consumer=q1.consumer, rank=1,
                            max_bytes=q1.max_bytes)
     assert journal1.refuse_duplicates(taken) == (taken, [])

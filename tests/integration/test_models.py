@@ -20,7 +20,7 @@ from actors.engines.hf import HFRolloutEngine
 from actors.prompts import load_prompts
 from cache.scorers.hf import HFTeacherScorer
 from opd.tiny import COMPLETE_MARKER, EOS_ID, TinyAssets, asset_paths, build_tiny_assets
-from protocol.vocab import check_same_tokenizer
+from protocol.vocab import compare_tokenizers, load_tokenizer
 
 pytestmark = pytest.mark.integration
 
@@ -414,6 +414,11 @@ def save_char_tokenizer(path: Path, chars: str, specials: list[str], eos: str = 
         tokenizer_object=backend, bos_token="<bos>", eos_token=eos, pad_token="<pad>", unk_token="<unk>"
     ).save_pretrained(path)
     return path
+
+
+def check_same_tokenizer(student_dir: Path, teacher_dir: Path) -> None:
+    """The tokenizers saved in two model directories, compared as `protocol.vocab.check_model_dirs` does."""
+    compare_tokenizers(load_tokenizer(student_dir), load_tokenizer(teacher_dir))
 
 
 def test_check_same_tokenizer_names_the_mismatch(tmp_path: Path) -> None:

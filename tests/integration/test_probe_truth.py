@@ -41,7 +41,7 @@ def test_probe_truth_records_the_truth_and_charges_the_truncated_rollout(redis_s
     from protocol import ledger
     from protocol.compute import forward_flops
     from protocol.config import TransportConfig
-    from protocol.messages import decode
+    from protocol.messages import RolloutPrefix, decode
     from protocol.names import Names
 
     paths = asset_paths(tiny_assets)
@@ -53,16 +53,16 @@ def test_probe_truth_records_the_truth_and_charges_the_truncated_rollout(redis_s
     try:
         for _ in range(3):
             actor.step()
-        rollouts = [decode(fields[PAYLOAD]) for _e, fields in actor.client.xrange(actor.names.rollouts)]
-        probes = [r for r in rollouts if r.probe]  # type: ignore[union-attr]
-        sent = [r for r in rollouts if not r.probe]  # type: ignore[union-attr]
+        rollouts = [decode(fields[PAYLOAD], expect=RolloutPrefix) for _e, fields in actor.client.xrange(actor.names.rollouts)]
+        probes = [r for r in rollouts if r.probe]
+        sent = [r for r in rollouts if not r.probe]
         assert probes and sent and len(rollouts) == 48
-        assert all(r.horizon == HORIZON and len(r.response_ids_R) <= HORIZON for r in sent)  # type: ignore[union-attr]
-        assert all(r.horizon == MAX_NEW for r in probes)  # type: ignore[union-attr]
+        assert all(r.horizon == HORIZON and len(r.response_ids_R) <= HORIZON for r in sent)
+        assert all(r.horizon == MAX_NEW for r in probes)
         stats = ledger.stats(actor.client, actor.names)
         assert stats["truth_rollouts"] == stats["actor_truncated"] == len(sent)
         assert 0 <= stats["truth_saving_sum"] <= len(sent) * (MAX_NEW - HORIZON)
-        tokens = sum(len(r.prompt_ids_P) + len(r.response_ids_R) for r in rollouts)  # type: ignore[union-attr]
+        tokens = sum(len(r.prompt_ids_P) + len(r.response_ids_R) for r in rollouts)
         assert stats["flops_generation"] == forward_flops(actor.params, tokens)  # the tail past the horizon: free
         check = probe_truth(stats)
         assert check is not None and check["truth"] == stats["truth_saving_sum"]

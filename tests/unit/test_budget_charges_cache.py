@@ -12,8 +12,9 @@ whose rollouts repeat got teacher scoring for free against an equal budget. Pins
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import redis
@@ -26,6 +27,20 @@ from protocol.compute import FLOPS_SAVED_CACHE, FLOPS_TEACHER, ComputeTally
 from protocol.names import Names
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Stopping:
+    """What `done_reason` reads of a learner (`learner.stopping.StoppingState`): the phase runs without a loop."""
+
+    cfg: LearnerConfig
+    step: int
+    client: redis.Redis
+    names: Names
+    dist: Distributed
+
+    def advertise(self, **measured: Any) -> None:
+        """Nothing to publish here."""
 
 
 def test_tally_charges_cache_hits_only_when_asked() -> None:
@@ -41,8 +56,7 @@ def test_learner_budget_counts_cache_hits_when_charged(redis_url: str, charged: 
     names = Names("budget-test")
     ledger.add_stats(client, names, writer="test", seq=1, flops_generation=2e9, flops_teacher=4e9, flops_learner=3e9, flops_saved_cache=2e9)
     cfg = LearnerConfig(max_flops=1e10, max_flops_charges_cache=charged, steps=1000)
-    learner = SimpleNamespace(cfg=cfg, step=7, client=client, names=names, dist=Distributed())
-    reason = done_reason(learner)  # type: ignore[arg-type]
+    reason = done_reason(Stopping(cfg=cfg, step=7, client=client, names=names, dist=Distributed()))
     assert (reason is not None) == stops
     if stops:
         assert "spent the compute budget at step 7 (11 GFLOP" in reason  # type: ignore[operator]

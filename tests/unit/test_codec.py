@@ -350,7 +350,7 @@ def test_probe_flag_round_trips_and_is_optional_on_the_wire() -> None:
     assert isinstance(decoded, RolloutPrefix) and decoded.probe is True
     scored = ScoredPrefix.from_rollout(probe, teacher_logprobs_R=np.zeros(3, np.float32),
                                        topk_ids_RK=np.zeros((3, 0), np.int32), topk_logprobs_RK=np.zeros((3, 0), np.float32))
-    assert decode(encode(scored)).probe is True  # type: ignore[union-attr]
+    assert decode(encode(scored), expect=ScoredPrefix).probe is True
     payload = payload_of(make_rollout())
     del payload["probe"]
     old = decode(repack(payload))

@@ -6,7 +6,6 @@ Behaviours pinned:
 - a policy_version above the learner's is dropped as "future_version" (negative lag);
 - a missing, negative, non-integer or bool policy_version is dropped as "invalid_version"; numpy ints count;
 - max_staleness = 0 keeps only the current version (synchronous training);
-- admission_budget = max(0, (max_staleness + version + 1) * batch_size - accepted_or_in_flight);
 - bad arguments raise ValueError naming the argument.
 """
 
@@ -22,7 +21,6 @@ from learner.staleness import (
     FUTURE_VERSION,
     INVALID_VERSION,
     STALE,
-    admission_budget,
     split_by_staleness,
 )
 
@@ -90,29 +88,3 @@ def test_split_accepts_any_iterable_and_empty():
 def test_split_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         split_by_staleness([], **kwargs)
-
-
-def test_admission_budget_formula():
-    # version 0, staleness 0, batch 4: exactly one batch may be admitted.
-    assert admission_budget(0, 0, 4, 0) == 4
-    assert admission_budget(0, 0, 4, 3) == 1
-    assert admission_budget(0, 0, 4, 4) == 0
-    # (2 + 5 + 1) * 8 - 50 = 14
-    assert admission_budget(5, 2, 8, 50) == 14
-    # never negative
-    assert admission_budget(1, 0, 2, 100) == 0
-
-
-@pytest.mark.parametrize(
-    ("args", "match"),
-    [
-        ((-1, 0, 4, 0), "current_version"),
-        ((0, -1, 4, 0), "max_staleness"),
-        ((0, 0, 0, 0), "batch_size"),
-        ((0, 0, 4, -2), "accepted_or_in_flight"),
-        ((0, 0, True, 0), "batch_size"),
-    ],
-)
-def test_admission_budget_rejects_bad_arguments(args, match):
-    with pytest.raises(ValueError, match=match):
-        admission_budget(*args)
