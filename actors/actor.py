@@ -10,13 +10,12 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-import redis
 from prometheus_client import CollectorRegistry
 
+from actors.admission import Admission, Heartbeat
 from actors.config import ActorConfig
 from actors.engines.base import Generation, RolloutEngine
 from actors.schedules import Schedule
@@ -27,7 +26,7 @@ from protocol.messages import RolloutPrefix
 from protocol.names import Names
 from protocol.runtime import StopFlag, control_flag, latest_weights, register_endpoint
 from protocol.savings import ProbeTally, estimate_savings, probe_saving, saving_bound
-from protocol.state import LearnerState, StateUnavailable, read_state
+from protocol.state import LearnerState
 from protocol.streams import StreamQueue, connect_role
 from protocol.telemetry import ActorMetrics, MetricsServer, actor_metrics
 
@@ -58,66 +57,21 @@ def truncated_view(response_ids: list[int], logprobs: list[float], finished: boo
     return list(response_ids[:horizon]), list(logprobs[:horizon]), finished and len(response_ids) <= horizon
 
 
-class Admission:
-    """Producer-side staleness control (as in AReaL): never start work that would arrive stale.
+@dataclass
+class Batch:
+    """One generated batch, before it is published: prompts, the schedule's horizons, what was sampled.
 
-    The learner publishes its `LearnerState` (protocol/state.py: version, batch size, max_staleness,
-    retired); actors reserve slots with one atomic INCRBY on a shared counter. Samples the learner retired
-    without training (dropped or dead-lettered) are added back, so drops cannot starve the pipeline.
+    `views`: (response ids, logprobs, finished) per rollout as sent (under actor.probe_truth, the first `horizon`
+    tokens of a rollout run to the budget); `versions`: the policy version each was sampled with.
     """
 
-    def __init__(self, client: redis.Redis, names: Names) -> None:
-        self.client = client
-        self.names = names
-        self.state: LearnerState | StateUnavailable = StateUnavailable("not read yet")
-        self._reported = ""
-
-    def refresh(self) -> LearnerState | StateUnavailable:
-        """Read the learner's newest state into `state`. A malformed one is logged (once per reason), not raised."""
-        self.state = read_state(self.client, self.names)
-        if isinstance(self.state, StateUnavailable) and self.state.malformed and self.state.reason != self._reported:
-            log.error("%s; not admitting work until the learner publishes a valid state", self.state.reason)
-            self._reported = self.state.reason
-        return self.state
-
-    def limit(self) -> int | None:
-        """Most prefixes that may have been admitted so far: (max_staleness + 1) x batch + retired.
-
-        AReaL writes the bound as (max_staleness + version + 1) x batch_size - admitted; counting the
-        work already retired (trained, dropped or dead) instead of assuming version x batch_size keeps
-        it right after a learner restart from a checkpoint and when samples are dropped. `retired` is the
-        learner's own count, taken after it published the weights of its version (not the live ledger):
-        a slot its last step freed must go to work sampled with that step's weights.
-        """
-        state = self.refresh()
-        if not isinstance(state, LearnerState):
-            return None  # no (valid) learner state yet: wait rather than flood the queue with soon-stale work
-        return (state.max_staleness + 1) * state.batch_size + state.retired
-
-    def acquire(self, want: int, stop: StopFlag, should_stop: Callable[[], bool]) -> int:
-        """Block until slots are free; returns how many were reserved (0 when stopping).
-
-        Reserve first, then give back the excess: INCRBY is atomic, so two actors racing for the
-        last slots cannot both get them.
-        """
-        delay = 0.02
-        while not stop.is_set() and not should_stop():
-            limit = self.limit()
-            if limit is not None:
-                admitted = int(self.client.incrby(self.names.admission, want))
-                excess = min(want, max(0, admitted - limit))
-                if excess:
-                    self.client.decrby(self.names.admission, excess)
-                if want - excess > 0:
-                    return want - excess
-            stop.wait(delay)
-            delay = min(delay * 2, 0.5)
-        return 0
-
-    def release(self, n: int) -> None:
-        """Give back slots that were reserved but produced nothing."""
-        if n > 0:
-            self.client.decrby(self.names.admission, n)
+    indices: list[int]
+    drawn: list[int]
+    probes: list[bool]
+    horizons: list[int]
+    gens: list[Generation]
+    views: list[tuple[list[int], list[float], bool]]
+    versions: list[int]
 
 
 class Actor:
@@ -167,7 +121,8 @@ class Actor:
         self.cursor = len(self.order)
         self.version = 0
         self.last_poll = 0.0
-        self.admission = Admission(self.client, self.names)
+        self.admission = Admission(self.client, self.names, actor_id, lease_s=cfg.lease_s)
+        self.heartbeat = Heartbeat(self.client, self.names, actor_id, lease_s=cfg.lease_s)
         self.summary = ActorSummary()
         self.failures = 0
         self.in_hand = 0  # admission slots of the batch being generated, not yet published
@@ -209,7 +164,12 @@ class Actor:
         )
 
     def step(self) -> int:
-        """One batch: reserve slots, pick horizons, generate, publish. Returns prefixes published."""
+        """One batch: reserve slots, pick horizons, generate, publish. Returns prefixes published.
+
+        Whatever ends the batch (published, the engine failed, the publish timed out on back-pressure or
+        raised), the slots it did not publish are given back before `step` returns or raises: a slot is only
+        ever kept by a process that is gone, and then its lease expires (actors/admission.py).
+        """
         want = self.cfg.batch_size
         if self.cfg.max_prefixes is not None:
             want = min(want, self.cfg.max_prefixes - self.summary.prefixes)
@@ -219,10 +179,31 @@ class Actor:
         if n == 0:
             return 0
         self.in_hand = n if self.cfg.admission_control else 0
+        batch: Batch | None = None
+        try:
+            batch = self.generate(n)
+            if batch is not None:
+                self.publish(batch)
+        finally:
+            self.in_hand = 0
+            if self.cfg.admission_control:
+                self.admission.release()
+        if batch is None:  # a transient engine failure: back off (holding no slots), then try again
+            self.stop.wait(min(30.0, 0.5 * 2**self.failures))
+            return 0
+        truth = [probe_saving(len(g.response_ids), h) for g, h, probe in zip(batch.gens, batch.horizons, batch.probes,
+                                                                              strict=True)
+                 if self.cfg.probe_truth and not probe and h < self.cfg.max_new_tokens]
+        self.account(batch.horizons, batch.drawn, batch.probes, [(len(ids), fin) for ids, _, fin in batch.views],
+                     prompt_tokens=sum(len(self.prompts[i]) for i in batch.indices), truth=truth)
+        self.metrics.queue_depth.labels(stream=self.names.rollouts).set(self.queue.depth())
+        return len(batch.gens)
+
+    def generate(self, n: int) -> Batch | None:
+        """Sample `n` prefixes with the newest weights; None after a transient engine failure (counted)."""
         self.maybe_reload(force=self.cfg.admission_control)  # sample with the newest published policy
         indices = self.next_prompts(n)
-        state = self.learner_state()
-        drawn, probes, horizons = self.pick_horizons(state, len(indices))
+        drawn, probes, horizons = self.pick_horizons(self.learner_state(), len(indices))
         max_new = self.cfg.max_new_tokens
         try:
             gens = self.engine.generate(
@@ -230,9 +211,6 @@ class Actor:
                 temperature=self.cfg.temperature, top_p=self.cfg.top_p, seed=self.rng.randrange(2**31),
             )
         except Exception as exc:
-            self.in_hand = 0
-            if self.cfg.admission_control:
-                self.admission.release(n)
             if not self.engine.is_transient(exc):
                 raise
             self.failures += 1
@@ -240,42 +218,35 @@ class Actor:
                 raise RuntimeError(f"{self.actor_id}: {self.failures} engine failures in a row, last: {exc}") from exc
             log.warning("%s: generation failed (%s); retrying (%d/%d)", self.actor_id, exc, self.failures,
                         self.engine.max_failures)
-            self.stop.wait(min(30.0, 0.5 * 2**self.failures))
-            return 0
+            return None
         self.failures = 0
-        try:
-            versions = self.served_versions(gens)
-        except RuntimeError:
-            self.in_hand = 0
-            if self.cfg.admission_control:
-                self.admission.release(n)
-            raise
+        versions = self.served_versions(gens)
         # Under actor.probe_truth every rollout ran to the budget; what is sent and charged is its first `horizon`
         # tokens (exactly a truncated rollout: sampling is autoregressive), the rest is the truth it measured.
         views = [(list(g.response_ids), list(g.logprobs), g.finished) if probe or not self.cfg.probe_truth
                  else truncated_view(g.response_ids, g.logprobs, g.finished, h)
                  for g, h, probe in zip(gens, horizons, probes, strict=True)]
+        return Batch(indices, drawn, probes, horizons, gens, views, versions)
+
+    def publish(self, batch: Batch) -> None:
+        """Publish the batch in chunks that fit under the high-water mark; each chunk counted for this actor and
+        spent from its lease in the publish script (protocol/streams.py)."""
         msgs = [RolloutPrefix(
             prompt_ids_P=np.asarray(self.prompts[idx], dtype=np.int32),
             response_ids_R=np.asarray(ids, dtype=np.int32),
             behaviour_logprobs_R=np.minimum(np.asarray(lps, dtype=np.float32), 0.0),
-            prompt_index=idx, horizon=horizon, max_new_tokens=max_new, finished=finished,
+            prompt_index=idx, horizon=horizon, max_new_tokens=self.cfg.max_new_tokens, finished=finished,
             policy_version=version, actor_id=self.actor_id,
             temperature=self.cfg.temperature, top_p=self.cfg.top_p, probe=probe,
         ) for idx, horizon, (ids, lps, finished), probe, version
-            in zip(indices, horizons, views, probes, versions, strict=True)]
+            in zip(batch.indices, batch.horizons, batch.views, batch.probes, batch.versions, strict=True)]
         hw = self.queue.high_water  # one round trip per chunk that fits under the mark (docs/benchmarks.md)
         for chunk in (msgs[i:i + hw] for i in range(0, len(msgs), hw)):
             waited = self.queue.wait_for_room(timeout_s=self.backpressure_timeout_s, should_stop=self.stop.is_set,
                                               need=len(chunk))
             self.metrics.admission_wait.inc(waited)
-            self.queue.publish_many(chunk, ledger_outcome=ledger.PRODUCED)
-        truth = [probe_saving(len(g.response_ids), h) for g, h, probe in zip(gens, horizons, probes, strict=True)
-                 if self.cfg.probe_truth and not probe and h < max_new]
-        self.account(horizons, drawn, probes, [(len(ids), finished) for ids, _, finished in views],
-                     prompt_tokens=sum(len(self.prompts[i]) for i in indices), truth=truth)
-        self.metrics.queue_depth.labels(stream=self.names.rollouts).set(self.queue.depth())
-        return len(gens)
+            self.queue.publish_many(chunk, ledger_outcome=ledger.PRODUCED, producer=self.actor_id)
+            self.in_hand = max(0, self.in_hand - len(chunk))
 
     def served_versions(self, gens: list[Generation]) -> list[int]:
         """The policy version each rollout was sampled with, and this actor's version moved to the server's.
@@ -388,22 +359,21 @@ class Actor:
         recorded; its admission slots are given back (the in-flight budget must not shrink) and the actor leaves
         the registry (a draining learner waits for every registered actor)."""
         n, self.in_hand = self.in_hand, 0
-        self.admission.release(n)
-        self.client.srem(self.names.key("actors"), self.actor_id)
+        self.heartbeat.close()  # gives back every slot this actor holds and leaves the registry
         return f"a batch of {n} prefixes in hand, unpublished ones never recorded (admission slots released)" if n else ""
 
 
 def run_actor(cfg: ActorConfig, transport: TransportConfig, *, actor_id: str, index: int = 0,
               stop: StopFlag | None = None) -> ActorSummary:
-    """Entry point of `opd actor`: serve metrics, loop until stopped."""
+    """Entry point of `opd actor`: serve metrics, register (the heartbeat), loop until stopped, leave."""
     actor = Actor(cfg, transport, actor_id=actor_id, index=index, stop=stop)
     server = MetricsServer(actor.registry, host=cfg.metrics_host, port=cfg.metrics_port)
     register_endpoint(actor.client, actor.names, actor_id, server.url)
-    actor.client.sadd(actor.names.key("actors"), actor_id)
+    actor.heartbeat.start()
     actor.stop.on_abandon(actor.abandon)
     log.info("%s: metrics at %s", actor_id, server.url)
     try:
         return actor.run()
     finally:
-        actor.client.srem(actor.names.key("actors"), actor_id)
+        actor.heartbeat.close()
         server.close()

@@ -47,6 +47,9 @@ class ActorConfig(BaseModel):
     metrics_host: str = Field("127.0.0.1", description="Bind address of /metrics (0.0.0.0 in containers).")
     weights_poll_s: float = Field(1.0, gt=0, description="How often to look for newly published weights.")
     admission_control: bool = Field(True, description="Do not start work that would be stale on arrival.")
+    lease_s: float = Field(30.0, gt=0, description="Heartbeat lease: an actor renews it every lease_s/3; one silent "
+                           "this long (SIGKILL, OOM kill, frozen) is taken for gone: its unpublished admission "
+                           "slots are freed and it leaves the actor registry.")
     max_prefixes: int | None = Field(None, ge=1, description="Stop after producing this many prefixes (tests).")
 
     @model_validator(mode="before")

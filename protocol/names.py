@@ -47,9 +47,30 @@ class Names:
         return f"{self.namespace}:control"
 
     @property
-    def admission(self) -> str:
-        """Counter of prefixes admitted by actors (producer-side staleness control)."""
-        return f"{self.namespace}:admitted"
+    def admission_leases(self) -> str:
+        """Hash: actor id -> admission slots it reserved and has not published (protocol/admission.py).
+
+        Not `<ns>:admitted`, the shared counter of earlier versions (a string: a hash read would be WRONGTYPE).
+        """
+        return f"{self.namespace}:admission:leases"
+
+    @property
+    def admission_expiry(self) -> str:
+        """Zset: actor id -> Redis-server ms its heartbeat holds its lease (and registration) until."""
+        return f"{self.namespace}:admission:expiry"
+
+    @property
+    def actors(self) -> str:
+        """Set: the actor registry (ids of actors still producing; a draining learner waits for it to empty)."""
+        return f"{self.namespace}:actors"
+
+    @property
+    def produced_by(self) -> str:
+        """Hash: producer id -> entries it published with ledger outcome `produced`, counted by the producer.
+
+        A witness of the conservation books that no consumer writes (tests/integration/roles.py).
+        """
+        return f"{self.namespace}:produced_by"
 
     @property
     def learner_state(self) -> str:

@@ -29,6 +29,7 @@ from typing import Any, Generic, TypeVar, cast
 
 import redis
 
+from protocol import admission
 from protocol import ledger as ledger_mod
 from protocol.codec import MAX_MESSAGE_BYTES
 from protocol.config import TransportConfig
@@ -81,15 +82,24 @@ if ARGV[3] ~= '' and settled > 0 then redis.call('INCRBY', KEYS[6], settled) end
 return out
 """
 
-# Publish each message unless the ledger already knows its id. KEYS: stream, ledger, outcomes, holders.
-# ARGV: payload field, outcome, then per message: its id, its blob. Returns per message the entry id, or 0 when skipped.
-_PUBLISH_ONCE = ledger_mod.LUA_RECORD + """
-local out = {}
-for i = 3, #ARGV, 2 do
+# Publish each message unless the ledger already knows its id. With a producer (ARGV[3] not empty), the entries
+# it added are counted in its field of the produced-by hash (KEYS[5]) and spent from its admission lease
+# (KEYS[6], protocol/admission.py), in the same step as the ledger's record, so no crash can separate them.
+# KEYS: stream, ledger, outcomes, holders, produced-by, admission leases.
+# ARGV: payload field, outcome, producer id or '', then per message: its id, its blob.
+# Returns per message the entry id, or 0 when skipped.
+_PUBLISH_ONCE = ledger_mod.LUA_RECORD + admission.LUA_SPEND + """
+local out, added = {}, 0
+for i = 4, #ARGV, 2 do
   if redis.call('HEXISTS', KEYS[2], ARGV[i]) == 1 then out[#out + 1] = 0 else
     out[#out + 1] = redis.call('XADD', KEYS[1], '*', ARGV[1], ARGV[i + 1])
     ledger_record({KEYS[2], KEYS[3], KEYS[4]}, ARGV[i], ARGV[2])
+    added = added + 1
   end
+end
+if ARGV[3] ~= '' and added > 0 then
+  redis.call('HINCRBY', KEYS[5], ARGV[3], added)
+  admission_spend(KEYS[6], ARGV[3], added)
 end
 return out
 """
@@ -216,30 +226,38 @@ class StreamQueue(Generic[M]):
             delay = min(delay * 2, 0.5)
         return time.monotonic() - start
 
-    def publish(self, message: Message, *, ledger_outcome: str | None = None) -> str | None:
-        """Append a message (validated on encode); optionally record it in the ledger in the same transaction."""
+    def publish(self, message: Message, *, ledger_outcome: str | None = None, producer: str = "") -> str | None:
+        """Append a message (validated on encode); optionally record it in the ledger in the same transaction
+        (and, with `producer`, count it as `publish_many` does)."""
         blob = encode(message, max_bytes=self.max_bytes)
-        return self.publish_raw(blob, ledger=(message.id, ledger_outcome) if ledger_outcome else None)
+        return self.publish_raw(blob, ledger=(message.id, ledger_outcome) if ledger_outcome else None, producer=producer)
 
-    def publish_many(self, messages: list[Message], *, ledger_outcome: str) -> list[str | None]:
+    def publish_many(self, messages: list[Message], *, ledger_outcome: str, producer: str = "") -> list[str | None]:
         """`publish` of a batch in one round trip (one script), all encoded first: a round trip per message capped a
-        producer at ~0.1x of Redis's pipelined XADD rate. An id the ledger already knows is skipped (None)."""
-        blobs = [encode(m, max_bytes=self.max_bytes) for m in messages]
-        return self._publish_once([(m.id, b) for m, b in zip(messages, blobs, strict=True)], ledger_outcome)
+        producer at ~0.1x of Redis's pipelined XADD rate. An id the ledger already knows is skipped (None).
 
-    def publish_raw(self, blob: bytes, *, ledger: tuple[str, str] | None = None) -> str | None:
-        """Append raw bytes; with `ledger=(id, outcome)` only if the ledger does not know `id` yet.
+        `producer` (an actor's id): the entries added are counted in its field of `names.produced_by` and spent
+        from its admission lease, in the same script (see `_PUBLISH_ONCE`).
+        """
+        blobs = [encode(m, max_bytes=self.max_bytes) for m in messages]
+        return self._publish_once([(m.id, b) for m, b in zip(messages, blobs, strict=True)], ledger_outcome,
+                                  producer=producer)
+
+    def publish_raw(self, blob: bytes, *, ledger: tuple[str, str] | None = None, producer: str = "") -> str | None:
+        """Append raw bytes; with `ledger=(id, outcome)` only if the ledger does not know `id` yet (and then
+        counted for `producer`, if given, as `publish_many` does).
 
         Returns the new entry id, or None when the id was already published (a retried publish whose
         first attempt went through before the connection dropped).
         """
         if ledger is None:
             return _s(self.client.xadd(self.stream, {PAYLOAD: blob}))
-        return self._publish_once([(ledger[0], blob)], ledger[1])[0]
+        return self._publish_once([(ledger[0], blob)], ledger[1], producer=producer)[0]
 
-    def _publish_once(self, items: list[tuple[str, bytes]], outcome: str) -> list[str | None]:
+    def _publish_once(self, items: list[tuple[str, bytes]], outcome: str, *, producer: str = "") -> list[str | None]:
         args = [x for mid, blob in items for x in (mid, blob)]
-        results = self.client.eval(_PUBLISH_ONCE, 4, self.stream, *ledger_mod.keys(self.names), PAYLOAD, outcome, *args)
+        keys = [self.stream, *ledger_mod.keys(self.names), self.names.produced_by, self.names.admission_leases]
+        results = self.client.eval(_PUBLISH_ONCE, len(keys), *keys, PAYLOAD, outcome, producer, *args)
         if skipped := [mid for (mid, _b), r in zip(items, results, strict=True) if r == 0]:
             log.info("%s: %s already in the ledger: not published again", self.stream, skipped[:4])
         return [None if r == 0 else _s(r) for r in results]
