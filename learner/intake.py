@@ -174,7 +174,7 @@ class Intake:
             return True
         reason = split.dropped[0].reason
         log.debug("dropped %s: v%d at learner v%d (%s)", d.message.id, d.message.policy_version, version, reason)
-        self.queue.ack([d.entry_id], ledger={d.message.id: ledger.DROPPED})
+        self.queue.ack([d.entry_id], ledger={d.message.id: ledger.DROPPED}, count_as=self.queue.names.dropped)
         self.inflight.discard([d.entry_id])
         self.metrics.dropped.labels(reason=reason).inc()
         self.summary.dropped[reason] = self.summary.dropped.get(reason, 0) + 1
@@ -189,7 +189,7 @@ class Intake:
         tokens), and the experiment compares schedules. Measuring costs no forward pass.
         """
         self.position_kl.add_probe(d.message)
-        self.queue.ack([d.entry_id], ledger={d.message.id: ledger.DROPPED})
+        self.queue.ack([d.entry_id], ledger={d.message.id: ledger.DROPPED}, count_as=self.queue.names.dropped)
         self.inflight.discard([d.entry_id])
         self.metrics.probes.inc()
         self.summary.probes += 1

@@ -84,6 +84,14 @@ class Names:
     def counter(self, name: str) -> str:
         return f"{self.namespace}:count:{name}"
 
+    @property
+    def dropped(self) -> str:
+        """Counter of samples the learner dropped untrained (stale, probes), incremented in the script that acks them.
+
+        The learner's own count, a witness of the conservation books beside the ledger's `dropped` outcome.
+        """
+        return self.counter("dropped")
+
     def key(self, suffix: str) -> str:
         return f"{self.namespace}:{suffix}"
 

@@ -351,7 +351,7 @@ class StreamQueue(Generic[M]):
         recorded (if any), and is acknowledged and deleted. An entry no longer pending for this consumer
         (another one reclaimed it after `claim_idle_ms`, or it was settled already) is left untouched and
         listed in `Settled.refused`: its current owner settles it. `count_as` names a counter key
-        incremented by the number settled (the learner's refused duplicates).
+        incremented by the number settled (the learner's refused duplicates, its drops).
         """
         out = Settled()
         if not items:
@@ -375,17 +375,18 @@ class StreamQueue(Generic[M]):
                         len(items), self.claim_idle_ms)
         return out
 
-    def ack(self, entry_ids: list[str], *, ledger: dict[str, str] | None = None) -> Settled:
+    def ack(self, entry_ids: list[str], *, ledger: dict[str, str] | None = None, count_as: str | None = None) -> Settled:
         """Acknowledge and delete finished entries this consumer still owns (fenced, see `settle`).
 
         `ledger`: message id -> outcome, one per entry and in the same order as `entry_ids`; an outcome is
-        recorded only with its entry, so a refused entry's outcome is left to its owner.
+        recorded only with its entry, so a refused entry's outcome is left to its owner. `count_as`: a counter
+        key incremented by the number acknowledged (as `settle`).
         """
         outcomes = list((ledger or {}).items())
         if outcomes and len(outcomes) != len(entry_ids):
             raise ValueError(f"ack: {len(outcomes)} ledger outcomes for {len(entry_ids)} entries (one per entry)")
         items = [Settle(e, *(outcomes[i] if outcomes else ("", ""))) for i, e in enumerate(entry_ids)]
-        return self.settle(items)
+        return self.settle(items, count_as=count_as)
 
     def forward(self, done: Sequence[tuple[Delivery[M], Message]], downstream: StreamQueue[Any]) -> Settled:
         """Publish results downstream and acknowledge their inputs, for the inputs this consumer still owns.

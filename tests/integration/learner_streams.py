@@ -59,11 +59,16 @@ def scored_messages(root: Path, n: int, *, seed: int = 0, max_new_tokens: int = 
     return out
 
 
+PRODUCER = "test-publisher"
+"""The producer id `publish` counts its entries under (`names.produced_by`: the conservation books' witness)."""
+
+
 def publish(client: redis.Redis, names: Names, messages: list[ScoredPrefix]) -> None:
-    """Put messages on the scored stream as a teacher would, each recorded ``produced`` in the ledger."""
+    """Put messages on the scored stream as a teacher would, each recorded ``produced`` in the ledger and counted
+    for `PRODUCER`, as an actor counts what it publishes."""
     q = StreamQueue(client, names.scored, names=names)
     for m in messages:
-        q.publish(m, ledger_outcome=ledger.PRODUCED)
+        q.publish(m, ledger_outcome=ledger.PRODUCED, producer=PRODUCER)
 
 
 def learner_overrides(redis_url: str, namespace: str, root: Path, workdir: Path, **learner: object) -> list[str]:

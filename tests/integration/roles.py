@@ -19,6 +19,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import redis
 from learner_streams import start
@@ -151,17 +152,72 @@ def metric(client: redis.Redis, names: Names, role_id: str, name: str) -> float 
     return None
 
 
-def assert_conserved_and_trained_once(client: redis.Redis, names: Names, learner_workdir: Path) -> dict[str, int]:
-    """Every produced id has one terminal outcome; the lineage lists each trained id exactly once.
+@dataclass(frozen=True)
+class Books:
+    """A run's books from witnesses that do not read one another (issue 16, defect 4).
 
-    Returns the ledger's counts (plus `duplicates`, the copies the learner refused).
+    `produced`: what the producers say they published: each actor counts its own entries in
+    `<ns>:produced_by`, in the script that appends them (a SIGKILL cannot separate the two), plus what the test
+    wrote by hand; no consumer ever writes it. `trained`: distinct ids in the learner's lineage files
+    (`trained_ids*.jsonl` in its work dir; a journal replay lists a step's ids again, not new ones). `dropped`:
+    the learner's own drop counter (`<ns>:count:dropped`). `dead_lettered`: the dead-letter stream's length.
+    `queued`: the rollouts and scored streams' lengths (acknowledged entries are deleted, so this is what is
+    undelivered or pending). Before, the check compared the ledger with itself, so "0 lost" held by construction.
     """
-    books = ledger.audit(client, names)  # counters + fields: terminal fields may have been rolled up
-    assert books.conserved, books
-    counts = books.outcomes
-    assert counts[ledger.PRODUCED] == 0, counts
-    assert counts[ledger.TRAINED] + counts[ledger.DROPPED] + counts[ledger.DEAD] == books.total, counts
-    rows = [json.loads(line) for line in (learner_workdir / "trained_ids.jsonl").read_text().splitlines()]
+
+    produced: int
+    trained: int
+    dropped: int
+    dead_lettered: int
+    queued: int
+    by_producer: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def lost(self) -> int:
+        return self.produced - (self.trained + self.dropped + self.dead_lettered + self.queued)
+
+    def __str__(self) -> str:
+        return (f"produced {self.produced} (by producer: {self.by_producer}) vs trained {self.trained} + dropped "
+                f"{self.dropped} + dead-lettered {self.dead_lettered} + queued {self.queued}: lost {self.lost}")
+
+
+def lineage(learner_workdir: Path) -> list[dict[str, Any]]:
+    """Every row of the learner's lineage files (rank 0's `trained_ids.jsonl` and any other rank's)."""
+    return [json.loads(line) for path in sorted(learner_workdir.glob("trained_ids*.jsonl"))
+            for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_books(client: redis.Redis, names: Names, learner_workdir: Path, *, written: int = 0) -> Books:
+    """The independent books (see `Books`); `written`: entries the test put on a stream by hand, uncounted."""
+    by_producer = {k.decode(): int(v) for k, v in client.hgetall(names.produced_by).items()}
+    trained = {i for row in lineage(learner_workdir) for i in row["ids"]}
+    return Books(produced=sum(by_producer.values()) + written, trained=len(trained),
+                 dropped=int(client.get(names.dropped) or 0), dead_lettered=int(client.xlen(names.dead)),
+                 queued=int(client.xlen(names.rollouts)) + int(client.xlen(names.scored)), by_producer=by_producer)
+
+
+def assert_books_balance(books: Books) -> None:
+    """produced (the producers' own count) == trained + dropped + dead-lettered + queued, or fail saying each."""
+    if books.lost != 0:
+        raise AssertionError(f"the books do not balance: {books}")
+
+
+def assert_conserved_and_trained_once(client: redis.Redis, names: Names, learner_workdir: Path, *,
+                                      written: int = 0) -> dict[str, int]:
+    """The independent books balance (`Books`), the ledger agrees with them, and each trained id was trained once.
+
+    `written`: entries the test wrote on a stream by hand, without a producer count (raw `XADD`). Returns the
+    ledger's counts (plus `duplicates`, the copies the learner refused).
+    """
+    books = read_books(client, names, learner_workdir, written=written)
+    assert_books_balance(books)
+    audit = ledger.audit(client, names)  # counters + fields: terminal fields may have been rolled up
+    assert audit.conserved, audit
+    counts = audit.outcomes
+    assert counts[ledger.PRODUCED] == 0 and books.queued == 0, (counts, str(books))
+    assert counts[ledger.DROPPED] == books.dropped, (counts, str(books))
+    assert counts[ledger.DEAD] <= books.dead_lettered, (counts, str(books))  # a letter without an id has no outcome
+    rows = lineage(learner_workdir)
     trained = [i for row in rows if not row["replayed"] for i in row["ids"]]
     assert len(trained) == len(set(trained)), "a prefix was trained twice"
     # A replay retrains a journaled step with the same ids (not a second training); a learner SIGKILLed between
@@ -175,7 +231,7 @@ def assert_conserved_and_trained_once(client: redis.Redis, names: Names, learner
     in_ledger = {k.decode() for k, v in client.hgetall(names.ledger).items() if v == ledger.TRAINED.encode()}
     assert in_ledger <= set(steps_of) and len(steps_of) == counts[ledger.TRAINED], (len(steps_of), counts)
     result = {**counts, "duplicates": ledger.duplicates(client, names)}
-    record_figures(result, produced=books.total, replayed=sum(len(r["ids"]) for r in rows if r["replayed"]))
+    record_figures(books, duplicates=result["duplicates"], replayed=sum(len(r["ids"]) for r in rows if r["replayed"]))
     return result
 
 
@@ -184,16 +240,15 @@ FIGURES_ENV = "OPD_FAULT_FIGURES"
 table of docs/reliability.md from it); unset, nothing is written."""
 
 
-def record_figures(counts: dict[str, int], *, produced: int, replayed: int) -> None:
-    """Append the calling test's books: its id, what it injected (its docstring's first line), the outcomes."""
+def record_figures(books: Books, *, duplicates: int, replayed: int) -> None:
+    """Append the calling test's independent books: its id, what it injected (its docstring's first line)."""
     path = os.environ.get(FIGURES_ENV)
     if not path:
         return
-    accounted = sum(counts[s] for s in (ledger.TRAINED, ledger.DROPPED, ledger.DEAD, ledger.PRODUCED))
     row = {"test": os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0], "fault": _calling_test_doc(),
-           "produced": produced, "trained": counts[ledger.TRAINED], "dropped": counts[ledger.DROPPED],
-           "dead_lettered": counts[ledger.DEAD], "queued": counts[ledger.PRODUCED],
-           "duplicates_refused": counts["duplicates"], "replayed": replayed, "lost": produced - accounted}
+           "produced": books.produced, "trained": books.trained, "dropped": books.dropped,
+           "dead_lettered": books.dead_lettered, "queued": books.queued, "duplicates_refused": duplicates,
+           "replayed": replayed, "lost": books.lost}
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
 
