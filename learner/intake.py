@@ -23,7 +23,7 @@ from learner.journal import StepJournal
 from learner.position_kl import PositionKL
 from learner.staleness import split_by_staleness
 from learner.summary import LearnerSummary
-from protocol import ledger
+from protocol import admission, ledger
 from protocol.messages import ScoredPrefix
 from protocol.reconnect import RedisUnavailable
 from protocol.runtime import StopFlag
@@ -229,13 +229,18 @@ class Intake:
                 return Collected(held[:take], waited, min(total, target), bool(stop_any), not bool(undrained_any))
 
     def drained(self) -> bool:
-        """Nothing in flight and no actor still producing: the run's books are closed."""
+        """Nothing in flight and no actor still producing: the run's books are closed.
+
+        Actors whose heartbeat lease expired (SIGKILLed, OOM-killed) are reclaimed first, so they leave the
+        registry: once every live actor has stopped, nobody else would (protocol/admission.py).
+        """
         client, names = self.queue.client, self.queue.names
-        return int(client.scard(names.key("actors"))) == 0 and ledger.counts(client, names)[ledger.PRODUCED] == 0
+        admission.reclaim(client, names)
+        return int(client.scard(names.actors)) == 0 and ledger.counts(client, names)[ledger.PRODUCED] == 0
 
     def drain_report(self) -> str:
         client, names = self.queue.client, self.queue.names
-        actors = sorted(a.decode() for a in client.smembers(names.key("actors")))
+        actors = sorted(a.decode() for a in client.smembers(names.actors))
         produced = ledger.counts(client, names)[ledger.PRODUCED]
         return (f"draining: no scored prefix for {self.cfg.read_timeout_s:g}s while {produced} prefixes are still "
                 f"in flight (ledger 'produced') and actors {actors or 'none'} are registered; trained steps are "

@@ -1,7 +1,9 @@
 """A full disk under the teacher cache, the checkpoints and the published weights (issue 11).
 
-The disk is real: a small tmpfs mounted for the test (we run as root; elsewhere the tests skip with the
-OS error), filled to the last page by a filler file, then freed. Pinned:
+The disk is real: a small tmpfs mounted for the test, filled to the last page by a filler file, then freed.
+Mounting needs root: without it the tests skip, saying so and with the OS error, on a developer's machine,
+and fail under CI (`CI` set, `OPD_REQUIRE_ROOT_TESTS=1`, or run by `.ci/run`: tests/integration/ci_policy.py),
+where they must run. Pinned:
 - cache (the real `TeacherCache`, real Redis): a put on the full disk raises `CacheDiskFull`, logged once
   however many puts fail, with no shard rolled over or created; nothing half-written is ever served
   (every indexed entry reads back exactly) and caching resumes by itself once space is back; the cache
@@ -35,6 +37,7 @@ import pytest
 import redis
 import torch
 import transformers
+from ci_policy import skip_or_fail
 from roles import (
     CONFIG,
     Pipeline,
@@ -72,10 +75,14 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[[str, str], Path]]:
     def mount(name: str, size: str) -> Path:
         where = tmp_path / name
         where.mkdir(parents=True, exist_ok=True)
-        out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(where)],
-                             capture_output=True, text=True)
-        if out.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs (needs root): {out.stderr.strip() or out.returncode}")
+        try:
+            out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(where)],
+                                 capture_output=True, text=True)
+            error = (out.stderr.strip() or f"exit code {out.returncode}") if out.returncode != 0 else ""
+        except OSError as exc:  # no `mount` binary at all
+            error = f"{type(exc).__name__}: {exc}"
+        if error:
+            skip_or_fail(f"cannot mount a tmpfs at {where} (mounting needs root; this is uid {os.geteuid()}): {error}")
         mounted.append(where)
         return where
 

@@ -9,12 +9,17 @@ takes three real SIGKILLs in turn and a restart after each:
   older than the one the actors saw before the kill.
 At the end the books close: every produced id has one terminal outcome in the ledger, the learner's
 lineage lists each trained id once (journal replays flagged), and the role that restarted says so.
+
+A second pipeline SIGKILLs actor after actor while each holds admission slots, more of them than the
+staleness window has slots, while another actor keeps producing: each dead actor's lease expires and its
+slots come back (issue 16, defect 2), so the run trains all its steps.
 """
 
 from __future__ import annotations
 
 import contextlib
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -29,7 +34,7 @@ from roles import (
     wait_until,
 )
 
-from protocol import ledger
+from protocol import admission, ledger
 from protocol.names import Names
 from protocol.state import LearnerState, read_state
 
@@ -121,3 +126,67 @@ def test_sigkill_of_every_role_loses_nothing(redis_url: str, tiny_assets: Path, 
     counts = assert_conserved_and_trained_once(client, names, tmp_path / "learner")
     assert counts[ledger.TRAINED] >= end * 4, counts
     assert _step(client, names) >= end  # (the drain at the end trains what was in flight: a step or more past)
+
+
+LEASE_S = 2.0
+VICTIMS = 4  # each holds up to one actor batch (4) of a window of (max_staleness + 1) x 4 = 8 slots
+
+
+def _kill_actor_holding(client: redis.Redis, names: Names, pipe: Pipeline, name: str) -> int:
+    """SIGKILL the actor at a moment it holds admission slots (paused first to catch it); returns how many."""
+    proc = pipe.roles[name].proc
+    held = 0
+
+    def paused_holding() -> bool:
+        nonlocal held
+        proc.send_signal(signal.SIGSTOP)
+        time.sleep(0.2)  # a command it sent just before the pause still executes: let it land
+        held = admission.leases(client, names).get(name, 0)
+        if held:
+            return True
+        proc.send_signal(signal.SIGCONT)
+        time.sleep(0.05)
+        return False
+
+    wait_until(f"{name} paused while holding admission slots", paused_holding, pipe, poll_s=0.0)
+    _kill(pipe, name)
+    return held
+
+
+def test_sigkilled_actors_give_their_admission_slots_back(redis_url: str, tiny_assets: Path, tmp_path: Path) -> None:
+    """SIGKILL four actors in turn, each while it holds admission slots, while another actor keeps producing.
+
+    Reproduces issue 16 defect 2: the slots of a SIGKILLed actor were never given back, and two such kills
+    filled the window of this run: no actor was admitted again and the learner stopped after
+    `learner.read_timeout_s`. Now each lease expires `actor.lease_s` after its actor died.
+    """
+    names = Names("leases")
+    client = redis.Redis.from_url(redis_url)
+    steps = 40
+    overrides = pipeline_overrides(redis_url, names, tiny_assets, tmp_path, **{
+        "learner.steps": steps, "learner.max_staleness": 1, "learner.read_timeout_s": 120,
+        "actor.batch_size": 4, "actor.lease_s": LEASE_S})
+    pipe, killed = Pipeline(), 0
+    actors = ["keeper", *[f"victim-{i}" for i in range(VICTIMS)]]
+    try:
+        for name in actors:  # all up first: an actor admits nothing before the learner publishes its state
+            pipe.start("actor", name, overrides, tmp_path)
+        wait_until("every actor registered", lambda: all(client.sismember(names.actors, a) for a in actors), pipe)
+        pipe.start("teacher", "teacher-0", overrides, tmp_path)
+        pipe.start("learner", "learner-0", overrides, tmp_path)
+        for name in actors[1:]:
+            killed += _kill_actor_holding(client, names, pipe, name) > 0
+        assert killed == VICTIMS and _step(client, names) < steps, "the run ended before the kills: raise steps"
+        wait_until("the dead actors' leases reclaimed", lambda: not [
+            a for a in admission.leases(client, names) if a.startswith("victim")], pipe, timeout_s=120)
+        assert not [a for a in client.smembers(names.actors) if a.startswith(b"victim")]  # out of the registry
+        learner = pipe.roles["learner-0"]
+        wait_until("the learner finishing", lambda: learner.proc.poll() is not None, pipe, timeout_s=600)
+        assert learner.proc.returncode == 0, learner.log()[-4000:]
+        wait_until("the keeper leaving", lambda: pipe.roles["keeper"].proc.poll() is not None, pipe)
+    finally:
+        pipe.stop_all()
+
+    assert _step(client, names) >= steps
+    assert admission.leases(client, names) == {} and client.scard(names.actors) == 0  # nobody lives: nothing held
+    assert_conserved_and_trained_once(client, names, tmp_path / "learner")

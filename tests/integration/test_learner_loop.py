@@ -6,7 +6,8 @@ Pins:
   carries the version, step and size on disk, and the publish metrics are exported;
 - no data for `read_timeout_s` fails the run with an error saying what to check;
 - a drain that never completes (an actor registered, prefixes in flight that never arrive) ends after
-  `read_timeout_s` with an error naming what is missing, after checkpointing and publishing what was trained.
+  `read_timeout_s` with an error naming what is missing, after checkpointing and publishing what was trained;
+  an actor whose heartbeat lease expired (SIGKILLed) does not hold the drain up.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from learner.checkpoint import latest_checkpoint, read_meta
 from learner.config import LearnerConfig
 from learner.loop import Learner
 from opd.tiny import asset_paths
-from protocol import ledger
+from protocol import admission, ledger
 from protocol.config import TransportConfig
 from protocol.names import Names
 from protocol.runtime import latest_weights
@@ -92,6 +93,22 @@ def test_a_drain_that_never_completes_is_bounded(redis_url: str, tiny_assets: Pa
     assert ckpt is not None and read_meta(ckpt).step == 1
     ann = latest_weights(client, names)
     assert ann is not None and ann.version == 1
+
+
+def test_a_drain_does_not_wait_for_an_actor_whose_lease_expired(redis_url: str, tiny_assets: Path,
+                                                               tmp_path: Path) -> None:
+    """An actor SIGKILLed without deregistering stopped the drain until `read_timeout_s` (issue 16, defect 2: a
+    dead actor is only reclaimed when someone asks; once the live actors stop, that is the draining learner)."""
+    client = redis.Redis.from_url(redis_url)
+    names = Names("loop")
+    publish(client, names, scored_messages(tiny_assets, 4))
+    admission.beat(client, names, "actor-killed", lease_ms=1)  # registered, heartbeat long stopped
+    time.sleep(0.01)
+    learner = _learner(redis_url, tiny_assets, tmp_path / "learner", steps=1, read_timeout_s=30.0)
+    started = time.monotonic()
+    assert learner.run().steps == 1
+    assert time.monotonic() - started < 30.0
+    assert not client.sismember(names.actors, "actor-killed")
 
 
 def test_drops_while_waiting_free_admission_slots_at_once(redis_url: str, tiny_assets: Path, tmp_path: Path) -> None:
