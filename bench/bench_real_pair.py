@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--logits-mb", type=int, nargs="+", default=[256, 1024, UNBOUNDED_MB])
     p.add_argument("--train-steps", type=int, default=6)
     p.add_argument("--train-batch", type=int, default=4)
-    p.add_argument("--train-tokens", type=int, default=32, help="new tokens per sample, and per held-out answer")
+    p.add_argument("--train-tokens", type=int, default=48, help="new tokens per sample, and per held-out answer")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seeds", type=int, nargs="+", default=[1])
     p.add_argument("--eval-prompts", type=int, default=8)
