@@ -99,7 +99,7 @@ def topk_table(runs: list[Any], start_kl: float, bytes_by_k: dict[int, float]) -
                     " / ".join(f"{x:.2f}" for x in mine[0].train_reverse_kl),
                     f"{bytes_by_k.get(k, float('nan')):.1f}", f"{sum(r.seconds for r in mine) / len(mine):.0f}"])
     return md_table(["teacher.topk", "held-out KL at step 0", "held-out KL after", "after / start",
-                     "training-prefix reverse KL per step (seed 1)", "cache B/tok (float32, student samples)",
+                     "training-prefix reverse KL per step (first seed)", "cache B/tok (float32, student samples)",
                      "seconds per run"], out)
 
 
@@ -134,10 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seeds", type=int, nargs="+", default=[1])
     p.add_argument("--eval-prompts", type=int, default=8)
-    p.add_argument("--pipeline", action=argparse.BooleanOptionalAction, default=True,
-                   help="run part 4 (bench_pipeline.py --pair)")
     p.add_argument("--pipeline-steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch threads (and OMP_NUM_THREADS) of every process")
+    p.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="which measurements (numbered above)")
     p.add_argument("--json", type=Path, default=None, help="write every figure here")
     p.add_argument("--quick", action="store_true", help="tiny sizes, no pipeline part (smoke test)")
     p.add_argument("--from-json", type=Path, default=None, help="print the tables of an earlier --json run; measure nothing")
@@ -148,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick:
         args.samples, args.new_tokens, args.ks, args.role_batch, args.role_tokens = 2, 8, [8, 32], 2, 4
-        args.learner_repeat, args.logits_mb, args.pipeline = 1, [256, UNBOUNDED_MB], False
+        args.learner_repeat, args.logits_mb = 1, [256, UNBOUNDED_MB]
+        args.parts = [x for x in args.parts if x != 4]
         args.train_steps, args.train_batch, args.train_tokens, args.eval_prompts = 1, 2, 8, 2
     for name in ("teacher", "student"):
         if not (args.pair / name / "config.json").is_file():
@@ -171,16 +171,45 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from bench import real_pair_parts as parts
-    from bench.common import redis_server
     from cache.scorers.hf import HFTeacherScorer
     from protocol.prompts import PromptFormat, load_prompts
 
     torch.set_num_threads(args.threads)
     pair, out = args.pair, {}
+    scorer = HFTeacherScorer(pair / "teacher")
     log = lambda msg: print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    if {1, 2, 3} & set(args.parts):
+        out |= samples_parts(args, tmp, scorer, log)
+    if 4 in args.parts:
+        log("4. async vs sync (bench_pipeline.py --pair)")
+        out["pipeline"] = run_pipeline(pair, args, tmp)
+    if 5 not in args.parts:
+        return out
+    log("5. teacher.topk")
+    tok = AutoTokenizer.from_pretrained(pair / "student")
+    fmt = PromptFormat(use_chat_template=True)
+    prompts = load_prompts(args.prompts, tok, fmt)
+    heldout = load_prompts(args.heldout, tok, fmt, limit=args.eval_prompts)
+    from transformers import AutoModelForCausalLM
+
+    start = AutoModelForCausalLM.from_pretrained(pair / "student", dtype=torch.float32)
+    out["start_kl"] = parts.heldout_kl(start, scorer.model, heldout, args.train_tokens)
+    del start
+    runs = [parts.train_topk(pair, scorer, prompts, heldout, k=k, seed=seed, steps=args.train_steps,
+                             batch=args.train_batch, new_tokens=args.train_tokens, lr=args.lr,
+                             eval_tokens=args.train_tokens) for seed in args.seeds for k in args.ks]
+    out["topk"] = [vars(r) for r in runs]
+    return out
+
+
+def samples_parts(args: argparse.Namespace, tmp: Path, scorer: Any, log: Any) -> dict[str, Any]:
+    """Parts 1-3, on the shared samples: bytes per token, the warmed cache, the roles."""
+    from bench import real_pair_parts as parts
+    from bench.common import redis_server
+
+    pair, out = args.pair, {}
     log("samples: the student's, the teacher's greedy answers")
     samples = parts.make_samples(pair, args.prompts, args.samples, args.new_tokens, tmp)
-    scorer = HFTeacherScorer(pair / "teacher")
     kmax = max(args.ks)
     full, baseline = {}, {}
     for source, seqs in (("student samples", samples.student), ("teacher answers", samples.teacher)):
@@ -201,23 +230,6 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         roles.append(parts.run_role("learner", pair, {"messages": messages, "micro_batch_tokens": 1 << 16,
                                                       "max_logits_mb": mb}, args.threads))
     out["roles"] = roles
-    if args.pipeline:
-        log("4. async vs sync (bench_pipeline.py --pair)")
-        out["pipeline"] = run_pipeline(pair, args, tmp)
-    log("5. teacher.topk")
-    tok = AutoTokenizer.from_pretrained(pair / "student")
-    fmt = PromptFormat(use_chat_template=True)
-    prompts = load_prompts(args.prompts, tok, fmt)
-    heldout = load_prompts(args.heldout, tok, fmt, limit=args.eval_prompts)
-    from transformers import AutoModelForCausalLM
-
-    start = AutoModelForCausalLM.from_pretrained(pair / "student", dtype=torch.float32)
-    out["start_kl"] = parts.heldout_kl(start, scorer.model, heldout, args.train_tokens)
-    del start
-    runs = [parts.train_topk(pair, scorer, prompts, heldout, k=k, seed=seed, steps=args.train_steps,
-                             batch=args.train_batch, new_tokens=args.train_tokens, lr=args.lr,
-                             eval_tokens=args.train_tokens) for seed in args.seeds for k in args.ks]
-    out["topk"] = [vars(r) for r in runs]
     return out
 
 
@@ -228,20 +240,23 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> str:
                 if x.startswith("model name")), "?")
     import torch
 
-    bytes_by_k = {r["k"]: r["bytes_per_token"] for r in res["bytes"]
+    bytes_by_k = {r["k"]: r["bytes_per_token"] for r in res.get("bytes", [])
                   if r["source"] == "student samples" and r["dtype"] == "float32"}
     parts = [
         f"Command: `{res['command']}` on {os.cpu_count()} cores "
         f"({cpu}), torch {torch.__version__}, {args.threads} torch thread(s) per process (OMP_NUM_THREADS="
         f"{args.threads}), {res['elapsed_s']:.0f}s in all; "
         f"1-minute load average {res['load'][0]:.1f} at the start, {res['load'][1]:.1f} at the end (the machine is shared).",
-        "", f"1. cache bytes per token ({args.samples} prompts, {args.new_tokens} new tokens, block {args.block_size})",
-        "", bytes_table(res["bytes"]), "",
-        f"2. cache warmed with the teacher's greedy answers (k={min(args.ks)}), then re-scored", "",
-        hits_table(res["hits"]), "", "3. each role in its own process", "", roles_table(res["roles"]), "",
     ]
+    if "bytes" in res:
+        parts += ["", f"1. cache bytes per token ({args.samples} prompts, {args.new_tokens} new tokens, block "
+                  f"{args.block_size})", "", bytes_table(res["bytes"]), "",
+                  f"2. cache warmed with the teacher's greedy answers (k={min(args.ks)}), then re-scored", "",
+                  hits_table(res["hits"]), "", "3. each role in its own process", "", roles_table(res["roles"]), ""]
     if "pipeline" in res:
         parts += ["4. async vs sync on the pair (bench/bench_pipeline.py --pair)", "", res["pipeline"], ""]
+    if "topk" not in res:
+        return "\n".join(parts)
     runs = [TopKRun(**r) for r in res["topk"]]
     parts += [f"5. teacher.topk: {args.train_steps} synchronous steps (batch {args.train_batch}, {args.train_tokens} "
               f"new tokens, lr {args.lr}, seeds {args.seeds}), held-out full-vocabulary reverse KL on "
