@@ -3,6 +3,8 @@
     python bench/bench_real_pair.py                          # models/smollm2 (`opd models smollm2 --out models/smollm2`)
     python bench/bench_real_pair.py --pair DIR --json runs/bench-real-pair.json
     python bench/bench_real_pair.py --quick --pair DIR       # a minutes-long smoke run (tests/integration)
+    python bench/bench_real_pair.py --parts 5 --seeds 2      # some parts only (numbered below), another seed
+    python bench/bench_real_pair.py --from-json FILE         # print an earlier --json run's tables again
 
 WHY: every figure published before (cache bytes/token, learner tokens/s, async vs sync) was measured on
 character-level models with 18-70 token vocabularies, or on synthetic Zipfian teacher outputs. A user's pair
@@ -99,7 +101,7 @@ def topk_table(runs: list[Any], start_kl: float, bytes_by_k: dict[int, float]) -
                     " / ".join(f"{x:.2f}" for x in mine[0].train_reverse_kl),
                     f"{bytes_by_k.get(k, float('nan')):.1f}", f"{sum(r.seconds for r in mine) / len(mine):.0f}"])
     return md_table(["teacher.topk", "held-out KL at step 0", "held-out KL after", "after / start",
-                     "training-prefix reverse KL per step (first seed)", "cache B/tok (float32, student samples)",
+                     "training-prefix reverse KL per step (first seed)", "cache B/tok (part 1: float32, student samples, whole store)",
                      "seconds per run"], out)
 
 
