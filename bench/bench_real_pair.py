@@ -194,7 +194,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     heldout = load_prompts(args.heldout, tok, fmt, limit=args.eval_prompts)
     from transformers import AutoModelForCausalLM
 
-    start = AutoModelForCausalLM.from_pretrained(pair / "student", dtype=torch.float32)
+    start = AutoModelForCausalLM.from_pretrained(pair / "student", dtype=torch.float32, use_safetensors=True)
     out["start_kl"] = parts.heldout_kl(start, scorer.model, heldout, args.train_tokens)
     del start
     runs = [parts.train_topk(pair, scorer, prompts, heldout, k=k, seed=seed, steps=args.train_steps,
