@@ -3,11 +3,14 @@
     python bench/bench_pipeline.py                    # tiny models: sync loops + 4 layouts, ~5 min on 2 idle cores
     python bench/bench_pipeline.py --quick            # seconds-long smoke version (tests/integration/test_bench_smoke.py)
     python bench/bench_pipeline.py --json runs/bench-pipeline.json --append docs/benchmarks.md
+    python bench/bench_pipeline.py --pair models/smollm2 --steps 5 --warmup 2 --layouts 1x1 --sync-threads 1
 
 WHY this comparison: the point of the actor -> teacher -> learner split is that the learner never waits
 for generation and scoring, so it trains more tokens per second of wall time than a loop that generates,
 scores and trains in turn. Both sides run in the same invocation, on the same machine, with the same
-tiny student and teacher, truncation schedule, batch size, loss and learning rate (`configs/tiny-cpu.yaml`).
+tiny student and teacher, truncation schedule, batch size, loss and learning rate (`configs/tiny-cpu.yaml`;
+with `--pair DIR`, the real pair `opd models smollm2` builds, `configs/smollm2-cpu.yaml` shrunk to small
+steps: scenario `smollm2`).
 The ratio is against the better of the sync loops (1 thread or every core): on a shared machine a loop on
 every core can be the slower one. Measured over the steps after a warm-up (startup and the drain excluded):
 
@@ -46,10 +49,11 @@ from bench.common import redis_server
 from bench.pipeline_runs import Result, run_async, run_sync, xadd_ceiling_mbps
 from bench.spy import py_spy
 from opd.config import load_config
-from opd.tiny import asset_paths, build_tiny_assets
+from opd.tiny import TinyAssets, asset_paths, build_tiny_assets
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny-cpu.yaml"
+PAIR_CONFIG = REPO / "configs" / "smollm2-cpu.yaml"
 SECTION = "## Pipeline: asynchronous vs synchronous (`bench/bench_pipeline.py`)"
 
 # (name, overrides on top of configs/tiny-cpu.yaml). "long" makes each step 4x heavier, so the fixed
@@ -57,6 +61,9 @@ SECTION = "## Pipeline: asynchronous vs synchronous (`bench/bench_pipeline.py`)"
 SCENARIOS: dict[str, list[str]] = {
     "demo": [],
     "long": ["actor.max_new_tokens=64", "learner.batch_size=32", "actor.schedule={kind: full}"],
+    # the real pair (--pair): configs/smollm2-cpu.yaml at CPU-sized steps (a 135M teacher decodes ~1 token/s/row here)
+    "smollm2": ["actor.batch_size=2", "learner.batch_size=2", "actor.max_new_tokens=32", "actor.schedule={kind: full}",
+                "teacher.batch_size=2", "learner.max_staleness=4"],
 }
 
 
@@ -105,10 +112,20 @@ def overrides_for(scenario: str, run_dir: Path, paths: object, steps: int) -> li
     ]
 
 
+def pair_paths(pair: Path) -> TinyAssets:
+    """The real pair's dirs where `overrides_for` reads the tiny assets' (prompts: the repo's prompt set)."""
+    for name in ("teacher", "student"):
+        if not (pair / name / "config.json").is_file():
+            raise SystemExit(f"bench: --pair {pair}: no {name}/config.json (opd models smollm2 --out {pair})")
+    return TinyAssets(student_dir=pair / "student", teacher_dir=pair / "teacher",
+                      prompts_file=REPO / "models" / "smollm2" / "prompts.jsonl",
+                      heldout_file=REPO / "models" / "smollm2" / "heldout.jsonl")
+
+
 def run_scenario(name: str, args: argparse.Namespace, work: Path, paths: object, url: str) -> Scenario:
     run_dir = work / name
     base = overrides_for(name, run_dir, paths, args.steps)
-    cfg = load_config(CONFIG, base)
+    cfg = load_config(args.config, base)
     sc = Scenario(name, settings=f"batch {cfg.learner.batch_size}, max_new_tokens {cfg.actor.max_new_tokens}, "
                                  f"{cfg.actor.schedule.kind} truncation, teacher top-k {cfg.teacher.topk}")
     for threads in args.sync_threads:
@@ -120,7 +137,7 @@ def run_scenario(name: str, args: argparse.Namespace, work: Path, paths: object,
                  *( [f"actor.batch_size={layout.actor_batch}"] if layout.actor_batch else [])]
         over = [o.replace(str(run_dir), str(lay_dir)) for o in base] + extra
         res = run_async(over, args.steps, args.warmup, lay_dir, url, label=str(layout), profile=args.profile,
-                        repo=REPO, config=CONFIG)
+                        repo=REPO, config=args.config)
         sc.results.append(res)
         print(f"{name}: async {layout}: {res.tokens_per_s:,.0f} tokens/s ({res.note})", flush=True)
     return sc
@@ -191,7 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=30, help="learner steps of each run")
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the measurement")
-    parser.add_argument("--scenarios", default="demo", help=f"comma-separated, from {sorted(SCENARIOS)}")
+    parser.add_argument("--scenarios", default=None, help=f"comma-separated, from {sorted(SCENARIOS)} "
+                        "(default: demo; smollm2 with --pair)")
+    parser.add_argument("--pair", type=Path, default=None, help="a real pair (teacher/, student/) instead of the tiny models")
+    parser.add_argument("--config", type=Path, default=None, help="pipeline config (default: configs/tiny-cpu.yaml; "
+                        "configs/smollm2-cpu.yaml with --pair)")
     parser.add_argument("--layouts", default="1x1,2x1,1x2,2x2", help="async layouts: actors x teachers[, b: actor batch]")
     parser.add_argument("--sync-threads", default=f"{os.cpu_count() or 1},1", help="torch threads of each sync loop run")
     parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=py_spy() is not None,
@@ -205,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         args.steps, args.warmup, args.layouts, args.profile, args.sync_threads = 6, 2, "1x1", False, "1"
     if args.warmup < 1 or args.steps <= args.warmup + 1:
         parser.error("need 1 <= --warmup < --steps - 1")
-    scenarios = [x for x in args.scenarios.split(",") if x]
+    args.config = args.config or (PAIR_CONFIG if args.pair else CONFIG)
+    scenarios = [x for x in (args.scenarios or ("smollm2" if args.pair else "demo")).split(",") if x]
     if unknown := sorted(set(scenarios) - set(SCENARIOS)):
         parser.error(f"unknown scenarios {unknown}")
     try:
@@ -218,8 +240,11 @@ def main(argv: list[str] | None = None) -> int:
         work = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-pipeline-")))
         work.mkdir(parents=True, exist_ok=True)
         url = stack.enter_context(redis_server(None, work, aof=True))
-        build_tiny_assets(work / "assets", seed=0)
-        paths = asset_paths(work / "assets")
+        if args.pair:
+            paths = pair_paths(args.pair)
+        else:
+            build_tiny_assets(work / "assets", seed=0)
+            paths = asset_paths(work / "assets")
         xadd = None if args.quick else xadd_ceiling_mbps(url, work)
         done = [run_scenario(name, args, work, paths, url) for name in scenarios]
     section = report(done, args, time.perf_counter() - started, xadd)

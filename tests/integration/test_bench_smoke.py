@@ -85,3 +85,29 @@ def test_pipeline_bench_compares_async_with_sync_and_writes_stage_rates(tmp_path
                              capture_output=True, text=True, timeout=120)
     assert scaling.returncode == 0, scaling.stderr[-3000:]
     assert "replicas per learner" in scaling.stdout and "Redis saturates" in scaling.stdout
+
+
+@pytest.mark.slow
+def test_real_pair_bench_measures_every_part_on_the_pair(pair: Path, tmp_path: Path) -> None:
+    """bench/bench_real_pair.py --quick on the real pair (`opd models smollm2`): every table, and the facts the
+    published figures rest on (a warmed answer re-scored forwards nothing; the logits cap sets the learner's
+    micro-batch from the 49,152-token vocabulary)."""
+    out = run_bench("bench_real_pair.py", "--quick", "--pair", str(pair), "--json", str(tmp_path / "real.json"),
+                    timeout=1800)
+    res = json.loads((tmp_path / "real.json").read_text())["results"]
+    assert {(r["source"], r["k"], r["dtype"]) for r in res["bytes"]} == {
+        (s, k, d) for s in ("student samples", "teacher answers", "synthetic Zipfian") for k in (8, 32)
+        for d in ("float32", "float16")}
+    assert all(r["bytes_per_token"] > 0 and r["stored_tokens"] > 0 for r in res["bytes"])
+    reproduced, student = res["hits"]
+    assert reproduced["hit_rate"] == 1.0 and reproduced["tokens_forwarded"] == 0 and reproduced["flops_saved"] == 1.0
+    assert student["tokens_forwarded"] > 0 and student["response_hit_rate"] < 1.0
+    roles = {(r["role"], r.get("max_logits_mb")): r for r in res["roles"]}
+    assert set(roles) == {("actor", None), ("teacher", None), ("learner", 256), ("learner", 1 << 20)}
+    assert roles[("learner", 256)]["micro_batch_tokens"] == (256 << 20) // (49152 * 4 * 4)
+    assert roles[("learner", 1 << 20)]["micro_batch_tokens"] == 1 << 16
+    assert all(r["tokens"] > 0 and r["peak_rss_mb"] >= r["rss_loaded_mb"] > 0 for r in res["roles"])
+    assert [r["k"] for r in res["topk"]] == [8, 32] and res["start_kl"] > 0
+    assert all(r["heldout_kl"] > 0 for r in res["topk"])
+    for head in ("| source | k | top-k dtype", "| re-scored |", "| role | setting |", "| teacher.topk |"):
+        assert head in out, head

