@@ -54,7 +54,7 @@ def pipeline_state(redis_url: str) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_url)
     names = Names(NS)
     publish_state(client, names, LearnerState(step=17, version=18, batch_size=4, max_staleness=1, loss=0.51234,
-                                              reverse_kl=0.25, tokens_per_second=1234.0, idle_fraction=0.125, phase="done"))
+                                              reverse_kl=0.25, support_kl=0.0312, tokens_per_second=1234.0, idle_fraction=0.125, phase="done"))
     for i in range(3):
         client.xadd(names.rollouts, {b"m": f"r{i}".encode()})
     for i in range(2):
@@ -110,7 +110,8 @@ def test_top_once_prints_the_key_numbers(pipeline_state: redis.Redis, redis_url:
     assert "┃" not in result.stdout and "│" not in result.stdout, "a pipe should get plain lines"
     shown = _parse(result.stdout)
     assert shown["learner step / version"] == ["17 / 18 (done)"]
-    assert shown["loss / sampled reverse KL"] == ["0.5123 / 0.2500"]
+    assert shown["reverse KL on training prefixes (sampled est.)"] == ["0.2500"]  # the true KL's estimate
+    assert shown["loss / the loss's top-k support KL"] == ["0.5123 / 0.0312"]  # the bucket, a lower bound
     assert shown["learner tokens/s, idle fraction"] == ["1234, 0.12"]
     assert shown[f"queue depth {NS}:rollouts"] == ["3"]
     assert shown[f"queue depth {NS}:scored"] == ["2"]
