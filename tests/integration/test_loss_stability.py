@@ -12,6 +12,7 @@ shows the setting discriminates (were it not to fail, the bounds would prove not
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -45,7 +46,9 @@ def _summary(rows: list[dict[str, float]]) -> dict[str, float]:
     return {"finished_min": min(r["finished"] for r in rows),
             "finished_last": sum(r["finished"] for r in last) / len(last),
             "kl_max": max(r["train_kl_exact"] for r in rows),
-            "kl_last": sum(r["train_kl_exact"] for r in last) / len(last)}
+            # the median: one batch of 8 can spike (measured 0.94 at step 25 among 0.09-0.42 around it), and a
+            # mean over 10 steps let that one batch decide whether the student "learned something"
+            "kl_last": statistics.median(r["train_kl_exact"] for r in last)}
 
 
 def test_default_loss_stays_stable_where_the_old_sampled_estimator_blows_up(env: loss_probe.Env) -> None:
