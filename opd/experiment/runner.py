@@ -48,8 +48,12 @@ class RunSpec:
 
 
 def plan(cfg: ExperimentConfig, results: Path) -> list[RunSpec]:
-    """Seeds inside rows, in the config's order (a row's seeds finish together: its line fills in first)."""
-    return [RunSpec(row, seed, results / "runs" / row.name / f"seed{seed}") for row in cfg.rows for seed in cfg.seeds]
+    """Rows inside seeds: every row's seed k runs before any row's seed k+1.
+
+    An experiment stopped part way (they take hours; `--resume` goes on) then holds the same seeds for every row
+    but the last few, so its table compares like with like instead of five seeds of one row against none of another.
+    """
+    return [RunSpec(row, seed, results / "runs" / row.name / f"seed{seed}") for seed in cfg.seeds for row in cfg.rows]
 
 
 def pipeline_config(cfg: ExperimentConfig, spec: RunSpec, vocab_size: int) -> OPDConfig:

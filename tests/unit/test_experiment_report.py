@@ -159,3 +159,13 @@ def test_probe_check_section_compares_the_estimate_with_the_truth() -> None:
     assert "## Truncation savings: the probe estimate against the truth" in text
     assert "| short | 0 | 4 | 100 | 2500 |" in text and "| 2600 | -100 |" in text
     assert summary["rows"][0]["probe_truth"] == []
+
+
+def test_plan_runs_every_row_of_a_seed_before_the_next_seed(tmp_path: Path) -> None:
+    """An experiment stopped part way holds the same seeds for every row (plan's docstring)."""
+    from opd.experiment.runner import plan
+
+    cfg = load_experiment(_write(tmp_path, BASE))
+    order = [(spec.seed, spec.row.name) for spec in plan(cfg, tmp_path / "out")]
+    assert order == [(0, "full"), (0, "short"), (0, "trl"), (1, "full"), (1, "short"), (1, "trl")]
+    assert plan(cfg, tmp_path / "out")[4].dir == tmp_path / "out" / "runs" / "short" / "seed1"
