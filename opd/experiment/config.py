@@ -96,7 +96,7 @@ class PresetSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    rows: list[str] | None = None
+    rows: list[str] | None = Field(None, description="The rows to run, in this order (None: every row).")
     seeds: list[int] | None = None
     budget_flops: float | None = Field(None, gt=0)
     checkpoints: int | None = Field(None, ge=1)
@@ -178,7 +178,8 @@ class ExperimentConfig(BaseModel):
             flag = "--quick: the config has no `quick` section" if name == "quick" else f"--preset {name}: no such preset"
             raise ValueError(f"{flag} (presets: {sorted(presets) or 'none'})")
         q = presets[name]
-        rows = [r for r in self.rows if q.rows is None or r.name in q.rows]
+        by_name = {r.name: r for r in self.rows}
+        rows = self.rows if q.rows is None else [by_name[n] for n in q.rows]  # the preset's order: runs go in it
         data = self.model_dump(mode="python")
         data.update(name=f"{self.name}-{name}", rows=[r.model_dump() for r in rows], quick=None, presets={},
                     seeds=q.seeds or self.seeds, budget_flops=q.budget_flops or self.budget_flops,

@@ -169,3 +169,10 @@ def test_plan_runs_every_row_of_a_seed_before_the_next_seed(tmp_path: Path) -> N
     order = [(spec.seed, spec.row.name) for spec in plan(cfg, tmp_path / "out")]
     assert order == [(0, "full"), (0, "short"), (0, "trl"), (1, "full"), (1, "short"), (1, "trl")]
     assert plan(cfg, tmp_path / "out")[4].dir == tmp_path / "out" / "runs" / "short" / "seed1"
+
+
+def test_a_preset_runs_its_rows_in_its_own_order(tmp_path: Path) -> None:
+    from opd.experiment.runner import plan
+
+    cfg = load_experiment(_write(tmp_path, {**BASE, "presets": {"p": {"rows": ["trl", "full"], "seeds": [3]}}}), preset="p")
+    assert [(spec.seed, spec.row.name) for spec in plan(cfg, tmp_path / "out")] == [(3, "trl"), (3, "full")]
