@@ -38,11 +38,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                        help="held-out problems answered at the end (default: all 200)")
         p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     from opd.experiment.positions import add_positions_parser
+    from opd.experiment.premise import add_premise_parser
     from opd.experiment.report_cli import add_report_parser
     from opd.experiment.run_cli import add_run_parser
 
     add_run_parser(exp_sub)
     add_positions_parser(exp_sub)
+    add_premise_parser(exp_sub)
     add_report_parser(exp_sub)
 
 
@@ -60,6 +62,10 @@ def run(args: argparse.Namespace) -> int:
         from opd.experiment.positions import run_positions
 
         return run_positions(args)
+    if args.experiment_command == "premise":
+        from opd.experiment.premise import run_premise
+
+        return run_premise(args)
     role = args.experiment_command.removeprefix("train-")
     for name in ("steps", "threads", "examples", "look_every", "eval_problems"):
         value = getattr(args, name, None)

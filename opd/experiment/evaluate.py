@@ -24,7 +24,7 @@ class Evaluator:
     """The teacher and the held-out sets, loaded once; `evaluate(model_dir)` per checkpoint."""
 
     def __init__(self, settings: EvalSettings, *, teacher_dir: Path, heldout_file: Path, max_new_tokens: int,
-                 use_chat_template: bool | None, add_bos: bool | None, threads: int) -> None:
+                 use_chat_template: bool | None, add_bos: bool | None, threads: int, student_dir: Path | None = None) -> None:
         import torch
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
@@ -32,6 +32,7 @@ class Evaluator:
         from opd.experiment import task
         from protocol.prompts import PromptFormat, load_prompts
         from protocol.runtime import resolve_device
+        from protocol.stops import stop_token_ids
         from protocol.vocab import load_tokenizer, shared_vocab_size
 
         torch.set_num_threads(threads)
@@ -49,7 +50,8 @@ class Evaluator:
             texts = task.read_prompts(heldout_file)[: settings.accuracy_prompts]
             self.problems = [task.make_problem(task.number_in_prompt(t)) for t in texts]
         self.pad_id = next(int(i) for i in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, 0) if i is not None)
-        self.eos_id = self.tokenizer.eos_token_id
+        # where the actors stop (the student's stop ids, protocol/stops.py), not the tokenizer's EOS alone
+        self.eos_id = stop_token_ids(student_dir, self.tokenizer) if student_dir else self.tokenizer.eos_token_id
 
     def load_student(self, model_dir: str | Path) -> Any:
         """A checkpoint's student, on the evaluation device, in eval mode (safetensors only)."""

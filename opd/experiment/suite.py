@@ -79,7 +79,8 @@ def evaluator_for(cfg: ExperimentConfig, pipe: Any) -> Any:
 
     return Evaluator(cfg.eval, teacher_dir=cfg.path("teacher_dir"), heldout_file=cfg.path("heldout_file"),
                      max_new_tokens=cfg.eval.max_new_tokens or pipe.actor.max_new_tokens,
-                     use_chat_template=pipe.actor.use_chat_template, add_bos=pipe.actor.add_bos, threads=cfg.threads)
+                     use_chat_template=pipe.actor.use_chat_template, add_bos=pipe.actor.add_bos, threads=cfg.threads,
+                     student_dir=cfg.path("student_dir"))
 
 
 def _initial(cfg: ExperimentConfig, evaluator: Any, results: Path, reporter: Reporter) -> dict[str, Any]:

@@ -99,6 +99,15 @@ def test_actor_and_evaluation_stop_on_the_same_tokens(pair: Path, tmp_path: Path
     engine = HFRolloutEngine(other)
     assert engine.eos_token_ids == [ENDOFTEXT, IM_END]
     assert stop_token_ids(other, AutoTokenizer.from_pretrained(other)) == engine.eos_token_ids  # the evaluator's
+    # and the experiment's held-out evaluation (opd experiment run) stops where the actors do
+    from opd.experiment.config import EvalSettings
+    from opd.experiment.evaluate import Evaluator
+
+    heldout = REPO / "models" / "smollm2" / "heldout.jsonl"
+    evaluator = Evaluator(EvalSettings(kl_prompts=1, accuracy_prompts=0, checker="none"), teacher_dir=other,
+                          heldout_file=heldout, max_new_tokens=4, use_chat_template=True, add_bos=None, threads=1,
+                          student_dir=other)
+    assert evaluator.eos_id == engine.eos_token_ids
 
 
 def test_end_of_turn_is_generated_scored_and_trained(pair: Path) -> None:
