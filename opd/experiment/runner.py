@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import signal
 import subprocess
 import sys
 import time
@@ -140,6 +141,8 @@ def run_opd(spec: RunSpec, pipe: OPDConfig, marks: list[float], reporter: Report
             redis_proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             redis_proc.kill()
+    if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):  # the experiment was stopped: stop, don't run the next
+        raise KeyboardInterrupt(f"{spec.name}: the pipeline was stopped by a signal (exit code {code})")
     if code != 0:
         tail = "\n".join((work / "launcher.log").read_text(errors="replace").splitlines()[-15:])
         raise RuntimeError(f"the pipeline exited with code {code} (logs in {work / 'logs'}):\n{tail}")

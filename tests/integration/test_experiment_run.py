@@ -140,3 +140,27 @@ def _check_accounting(run: dict, n_s: int, n_t: int, budget: float, run_dir: Pat
         assert set(c["eval"]) >= {"reverse_kl", "accuracy", "finished"}
     assert checkpoints[-1]["mark_flops"] == pytest.approx(budget)
     assert checkpoints[-1]["flops"]["total"] <= total
+
+
+def test_a_stopped_experiment_stops_instead_of_starting_the_next_run(tmp_path: Path) -> None:
+    """SIGTERM to `opd experiment run` mid-run: the launcher stops the roles and the experiment exits (130),
+    recording nothing for the interrupted run (so --resume redoes it) and starting no other run."""
+    import os
+    import signal
+    import time
+
+    n_s, n_t, longest_prompt = _models(tmp_path)
+    budget = 10_000 * BATCH * (8 * n_s + 2 * n_t) * (longest_prompt + MAX_NEW)  # far more than the test waits
+    proc = subprocess.Popen([sys.executable, "-m", "opd.cli", "experiment", "run", "--config",
+                             str(_config(tmp_path, budget)), "--quick", "--no-progress"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = tmp_path / "out" / "tiny-quick" / "runs" / "full" / "seed0"
+    deadline = time.monotonic() + 300
+    while not list((first / "pipeline").glob("learner/**/*")) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 130, out[-3000:]
+    assert not (first / "run.json").exists()
+    assert not (tmp_path / "out" / "tiny-quick" / "runs" / "topd" / "seed0" / "pipeline").exists(), out[-3000:]
