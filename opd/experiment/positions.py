@@ -41,9 +41,7 @@ def run_positions(args: argparse.Namespace) -> int:
     from opd.experiment.suite import evaluator_for
     from protocol.vocab import load_tokenizer, shared_vocab_size
 
-    edges = tuple(int(x) for x in args.edges.split(","))
-    if list(edges) != sorted(set(edges)) or edges[0] != 0:
-        raise ValueError(f"--edges {args.edges}: increasing, distinct, starting at 0")
+    edges = parse_edges(args.edges)
     preset = "quick" if args.quick else args.preset
     cfg = load_experiment(args.config, preset=preset)
     results = Path(cfg.out_dir) / cfg.name
@@ -81,14 +79,23 @@ def _measure(evaluator: Any, model_dir: str, edges: tuple[int, ...]) -> list[flo
                                                      strict=True)]
 
 
-def _bucket_names(edges: tuple[int, ...]) -> list[str]:
+def parse_edges(text: str) -> tuple[int, ...]:
+    """`--edges 0,40,100`: bucket starts in response tokens (also `opd experiment premise`'s)."""
+    edges = tuple(int(x) for x in text.split(","))
+    if list(edges) != sorted(set(edges)) or edges[0] != 0:
+        raise ValueError(f"--edges {text}: increasing, distinct, starting at 0")
+    return edges
+
+
+def bucket_names(edges: tuple[int, ...]) -> list[str]:
+    """`0-39`, `40-99`, ..., `200+` for edges (0, 40, 100, 200)."""
     return [f"{a}-{b - 1}" for a, b in itertools.pairwise(edges)] + [f"{edges[-1]}+"]
 
 
 def _markdown(rows: dict[str, dict[str, Any]], edges: tuple[int, ...], command: str) -> str:
     import numpy as np
 
-    heads = _bucket_names(edges)
+    heads = bucket_names(edges)
     lines = ["# Held-out reverse KL by response position (nats/token)", "",
              f"Command: `{command}`. Each row's last kept checkpoint, the experiment's held-out KL prompts and "
              "sampling seed; mean ± std over seeds. Positions count response tokens (0 = the first answer token).",
@@ -113,7 +120,7 @@ def _plot(rows: dict[str, dict[str, Any]], edges: tuple[int, ...], out: Path, na
     for row in rows.values():
         kl = np.nanmean(np.array(row["runs"], dtype=float), 0)
         ax.plot(xs, kl, marker="o", linestyle="--" if row is rows["start"] else "-", label=row["label"])
-    ax.set_xticks(xs, _bucket_names(edges))
+    ax.set_xticks(xs, bucket_names(edges))
     ax.set_xlabel("response position (tokens)")
     ax.set_ylabel("reverse KL to teacher (nats/token)")
     ax.set_title(f"{name}: where along the answer each student is close to the teacher")

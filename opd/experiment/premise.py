@@ -22,12 +22,13 @@ where `opd experiment run` left them (`keep_weights: true`). Output: `premise.md
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import random
 import shlex
 from pathlib import Path
 from typing import Any
+
+from opd.experiment.positions import bucket_names, parse_edges
 
 TEXT = "the premise of truncation: how useful each response position's teacher signal is, over training"
 
@@ -53,7 +54,7 @@ def run_premise(args: argparse.Namespace) -> int:
     """Measure every kept checkpoint of the row's runs; write the table, JSON and plot; the exit code."""
     from opd.experiment.config import load_experiment
 
-    edges = _edges(args.edges)
+    edges = parse_edges(args.edges)
     if args.rollouts < 4 or args.heldout < 1:
         raise ValueError("--rollouts: at least 4 (two halves); --heldout: at least 1")
     preset = "quick" if args.quick else args.preset
@@ -93,18 +94,6 @@ def run_premise(args: argparse.Namespace) -> int:
     plot(points, edges, results / "premise.png", f"{cfg.name}: {row}")
     print(text + f"\nwritten: {results / 'premise.md'}, {results / 'premise.png'}, {results / 'premise.json'}")
     return 0
-
-
-def _edges(text: str) -> tuple[int, ...]:
-    edges = tuple(int(x) for x in text.split(","))
-    if list(edges) != sorted(set(edges)) or edges[0] != 0:
-        raise ValueError(f"--edges {text}: increasing, distinct, starting at 0")
-    return edges
-
-
-def bucket_names(edges: tuple[int, ...]) -> list[str]:
-    """`0-39`, `40-99`, ..., `200+` for edges (0, 40, 100, 200)."""
-    return [f"{a}-{b - 1}" for a, b in itertools.pairwise(edges)] + [f"{edges[-1]}+"]
 
 
 class _Meter:

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from opd.experiment.config import load_experiment
-from opd.experiment.premise import _cos, _Meter, bucket_names, markdown, plot, run_premise
+from opd.experiment.positions import bucket_names
+from opd.experiment.premise import _cos, _Meter, markdown, plot, run_premise
 
 REPO = Path(__file__).resolve().parents[2]
 EDGES = (0, 40, 100, 200)
