@@ -45,6 +45,7 @@ def add_premise_parser(exp_sub: argparse._SubParsersAction) -> None:  # type: ig
     p.add_argument("--seeds", default="0", help="which seeds' runs, comma-separated (default %(default)s)")
     p.add_argument("--edges", required=True, help="bucket starts in response tokens, comma-separated, from 0 "
                    "(the last bucket is open): e.g. 0,40,100,200 for the binary task, 0,16,32,64 for 128 tokens")
+    p.add_argument("--marks", help="which compute marks, comma-separated (0: before training; default: all kept)")
     p.add_argument("--rollouts", type=int, default=32, help="training-prompt rollouts per checkpoint (two halves; "
                    "default %(default)s)")
     p.add_argument("--heldout", type=int, default=32, help="held-out prompts for g_H (default %(default)s)")
@@ -65,6 +66,7 @@ def run_premise(args: argparse.Namespace) -> int:
     if not path.exists():
         raise FileNotFoundError(f"{path}: run `opd experiment run` with this --config and preset first")
     seeds = {int(s) for s in args.seeds.split(",")}
+    wanted = {int(m) for m in args.marks.split(",")} if args.marks else None
     runs = [r for r in json.loads(path.read_text())["runs"]
             if r["row"] == row and r["seed"] in seeds and r["status"] == "ok"]
     if not runs:
@@ -77,6 +79,8 @@ def run_premise(args: argparse.Namespace) -> int:
                  *({"index": m["index"], "flops": m["flops"]["total"], "step": m["step"], "weights": m["weights"]}
                    for m in run["checkpoints"] if m["index"] > 0)]
         for mark in marks:
+            if wanted is not None and mark["index"] not in wanted:
+                continue
             if not Path(mark["weights"]).exists():
                 print(f"seed {run['seed']} mark {mark['index']}: {mark['weights']} is gone (keep_weights: false?)")
                 continue
@@ -85,7 +89,8 @@ def run_premise(args: argparse.Namespace) -> int:
                            **meter.measure(mark["weights"], seed=1000 * run["seed"] + mark["index"])})
     command = (f"opd experiment premise --config {shlex.quote(str(args.config))}"
                + (" --quick" if args.quick else (f" --preset {shlex.quote(preset)}" if preset else ""))
-               + f" --row {row} --seeds {args.seeds} --edges {args.edges} --rollouts {args.rollouts}"
+               + f" --row {row} --seeds {args.seeds}" + (f" --marks {args.marks}" if args.marks else "")
+               + f" --edges {args.edges} --rollouts {args.rollouts}"
                f" --heldout {args.heldout}")
     (results / "premise.json").write_text(json.dumps({"command": command, "row": row, "edges": list(edges),
                                                       "points": points}, indent=1) + "\n")
@@ -200,7 +205,8 @@ def markdown(points: list[dict[str, Any]], edges: tuple[int, ...], command: str,
 
 
 def plot(points: list[dict[str, Any]], edges: tuple[int, ...], out: Path, title: str) -> None:
-    """Alignment and consistency per bucket, one line per checkpoint (light: early; dark: late)."""
+    """Alignment and consistency against training (learner step at each mark), one line per bucket of response
+    positions, mean over seeds with a ± std band: is the late buckets' line lower, and lowest at the start?"""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -208,24 +214,26 @@ def plot(points: list[dict[str, Any]], edges: tuple[int, ...], out: Path, title:
     import numpy as np
 
     marks = sorted({p["mark"] for p in points})
+    steps = [float(np.mean([p["step"] for p in points if p["mark"] == m])) for m in marks]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    xs = np.arange(len(edges))
     for ax, key, ylabel in ((axes[0], "alignment", "cos(g_bucket, g_heldout)"),
                             (axes[1], "consistency", "cos(g_half A, g_half B)")):
-        for j, mark in enumerate(marks):
-            vals = np.nanmean(np.array([p[key] for p in points if p["mark"] == mark], dtype=float), 0)
-            step = min(p["step"] for p in points if p["mark"] == mark)
-            ax.plot(xs, vals, marker="o", color=plt.cm.viridis(j / max(len(marks) - 1, 1)),
-                    label=f"mark {mark} (step {step})")
-        ax.set_xticks(xs, bucket_names(edges))
-        ax.set_xlabel("response position (tokens)")
+        for b, name in enumerate(bucket_names(edges)):
+            per_mark = [np.array([p[key][b] for p in points if p["mark"] == m], dtype=float) for m in marks]
+            mean = np.array([np.nanmean(v) if np.isfinite(v).any() else np.nan for v in per_mark])
+            std = np.array([np.nanstd(v) if np.isfinite(v).any() else np.nan for v in per_mark])
+            color = plt.cm.viridis(b / max(len(edges) - 1, 1))
+            ax.plot(steps, mean, marker="o", color=color, label=f"positions {name}")
+            ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.15)
+        ax.set_xlabel("learner step of the checkpoint (0: before training)")
         ax.set_ylabel(ylabel)
         ax.axhline(0, color="grey", lw=0.5)
         ax.grid(alpha=0.3)
-    axes[0].set_title("does the bucket's signal lower the held-out KL?")
+    axes[0].set_title("does a position bucket's signal lower the held-out KL?")
     axes[1].set_title("how much of the bucket's gradient is signal?")
-    axes[1].legend(fontsize=8)
-    fig.suptitle(title)
+    axes[0].legend(fontsize=8)
+    seeds = sorted({p["seed"] for p in points})
+    fig.suptitle(f"{title} (seeds {seeds}; band: ± std over seeds)")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

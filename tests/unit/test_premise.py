@@ -63,7 +63,7 @@ def test_without_a_finished_experiment_it_says_what_to_run(tmp_path: Path) -> No
     tree = {"name": "x", "out_dir": str(tmp_path / "out"), "models_dir": str(REPO / "models" / "task"),
             "budget_flops": 1.0, "rows": [{"name": "full", "schedule": "full"}]}
     cfg.write_text(json.dumps(tree))
-    args = argparse.Namespace(config=str(cfg), quick=False, preset=None, row=None, seeds="0", edges="0,40",
+    args = argparse.Namespace(config=str(cfg), quick=False, preset=None, row=None, seeds="0", marks=None, edges="0,40",
                               rollouts=4, heldout=2)
     with pytest.raises(FileNotFoundError, match="run `opd experiment run`"):
         run_premise(args)
