@@ -23,15 +23,21 @@ TEXT = "held-out reverse KL by response position of each row's kept checkpoints 
 
 def add_positions_parser(exp_sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Register `experiment positions` under `opd experiment`."""
-    p = exp_sub.add_parser("positions", help=TEXT, description=TEXT + ". Run after `opd experiment run` with the same "
+    p = add_reader_parser(exp_sub, "positions", TEXT)
+    p.add_argument("--edges", default=",".join(map(str, DEFAULT_EDGES)),
+                   help="bucket starts in response tokens, comma-separated (default %(default)s; the last is open)")
+    p.add_argument("--mark", type=int, default=-1, help="which compute mark per run (default: the last)")
+
+
+def add_reader_parser(exp_sub: argparse._SubParsersAction, name: str, text: str) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+    """A subcommand that reads what `opd experiment run` wrote: --config and --quick/--preset say which run."""
+    p = exp_sub.add_parser(name, help=text, description=text + ". Run after `opd experiment run` with the same "
                            "--config and --quick/--preset.")
     p.add_argument("--config", "-c", required=True, help="the experiment YAML the run used")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--quick", action="store_true", help="the run was --quick")
     which.add_argument("--preset", metavar="NAME", help="the run's --preset")
-    p.add_argument("--edges", default=",".join(map(str, DEFAULT_EDGES)),
-                   help="bucket starts in response tokens, comma-separated (default %(default)s; the last is open)")
-    p.add_argument("--mark", type=int, default=-1, help="which compute mark per run (default: the last)")
+    return p
 
 
 def run_positions(args: argparse.Namespace) -> int:

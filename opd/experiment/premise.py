@@ -28,19 +28,14 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from opd.experiment.positions import bucket_names, parse_edges
+from opd.experiment.positions import add_reader_parser, bucket_names, parse_edges
 
 TEXT = "the premise of truncation: how useful each response position's teacher signal is, over training"
 
 
 def add_premise_parser(exp_sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Register `experiment premise` under `opd experiment`."""
-    p = exp_sub.add_parser("premise", help=TEXT, description=TEXT + " (premise.md, premise.png). Run after "
-                           "`opd experiment run` with the same --config and --quick/--preset.")
-    p.add_argument("--config", "-c", required=True, help="the experiment YAML the run used")
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--quick", action="store_true", help="the run was --quick")
-    which.add_argument("--preset", metavar="NAME", help="the run's --preset")
+    p = add_reader_parser(exp_sub, "premise", TEXT + " (premise.md, premise.png)")
     p.add_argument("--row", help="the row whose checkpoints to read (default: the experiment's reference_row)")
     p.add_argument("--seeds", default="0", help="which seeds' runs, comma-separated (default %(default)s)")
     p.add_argument("--edges", required=True, help="bucket starts in response tokens, comma-separated, from 0 "
