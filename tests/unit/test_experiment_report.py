@@ -176,3 +176,28 @@ def test_a_preset_runs_its_rows_in_its_own_order(tmp_path: Path) -> None:
 
     cfg = load_experiment(_write(tmp_path, {**BASE, "presets": {"p": {"rows": ["trl", "full"], "seeds": [3]}}}), preset="p")
     assert [(spec.seed, spec.row.name) for spec in plan(cfg, tmp_path / "out")] == [(3, "trl"), (3, "full")]
+
+
+def test_stored_real_pair_and_probe_results_say_what_the_readme_says(tmp_path: Path) -> None:
+    """The README's claims from this session's stored runs, recomputed by `opd experiment report`: on the real
+    pair TOPD 0.1 and POPD beat full OPD (the ratio's whole interval above 1) while the random horizon is not
+    separated; the probe estimate is within its stated error (|z| < 1) and under the truth in all three runs."""
+    from opd.cli import main
+
+    repo = Path(__file__).resolve().parents[2]
+    out = tmp_path / "pair.md"
+    assert main(["experiment", "report", str(repo / "docs/results/smollm2/results.json"), "--resamples", "500",
+                 "--out", str(out)]) == 0
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in out.read_text().splitlines() if "x [" in line}
+    for name in ("TOPD rho=0.1 (13 tokens)", "POPD 10% -> 100% over 12 versions"):
+        ratio = rows[name].split("x [")[1].split("]")[0]
+        assert float(ratio.split(",")[0]) > 1.0 and "| beats |" in rows[name], rows[name]
+    assert "| not separated |" in rows["random 5%-100%"]
+    out = tmp_path / "probes.md"
+    assert main(["experiment", "report", str(repo / "docs/results/probes/results.json"), "--out", str(out)]) == 0
+    checks = [line for line in out.read_text().splitlines() if "(probe truth) | 0 |" in line]
+    assert len(checks) == 3
+    for line in checks:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        error, z = float(cells[-2]), float(cells[-1])
+        assert error < 0 and abs(z) < 1, line
