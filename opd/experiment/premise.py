@@ -111,10 +111,10 @@ class _Meter:
         fmt = PromptFormat(use_chat_template=pipe.actor.use_chat_template, add_bos=pipe.actor.add_bos)
         self.train_prompts = load_prompts(cfg.path("prompts_file"), self.ev.tokenizer, fmt)
         self.heldout = self.ev.kl_prompts[:heldout]
-        self.edges, self.rollouts, self.temperature = edges, rollouts, pipe.actor.temperature
+        self.edges, self.rollouts = edges, rollouts
 
     def measure(self, model_dir: str, *, seed: int) -> dict[str, Any]:
-        """{"alignment", "consistency", "tokens", "heldout_kl"} per bucket (lists in bucket order)."""
+        """{"alignment", "consistency", "tokens"} per bucket (lists in bucket order; nan where a bucket is empty)."""
         student = self.ev.load_student(model_dir)
         rng = random.Random(seed)
         prompts = [self.train_prompts[rng.randrange(len(self.train_prompts))] for _ in range(self.rollouts)]
@@ -124,7 +124,8 @@ class _Meter:
         g_H, _ = self._bucket_grads(student, self.heldout, seed + 2, whole=True)
         out: dict[str, Any] = {"alignment": [], "consistency": [], "tokens": []}
         for b in range(len(self.edges)):
-            both = g_A[b] * tok_A[b] + g_B[b] * tok_B[b]  # the whole batch's bucket gradient (token-weighted)
+            halves = [g * n for g, n in ((g_A[b], tok_A[b]), (g_B[b], tok_B[b])) if g is not None]
+            both = sum(halves) if halves else None  # the whole batch's bucket gradient (token-weighted)
             out["alignment"].append(_cos(both, g_H[0]))
             out["consistency"].append(_cos(g_A[b], g_B[b]))
             out["tokens"].append(int(tok_A[b] + tok_B[b]))
