@@ -14,6 +14,11 @@ positions:
 - **consistency**: cos(g_b^A, g_b^B) between two disjoint halves of the rollouts: how much of a bucket's
   gradient is signal and how much is the draw of samples (1: the same direction from any batch; 0: noise).
 
+`--topk K` takes the bucket gradients of the loss the OPD rows train with by default instead (top-K KL on the
+teacher's top K plus one tail bucket, `learner/losses/topk_kl.py`); g_H stays the exact KL's, the quality
+measured. On a real vocabulary the two can differ: the tail bucket sees none of the shape of the mass outside
+the teacher's top K, so its signal on degenerate late text may be poor where the exact KL's is not.
+
 Both treat the sampled prefix as fixed, as the OPD loss does. Nothing is trained; the checkpoints are read
 where `opd experiment run` left them (`keep_weights: true`). Output: `premise.md`, `premise.json`,
 `premise.png` beside the experiment's table.
@@ -44,6 +49,8 @@ def add_premise_parser(exp_sub: argparse._SubParsersAction) -> None:  # type: ig
     p.add_argument("--rollouts", type=int, default=32, help="training-prompt rollouts per checkpoint (two halves; "
                    "default %(default)s)")
     p.add_argument("--heldout", type=int, default=32, help="held-out prompts for g_H (default %(default)s)")
+    p.add_argument("--topk", type=int, default=0, help="bucket gradients of the top-K KL + tail bucket (the "
+                   "default OPD loss) instead of the exact KL; 0: exact (default); output premise-topK.*")
 
 
 def run_premise(args: argparse.Namespace) -> int:
@@ -51,8 +58,8 @@ def run_premise(args: argparse.Namespace) -> int:
     from opd.experiment.config import load_experiment
 
     edges = parse_edges(args.edges)
-    if args.rollouts < 4 or args.heldout < 1:
-        raise ValueError("--rollouts: at least 4 (two halves); --heldout: at least 1")
+    if args.rollouts < 4 or args.heldout < 1 or args.topk < 0:
+        raise ValueError("--rollouts: at least 4 (two halves); --heldout: at least 1; --topk: 0 or more")
     preset = "quick" if args.quick else args.preset
     cfg = load_experiment(args.config, preset=preset)
     row = args.row or cfg.reference_row
@@ -67,7 +74,7 @@ def run_premise(args: argparse.Namespace) -> int:
     if not runs:
         print(f"no finished run of row {row!r} with seeds {sorted(seeds)} in {path}")
         return 2
-    meter = _Meter(cfg, edges, rollouts=args.rollouts, heldout=args.heldout)
+    meter = _Meter(cfg, edges, rollouts=args.rollouts, heldout=args.heldout, topk=args.topk)
     points = []
     for run in runs:
         marks = [{"index": 0, "flops": 0.0, "step": 0, "weights": str(cfg.path("student_dir"))},
@@ -86,20 +93,22 @@ def run_premise(args: argparse.Namespace) -> int:
                + (" --quick" if args.quick else (f" --preset {shlex.quote(preset)}" if preset else ""))
                + f" --row {row} --seeds {args.seeds}" + (f" --marks {args.marks}" if args.marks else "")
                + f" --edges {args.edges} --rollouts {args.rollouts}"
-               f" --heldout {args.heldout}")
-    (results / "premise.json").write_text(json.dumps({"command": command, "row": row, "edges": list(edges),
-                                                      "points": points}, indent=1) + "\n")
-    text = markdown(points, edges, command, row)
-    (results / "premise.md").write_text(text)
-    plot(points, edges, results / "premise.png", f"{cfg.name}: {row}")
-    print(text + f"\nwritten: {results / 'premise.md'}, {results / 'premise.png'}, {results / 'premise.json'}")
+               f" --heldout {args.heldout}" + (f" --topk {args.topk}" if args.topk else ""))
+    stem = results / (f"premise-top{args.topk}" if args.topk else "premise")
+    stem.with_suffix(".json").write_text(json.dumps({"command": command, "row": row, "edges": list(edges),
+                                                     "topk": args.topk, "points": points}, indent=1) + "\n")
+    text = markdown(points, edges, command, row, topk=args.topk)
+    stem.with_suffix(".md").write_text(text)
+    loss = f", top-{args.topk} KL" if args.topk else ""
+    plot(points, edges, stem.with_suffix(".png"), f"{cfg.name}: {row}{loss}")
+    print(text + f"\nwritten: {stem}.md, {stem}.png, {stem}.json")
     return 0
 
 
 class _Meter:
     """The teacher, the prompts and the sampling, loaded once; `measure(model_dir)` per checkpoint."""
 
-    def __init__(self, cfg: Any, edges: tuple[int, ...], *, rollouts: int, heldout: int) -> None:
+    def __init__(self, cfg: Any, edges: tuple[int, ...], *, rollouts: int, heldout: int, topk: int = 0) -> None:
         from opd.experiment.runner import pipeline_config, plan
         from opd.experiment.suite import evaluator_for
         from protocol.prompts import PromptFormat, load_prompts
@@ -111,7 +120,7 @@ class _Meter:
         fmt = PromptFormat(use_chat_template=pipe.actor.use_chat_template, add_bos=pipe.actor.add_bos)
         self.train_prompts = load_prompts(cfg.path("prompts_file"), self.ev.tokenizer, fmt)
         self.heldout = self.ev.kl_prompts[:heldout]
-        self.edges, self.rollouts = edges, rollouts
+        self.edges, self.rollouts, self.topk = edges, rollouts, topk
 
     def measure(self, model_dir: str, *, seed: int) -> dict[str, Any]:
         """{"alignment", "consistency", "tokens"} per bucket (lists in bucket order; nan where a bucket is empty)."""
@@ -133,8 +142,9 @@ class _Meter:
 
     def _bucket_grads(self, student: Any, prompts: list[list[int]], seed: int,
                       whole: bool = False) -> tuple[list[Any], list[int]]:
-        """Per bucket (or, `whole`, over every response token): the flat gradient of the mean exact per-token
-        reverse KL on fresh samples of `prompts`, and the bucket's token count."""
+        """Per bucket (or, `whole`, over every response token): the flat gradient of the mean per-token reverse
+        KL on fresh samples of `prompts` (exact, or top-K + tail bucket for buckets when `topk`; `whole` is
+        always exact: it is the held-out quality), and the bucket's token count."""
         import torch
         import torch.nn.functional as F
 
@@ -149,7 +159,10 @@ class _Meter:
             t_logp_BRV = F.log_softmax(_logits(self.ev.teacher, ids_BT, attn_BT, pos_BT, self.ev.vocab_size)
                                        [:, P - 1:P - 1 + R], -1)
         s_logp_BRV = F.log_softmax(_logits(student, ids_BT, attn_BT, pos_BT, self.ev.vocab_size)[:, P - 1:P - 1 + R], -1)
-        kl_BR = (s_logp_BRV.exp() * (s_logp_BRV - t_logp_BRV)).sum(-1) * mask_BR
+        if self.topk and not whole:
+            kl_BR = _topk_kl(s_logp_BRV, t_logp_BRV, mask_BR, self.topk)
+        else:
+            kl_BR = (s_logp_BRV.exp() * (s_logp_BRV - t_logp_BRV)).sum(-1) * mask_BR
         params = [p for p in student.parameters() if p.requires_grad]
         bucket_R = torch.bucketize(torch.arange(R), torch.tensor(self.edges), right=True) - 1
         groups = [torch.ones(R, dtype=torch.bool)] if whole else [bucket_R == b for b in range(len(self.edges))]
@@ -167,6 +180,15 @@ class _Meter:
         return grads, tokens
 
 
+def _topk_kl(s_logp_BRV: Any, t_logp_BRV: Any, mask_BR: Any, k: int) -> Any:
+    """Per token, the learner's default loss: reverse KL on the teacher's top-k ids plus one tail bucket."""
+    from learner.losses.support import kl_on_support, support_logprobs
+
+    t_top_BRK, ids_BRK = t_logp_BRV.topk(min(k, t_logp_BRV.shape[-1]), dim=-1)
+    s_BRS, t_BRS = support_logprobs(s_logp_BRV, ids_BRK, t_top_BRK, mask_BR, "bucket")
+    return kl_on_support(s_BRS, t_BRS) * mask_BR
+
+
 def _cos(a: Any, b: Any) -> float:
     if a is None or b is None:
         return float("nan")
@@ -174,7 +196,7 @@ def _cos(a: Any, b: Any) -> float:
     return float((a @ b) / (a.norm() * b.norm()).clamp(min=1e-30))
 
 
-def markdown(points: list[dict[str, Any]], edges: tuple[int, ...], command: str, row: str) -> str:
+def markdown(points: list[dict[str, Any]], edges: tuple[int, ...], command: str, row: str, topk: int = 0) -> str:
     """The table: per checkpoint (mean over seeds), alignment and consistency per bucket."""
     import numpy as np
 
@@ -182,8 +204,9 @@ def markdown(points: list[dict[str, Any]], edges: tuple[int, ...], command: str,
     lines = [f"# The premise of truncation, measured on row `{row}`", "",
              f"Command: `{command}`. Per checkpoint (mark 0 = before training; mean over seeds, ± std when more "
              "than one), per bucket of response positions: **alignment** cos(g_bucket, g_heldout) and "
-             "**consistency** cos(g_half A, g_half B) of the exact per-token reverse KL's gradient "
-             "(opd/experiment/premise.py). Tokens: the bucket's response tokens per checkpoint.", "",
+             "**consistency** cos(g_half A, g_half B) of the "
+             + (f"top-{topk} KL + tail bucket's (g_heldout: the exact KL's)" if topk else "exact per-token reverse KL's")
+             + " gradient (opd/experiment/premise.py). Tokens: the bucket's response tokens per checkpoint.", "",
              "| mark | step | " + " | ".join(f"align {h}" for h in heads) + " | "
              + " | ".join(f"consist. {h}" for h in heads) + " | tokens |",
              "|---" * (2 + 2 * len(heads) + 1) + "|"]

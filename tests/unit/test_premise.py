@@ -3,7 +3,8 @@
 Pins the arithmetic the premise table rests on: the buckets' gradients, weighted by their token counts, add
 up to the gradient over every response token (the buckets split one loss, nothing is counted twice or lost);
 a gradient is a deterministic function of the checkpoint and the sampling seed (so a consistency below 1 is
-the draw of the samples, not the code); and one measurement gives a cosine in [-1, 1] per non-empty bucket.
+the draw of the samples, not the code); `--topk` over the whole vocabulary is the exact KL again, a small k
+another gradient; and one measurement gives a cosine in [-1, 1] per non-empty bucket.
 """
 
 from __future__ import annotations
@@ -45,6 +46,24 @@ def test_bucket_gradients_add_up_to_the_whole_and_repeat(meter: _Meter) -> None:
     assert _cos(parts[0], other[0]) < 1 - 1e-3
 
 
+def test_topk_over_the_whole_vocabulary_is_the_exact_kl(meter: _Meter) -> None:
+    student = meter.ev.load_student(REPO / "models" / "task" / "student")
+    prompts = meter.train_prompts[:2]
+    exact, counts = meter._bucket_grads(student, prompts, seed=5)
+    try:
+        meter.topk = meter.ev.vocab_size  # every id in the support, the tail bucket empty
+        everything, counts_k = meter._bucket_grads(student, prompts, seed=5)
+        meter.topk = 2
+        two, _ = meter._bucket_grads(student, prompts, seed=5)
+        whole_two, _ = meter._bucket_grads(student, prompts, seed=5, whole=True)
+    finally:
+        meter.topk = 0
+    whole, _ = meter._bucket_grads(student, prompts, seed=5, whole=True)
+    assert counts == counts_k
+    assert _cos(exact[0], everything[0]) > 1 - 1e-5 and _cos(exact[0], two[0]) < 0.999
+    assert _cos(whole[0], whole_two[0]) > 1 - 1e-6  # g_H is always the exact KL's
+
+
 def test_one_measurement_and_its_report(meter: _Meter, tmp_path: Path) -> None:
     got = meter.measure(str(REPO / "models" / "task" / "student"), seed=0)
     assert len(got["alignment"]) == len(got["consistency"]) == len(got["tokens"]) == len(EDGES)
@@ -64,7 +83,7 @@ def test_without_a_finished_experiment_it_says_what_to_run(tmp_path: Path) -> No
             "budget_flops": 1.0, "rows": [{"name": "full", "schedule": "full"}]}
     cfg.write_text(json.dumps(tree))
     args = argparse.Namespace(config=str(cfg), quick=False, preset=None, row=None, seeds="0", marks=None, edges="0,40",
-                              rollouts=4, heldout=2)
+                              rollouts=4, heldout=2, topk=0)
     with pytest.raises(FileNotFoundError, match="run `opd experiment run`"):
         run_premise(args)
     with pytest.raises(ValueError, match="--edges 40,0"):
