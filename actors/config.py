@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from actors.engines import FLAT_KEYS, EngineConfig, HFEngineConfig
-from actors.schedules import FixedScheduleConfig, ScheduleConfig
+from actors.schedules import FullScheduleConfig, ScheduleConfig
 from protocol.components import adopt_flat_keys
 from protocol.files import UserPath
 
@@ -31,8 +31,10 @@ class ActorConfig(BaseModel):
                                "computes log pi under the same transform (protocol/sampling.py).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling (an engine that cannot report the "
                          "renormalised nucleus logprob the learner needs, such as sglang, requires 1.0).")
-    schedule: ScheduleConfig = Field(default_factory=FixedScheduleConfig, description="Truncation schedule (one file "
-                                     "each in actors/schedules/); a bare name such as `full` means that schedule with its defaults.")
+    schedule: ScheduleConfig = Field(default_factory=FullScheduleConfig, description="Truncation schedule (one file "
+                                     "each in actors/schedules/); a bare name such as `full` means that schedule with its "
+                                     "defaults. Default `full`: which truncation pays depends on the pair (docs/experiments.md), "
+                                     "so none is assumed; options without a kind (`fraction`) mean `fixed`.")
     probe_fraction: float = Field(0.05, ge=0, lt=1, description="Fraction of truncated rollouts sampled to full length "
                                   "instead, as probes (seeded per actor): they measure what truncation saves and the "
                                   "KL past the horizon; the learner never trains on them. 0: no probes (the estimate "

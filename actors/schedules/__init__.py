@@ -28,7 +28,8 @@ ScheduleConfig = component_union(
     default=FixedScheduleConfig,
 )
 """`actor.schedule`: one variant per schedule, chosen by `kind`; `actor.schedule: full` means that schedule with
-its defaults, options without a kind belong to the default schedule (`fixed`)."""
+its defaults, options without a kind belong to the union's default variant (`fixed`); an actor with no
+`actor.schedule` at all runs `full` (`ActorConfig`)."""
 
 __all__ = [
     "AdaptiveScheduleConfig",

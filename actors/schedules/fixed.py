@@ -13,7 +13,7 @@ from protocol.state import LearnerState
 
 
 class FixedScheduleConfig(BaseModel):
-    """`actor.schedule` with a constant horizon (the default: a quarter of the budget)."""
+    """`actor.schedule` with a constant horizon (a quarter of the budget unless `fraction` or `tokens` says)."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -154,3 +154,11 @@ def test_own_models_template_defaults_to_the_supported_schedule() -> None:
     path = REPO / "configs" / "own-models.yaml"
     assert load_config(path).actor.schedule.kind == "full"
     assert "docs/experiments.md" in path.read_text()
+
+
+def test_no_schedule_key_means_full_rollouts_and_a_bare_fraction_means_fixed() -> None:
+    """The code's default agrees with the template's: no truncation is assumed (which one pays depends on the pair,
+    docs/experiments.md); `fraction` without a kind still means a fixed horizon (fails before: fixed 0.25)."""
+    assert load_config(None, []).actor.schedule.kind == "full"
+    fixed = load_config(None, ["actor.schedule.fraction=0.5"]).actor.schedule
+    assert (fixed.kind, fixed.fraction) == ("fixed", 0.5)
