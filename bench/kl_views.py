@@ -5,9 +5,13 @@ this computes, per response token, three numbers for the same states:
 - the true reverse KL, KL(q || p) summed over all vocabulary ids (both models' full logits);
 - the sampled-token estimate the learner now reports, log q(y) - log p(y) at the sampled token y;
 - the restricted-support KL the top-k loss sees (`learner.losses.topk_kl`: the teacher's top-k + one bucket),
-and the student's probability mass outside the teacher's top-k. One command, one seed per run:
+and the student's probability mass outside the teacher's top-k. With `--grad`, also how well each view's
+*gradient* points where the exact reverse KL's does (cosine over the student's parameters, on the same
+states): the number that says whether a top-k loss trains toward the right student, and what the cache pays for
+it (bytes per scored token at each k). One command, one seed per run:
 
     .venv/bin/python bench/kl_views.py --pair models/smollm2 --prompts 8 --tokens 64 --k 8 32 128
+    .venv/bin/python bench/kl_views.py --pair models/smollm2 --prompts 8 --tokens 64 --k 8 32 128 256 --grad
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, nargs="+", default=[8, 32, 128])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="OUT", help="also write the numbers as JSON")
+    parser.add_argument("--grad", action="store_true", help="also each view's gradient cosine with the exact KL's")
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -70,8 +75,46 @@ def main() -> None:
     for k, row in out["by_k"].items():  # type: ignore[union-attr]
         print(f"top-{k:<3} bucket KL (the loss's)     {row['bucket_kl']:.3f}   student mass outside the teacher's "
               f"top-{k}: {100 * row['student_mass_outside_topk']:.1f}%")
+    if args.grad:
+        out["gradient_cosine"] = grads = gradient_agreement(student, ids_BT, attn_BT, pos_BT, P, mask_BR, logp, args.k, V)
+        print("gradient cosine with the exact reverse KL's (student parameters, same states):")
+        for name, cos in grads.items():
+            print(f"  {name:<28} {cos:+.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+
+
+def gradient_agreement(student: torch.nn.Module, ids_BT: torch.Tensor, attn_BT: torch.Tensor, pos_BT: torch.Tensor,
+                       P: int, mask_BR: torch.Tensor, logp_BRV: torch.Tensor, ks: list[int],
+                       V: int) -> dict[str, float]:
+    """cos(grad of a view's loss, grad of the exact reverse KL) for the sampled-token estimator (the
+    `sampled_reverse_kl` loss's score-function gradient, no baseline) and the top-k losses (bucket tail).
+
+    One forward with gradient; every loss reuses it. A cosine near 1: that view trains toward the student the
+    exact KL would; near 0: its step is mostly elsewhere."""
+    from learner.evaluate import _logits
+    from learner.losses.topk_kl import topk_kl_loss
+
+    params = [p for p in student.parameters() if p.requires_grad]
+    R = mask_BR.shape[1]
+    s_BRV = _logits(student, ids_BT, attn_BT, pos_BT, V)[:, P - 1:P - 1 + R]
+    logq = F.log_softmax(s_BRV, -1)
+    n = mask_BR.sum()
+    y_BR = ids_BT[:, P:P + R]
+    logq_y = logq.gather(-1, y_BR[..., None]).squeeze(-1)
+    advantage_BR = (logq_y - logp_BRV.gather(-1, y_BR[..., None]).squeeze(-1)).detach()
+    losses = {"exact reverse KL": ((logq.exp() * (logq - logp_BRV)).sum(-1) * mask_BR).sum() / n,
+              "sampled token (score fn.)": (advantage_BR * logq_y * mask_BR).sum() / n}
+    for k in ks:
+        top_lp, top_ids = logp_BRV.topk(k, dim=-1)
+        losses[f"top-{k} + tail bucket"] = topk_kl_loss(s_BRV, top_ids, top_lp, mask_BR, direction="reverse").loss
+    flat = {}
+    for i, (name, loss) in enumerate(losses.items()):
+        g = torch.autograd.grad(loss, params, retain_graph=i < len(losses) - 1, allow_unused=True)
+        flat[name] = torch.cat([(x if x is not None else torch.zeros_like(p)).flatten().double()
+                                for x, p in zip(g, params, strict=True)])
+    exact = flat.pop("exact reverse KL")
+    return {name: float(g @ exact / (g.norm() * exact.norm()).clamp(min=1e-30)) for name, g in flat.items()}
 
 
 if __name__ == "__main__":

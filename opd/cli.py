@@ -6,6 +6,7 @@ Subcommands:
   actor|teacher|learner --config FILE   run one role (what docker-compose runs)
   cache warm|stats|verify|rebuild-index|evict   operate the teacher cache
   config show|docs     print the resolved config, or every option with its default and meaning
+  doctor --config FILE pre-flight: vocabularies, stop ids, chat template, self-distillation ~0, the first batch
   top                  live terminal view of a running pipeline
   models smollm2 --out DIR   a real pretrained pair (SmolLM2-135M-Instruct and a pruned student)
   experiment train-teacher|train-student   build the experiment task's models (models/task)
@@ -106,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     cfg = sub.add_parser("config", help="print the resolved config or the option reference")
     cfg.add_argument("what", choices=["show", "docs"])
     _common(cfg, config_required=False)
+
+    doctor = sub.add_parser("doctor", help="pre-flight checks of a config's models, tokenizers, stops and roles on a "
+                            "few prompts (one page; exit 1 when a check fails)")
+    _common(doctor, config_required=True)
+    doctor.add_argument("--prompts", type=int, default=4, help="prompts to sample and score (default %(default)s)")
+    doctor.add_argument("--seed", type=int, default=0, help="sampling seed (default %(default)s)")
 
     top = sub.add_parser("top", help="live terminal view of a running pipeline")
     _common(top, config_required=False)

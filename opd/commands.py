@@ -47,6 +47,14 @@ def dispatch(args: argparse.Namespace, cfg: OPDConfig) -> int:
         else:
             print(config_docs())
         return 0
+    if command == "doctor":
+        from opd.doctor import run_doctor
+
+        if args.prompts < 1:
+            raise ValueError("--prompts: at least 1")
+        report = run_doctor(cfg, prompts=args.prompts, seed=args.seed)
+        print("doctor: a check failed" if report.failed else "doctor: no check failed")
+        return 1 if report.failed else 0
     if command == "top":
         from opd.top import run_top
 
