@@ -240,11 +240,13 @@ def markdown(summary: dict[str, Any]) -> str:
     lines += ["", f"Verdict: {said or 'no row separated from the reference'}. (A row beats, or is behind, the "
               f"reference only when the {100 * boot.get('level', 0.95):.0f}% interval of its compute ratio excludes 1; "
               "a row not separated from it is not shown equal to it either.)"]
-    fewest = min((len(row["seeds"]) for row in rows if row["seeds"]), default=0)
+    counts = [len(row["seeds"]) for row in rows if row["seeds"]]
+    fewest, most = min(counts, default=0), max(counts, default=0)
     if 0 < fewest < 5:
-        lines += ["", f"**{fewest} seed{'s' if fewest > 1 else ''} per row**: a bootstrap over so few seeds is too "
-                  "narrow (two seeds give three possible means), so these verdicts are provisional; 5 or more per row "
-                  "before any is reported."]
+        span = f"{fewest}" if fewest == most else f"{fewest} to {most}"
+        lines += ["", f"**{span} seed{'s' if most > 1 else ''} per row**: a bootstrap over fewer than 5 seeds is "
+                  "too narrow (two seeds give three possible means), so these verdicts are provisional; 5 or more per "
+                  "row before any is reported."]
     notes = [f"- `{row['name']}` skipped: {row['skipped']}" for row in rows if row["skipped"]]
     notes += [f"- `{row['name']}` seed {seed} failed: {reason.splitlines()[0]}" for row in rows
               for seed, reason in row["failed"].items()]
