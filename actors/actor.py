@@ -12,7 +12,6 @@ import random
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 from prometheus_client import CollectorRegistry
 
 from actors.admission import Admission, Heartbeat
@@ -231,10 +230,8 @@ class Actor:
     def publish(self, batch: Batch) -> None:
         """Publish the batch in chunks that fit under the high-water mark; each chunk counted for this actor and
         spent from its lease in the publish script (protocol/streams.py)."""
-        msgs = [RolloutPrefix(
-            prompt_ids_P=np.asarray(self.prompts[idx], dtype=np.int32),
-            response_ids_R=np.asarray(ids, dtype=np.int32),
-            behaviour_logprobs_R=np.minimum(np.asarray(lps, dtype=np.float32), 0.0),
+        msgs = [RolloutPrefix.from_sample(
+            self.prompts[idx], ids, lps,
             prompt_index=idx, horizon=horizon, max_new_tokens=self.cfg.max_new_tokens, finished=finished,
             policy_version=version, actor_id=self.actor_id,
             temperature=self.cfg.temperature, top_p=self.cfg.top_p, probe=probe,

@@ -93,6 +93,7 @@ def gradient_agreement(student: torch.nn.Module, ids_BT: torch.Tensor, attn_BT: 
     One forward with gradient; every loss reuses it. A cosine near 1: that view trains toward the student the
     exact KL would; near 0: its step is mostly elsewhere."""
     from learner.evaluate import _logits
+    from learner.losses.common import flat_grads
     from learner.losses.topk_kl import topk_kl_loss
 
     params = [p for p in student.parameters() if p.requires_grad]
@@ -108,11 +109,7 @@ def gradient_agreement(student: torch.nn.Module, ids_BT: torch.Tensor, attn_BT: 
     for k in ks:
         top_lp, top_ids = logp_BRV.topk(k, dim=-1)
         losses[f"top-{k} + tail bucket"] = topk_kl_loss(s_BRV, top_ids, top_lp, mask_BR, direction="reverse").loss
-    flat = {}
-    for i, (name, loss) in enumerate(losses.items()):
-        g = torch.autograd.grad(loss, params, retain_graph=i < len(losses) - 1, allow_unused=True)
-        flat[name] = torch.cat([(x if x is not None else torch.zeros_like(p)).flatten().double()
-                                for x, p in zip(g, params, strict=True)])
+    flat = dict(zip(losses, flat_grads(list(losses.values()), params, torch.float64), strict=True))
     exact = flat.pop("exact reverse KL")
     return {name: float(g @ exact / (g.norm() * exact.norm()).clamp(min=1e-30)) for name, g in flat.items()}
 

@@ -153,16 +153,10 @@ class Teacher:
         flops_saved = 2 * self.params * avoided
         done: list[tuple[Delivery[RolloutPrefix], ScoredPrefix]] = []
         counts: list[tuple[int, int]] = []  # (cached, scored) response tokens per message
-        for d, m, seq, f in zip(deliveries, msgs, seqs, full, strict=True):
-            P, T = len(m.prompt_ids_P), len(seq)
-            R = T - P
-            cached = max(0, f.cached_upto - P)
-            scored = R - cached
-            result = ScoredPrefix.from_rollout(
-                m, teacher_logprobs_R=f.logprobs_T[P:].copy(), topk_ids_RK=f.topk_ids_TK[P:].copy(),
-                topk_logprobs_RK=f.topk_logprobs_TK[P:].copy(), teacher_id=self.scorer.identity,
-                cached_tokens=cached, scored_tokens=scored,
-            )
+        for d, m, f in zip(deliveries, msgs, full, strict=True):
+            result = ScoredPrefix.from_sequence_scores(m, f.logprobs_T, f.topk_ids_TK, f.topk_logprobs_TK,
+                                                       teacher_id=self.scorer.identity, cached_upto=f.cached_upto)
+            cached, scored = result.cached_tokens, result.scored_tokens
             # Checked here, inside step()'s try, so bad scores dead-letter their own message (the
             # cache put used to catch them; it no longer raises).
             result.validate()

@@ -229,6 +229,15 @@ def _validate_sample(i: int, sample: Sample) -> tuple[int, int, int]:
     return P, R, topk_ids.shape[1]
 
 
+def pad_id_of(tokenizer) -> int:  # type: ignore[no-untyped-def]
+    """The id that fills a batch's padding: the tokenizer's pad, else its EOS, else 0 (padding is masked out of
+    every loss and logprob, so any in-vocabulary id serves; the learner and `opd doctor` use the same)."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
 def collate(samples: Sequence[Sample], pad_id: int, *, pad_to_multiple_of: int = 1) -> Batch:
     """Right-pad ``prompt_ids + response_ids`` rows and align the per-token arrays to response positions.
 

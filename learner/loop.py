@@ -34,6 +34,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from learner import resume, stopping
+from learner.batching import pad_id_of
 from learner.checkpoint import Stash, WriteFailed, save_checkpoint
 from learner.config import LearnerConfig
 from learner.distributed import Distributed, TrainModel, checksum
@@ -119,7 +120,7 @@ class Learner:
         restored = resume.restore(self.model, self.workdir / "checkpoints")
         self.step, self.version = restored.step, restored.version
         self.train_model = TrainModel(self.model, self.dist, fsdp=cfg.fsdp)
-        self.trainer = Trainer(cfg, self.train_model, self.dist, self.device, _pad_id(self.tokenizer))
+        self.trainer = Trainer(cfg, self.train_model, self.dist, self.device, pad_id_of(self.tokenizer))
         restored.apply(self.train_model, self.trainer.optimizer, self.trainer.scheduler)
         self.publisher = Publisher(cfg, self.client, self.names, self.dist, self.metrics, self.model,
                                    self.train_model, self.tokenizer, self.workdir)
@@ -354,13 +355,6 @@ def _check(cfg: LearnerConfig, transport: TransportConfig, dist: Distributed) ->
     if cfg.batch_size < dist.world_size:
         raise ValueError(f"learner.batch_size ({cfg.batch_size}) is smaller than the number of ranks "
                          f"({dist.world_size}): every rank needs a share of each step")
-
-
-def _pad_id(tokenizer) -> int:  # type: ignore[no-untyped-def]
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if candidate is not None:
-            return int(candidate)
-    return 0
 
 
 def run_learner(cfg: LearnerConfig, transport: TransportConfig, *, learner_id: str = "learner",

@@ -155,17 +155,14 @@ def check_prompts(report: Report, cfg: OPDConfig, tok: Any, n: int) -> list[list
 
 def sample(cfg: OPDConfig, prompts: list[list[int]], seed: int) -> list[Any]:
     """Full-length rollouts from the actor's own engine (whatever `actor.engine` says), as the wire carries them."""
-    import numpy as np
-
     from protocol.messages import RolloutPrefix
 
     a = cfg.actor
     gens = a.engine.build(a.model_dir).generate(prompts, [a.max_new_tokens] * len(prompts), temperature=a.temperature,
                                                 top_p=a.top_p, seed=seed)
-    return [RolloutPrefix(prompt_ids_P=np.asarray(p, dtype=np.int32), response_ids_R=np.asarray(g.response_ids, dtype=np.int32),
-                          behaviour_logprobs_R=np.minimum(np.asarray(g.logprobs, dtype=np.float32), 0.0), prompt_index=i,
-                          horizon=a.max_new_tokens, max_new_tokens=a.max_new_tokens, finished=g.finished, policy_version=0,
-                          actor_id="doctor", temperature=a.temperature, top_p=a.top_p)
+    return [RolloutPrefix.from_sample(p, g.response_ids, g.logprobs, prompt_index=i, horizon=a.max_new_tokens,
+                                      max_new_tokens=a.max_new_tokens, finished=g.finished, policy_version=0,
+                                      actor_id="doctor", temperature=a.temperature, top_p=a.top_p)
             for i, (p, g) in enumerate(zip(prompts, gens, strict=True))]
 
 
@@ -180,13 +177,9 @@ def score(teacher_cfg: Any, rollouts: list[Any]) -> list[Any]:
     seqs = [np.concatenate([r.prompt_ids_P, r.response_ids_R]).astype(np.int32) for r in rollouts]
     full, _ = score_with_cache(make_scorer(teacher_cfg), None, seqs, k=teacher_cfg.topk,
                                topk_dtype=topk_storage_dtype(teacher_cfg))
-    out = []
-    for r, f in zip(rollouts, full, strict=True):
-        P = len(r.prompt_ids_P)
-        out.append(ScoredPrefix.from_rollout(r, teacher_logprobs_R=f.logprobs_T[P:].copy(), topk_ids_RK=f.topk_ids_TK[P:].copy(),
-                                             topk_logprobs_RK=f.topk_logprobs_TK[P:].copy(), teacher_id="doctor",
-                                             cached_tokens=0, scored_tokens=len(r.response_ids_R)))
-    return out
+    return [ScoredPrefix.from_sequence_scores(r, f.logprobs_T, f.topk_ids_TK, f.topk_logprobs_TK, teacher_id="doctor",
+                                              cached_upto=0)
+            for r, f in zip(rollouts, full, strict=True)]
 
 
 def _student(cfg: OPDConfig) -> tuple[Any, Any]:
@@ -205,10 +198,9 @@ def learner_view(cfg: OPDConfig, tok: Any, model: Any, device: Any, scored: list
     sampled-token KL estimate log mu(y) - log p_T(y) with each token's response position."""
     import torch
 
-    from learner.batching import Sample, collate, policy_logprobs
-    from learner.loop import _pad_id
+    from learner.batching import Sample, collate, pad_id_of, policy_logprobs
 
-    batch = collate([Sample.from_record(s) for s in scored], _pad_id(tok)).to(device)
+    batch = collate([Sample.from_record(s) for s in scored], pad_id_of(tok)).to(device)
     with torch.no_grad():
         logits_BTV = model(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).logits.float()
         out = cfg.learner.loss.build()(batch, logits_BTV, weights_BT=None, normalizer=max(batch.num_response_tokens, 1))

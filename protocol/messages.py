@@ -79,6 +79,14 @@ class RolloutPrefix:
     # it and never trains on it. Optional on the wire: absent reads as False (rollouts of writers before it).
     probe: bool = False
 
+    @classmethod
+    def from_sample(cls, prompt_ids: Any, response_ids: Any, logprobs: Any, **meta: Any) -> RolloutPrefix:
+        """A rollout from an engine's lists: ids as int32, logprobs as float32 clamped at 0 (an engine's
+        arithmetic can put a near-certain token a hair above 0, which `validate` would refuse as no logprob).
+        Actors and `opd doctor` both build their rollouts here, so the doctor checks what actors send."""
+        return cls(prompt_ids_P=np.asarray(prompt_ids, dtype=np.int32), response_ids_R=np.asarray(response_ids, dtype=np.int32),
+                   behaviour_logprobs_R=np.minimum(np.asarray(logprobs, dtype=np.float32), 0.0), **meta)
+
     def validate(self) -> None:
         r = len(self.response_ids_R)
         if len(self.behaviour_logprobs_R) != r:
@@ -148,6 +156,19 @@ class ScoredPrefix(RolloutPrefix):
     def from_rollout(cls, rollout: RolloutPrefix, **scores: Any) -> ScoredPrefix:
         base = {f.name: getattr(rollout, f.name) for f in dataclasses.fields(RolloutPrefix)}
         return cls(**base, **scores)
+
+    @classmethod
+    def from_sequence_scores(cls, rollout: RolloutPrefix, logprobs_T: np.ndarray, topk_ids_TK: np.ndarray,
+                             topk_logprobs_TK: np.ndarray, *, teacher_id: str, cached_upto: int) -> ScoredPrefix:
+        """The response's part of a teacher's scores over the whole sequence (prompt + response, T = P + R, as a
+        teacher forwards it). `cached_upto` leading tokens of the sequence came from the cache: the response's
+        cached tokens are those of them past the prompt, the rest it scored. The teacher and `opd doctor` both
+        build their scored prefixes here."""
+        P, R = len(rollout.prompt_ids_P), len(rollout.response_ids_R)
+        cached = min(R, max(0, cached_upto - P))
+        return cls.from_rollout(rollout, teacher_logprobs_R=logprobs_T[P:].copy(), topk_ids_RK=topk_ids_TK[P:].copy(),
+                                topk_logprobs_RK=topk_logprobs_TK[P:].copy(), teacher_id=teacher_id,
+                                cached_tokens=cached, scored_tokens=R - cached)
 
 
 @dataclass

@@ -25,6 +25,7 @@ pure function, its pydantic config variant and a ``build()`` returning a ``Loss`
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -214,3 +215,20 @@ def token_weights(batch: Batch, *, position_gamma: float, horizon_discount_facto
         disc_BT = horizon_discount(mask_BT, discount=horizon_discount_factor)
         weights_BT = disc_BT if weights_BT is None else weights_BT * disc_BT
     return weights_BT
+
+
+# ---------------------------------------------------------------------------------------------------
+# measurement
+
+
+def flat_grads(losses: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
+               dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """Each loss's gradient over `params` as one flat vector (zeros for a parameter the loss does not reach), for
+    measuring how loss views agree (`opd experiment premise`, `bench/kl_views.py --grad`). The graph is kept
+    until the last loss, so the losses may share one forward."""
+    out = []
+    for i, loss in enumerate(losses):
+        g = torch.autograd.grad(loss, list(params), retain_graph=i < len(losses) - 1, allow_unused=True)
+        out.append(torch.cat([(x if x is not None else torch.zeros_like(p)).flatten().to(dtype)
+                              for x, p in zip(g, params, strict=True)]))
+    return out

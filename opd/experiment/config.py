@@ -133,6 +133,10 @@ class ExperimentConfig(BaseModel):
     threads: int = Field(1, ge=1, description="torch threads of the evaluation (the runner's process).")
     keep_weights: bool = Field(True, description="Keep each run's checkpoint weights after evaluating them (false "
                                "for big models: checkpoints x runs copies of the student).")
+    keep_pipeline_state: bool = Field(False, description="Keep a finished run's pipeline state (published weights, "
+                                      "the learner's resume checkpoints, the teacher cache, Redis's file): gigabytes "
+                                      "a run on a real model, never read again by the experiment. Failed runs keep "
+                                      "theirs.")
     eval: EvalSettings = Field(default_factory=EvalSettings)
     trl: TRLSettings = Field(default_factory=TRLSettings)
     rows: list[RowConfig] = Field(..., min_length=1)

@@ -149,6 +149,7 @@ class _Meter:
         import torch.nn.functional as F
 
         from learner.evaluate import _logits, _positions, _sample
+        from learner.losses.common import flat_grads
 
         gen = torch.Generator(device="cpu").manual_seed(seed)
         with torch.no_grad():
@@ -166,18 +167,10 @@ class _Meter:
         params = [p for p in student.parameters() if p.requires_grad]
         bucket_R = torch.bucketize(torch.arange(R), torch.tensor(self.edges), right=True) - 1
         groups = [torch.ones(R, dtype=torch.bool)] if whole else [bucket_R == b for b in range(len(self.edges))]
-        grads, tokens = [], []
-        for i, sel_R in enumerate(groups):
-            n = int(mask_BR[:, sel_R].sum())
-            tokens.append(n)
-            if n == 0:
-                grads.append(None)
-                continue
-            loss = kl_BR[:, sel_R].sum() / n
-            g = torch.autograd.grad(loss, params, retain_graph=i < len(groups) - 1, allow_unused=True)
-            grads.append(torch.cat([(x if x is not None else torch.zeros_like(p)).flatten().float()
-                                    for x, p in zip(g, params, strict=True)]))
-        return grads, tokens
+        tokens = [int(mask_BR[:, sel_R].sum()) for sel_R in groups]
+        losses = [kl_BR[:, sel_R].sum() / n for sel_R, n in zip(groups, tokens, strict=True) if n > 0]
+        flat = iter(flat_grads(losses, params))
+        return [next(flat) if n > 0 else None for n in tokens], tokens
 
 
 def _topk_kl(s_logp_BRV: Any, t_logp_BRV: Any, mask_BR: Any, k: int) -> Any:

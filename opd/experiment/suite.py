@@ -105,7 +105,10 @@ def _run(cfg: ExperimentConfig, spec: RunSpec, pipe: Any, marks: list[float], re
             "budget_flops": cfg.budget_flops, "charge_cache": cfg.charges_cache(spec.row) and spec.row.kind == "opd"}
     shutil.rmtree(spec.dir / "checkpoints", ignore_errors=True)
     try:
-        got = run_trl(cfg, spec, pipe, marks, reporter) if spec.row.kind == "trl" else run_opd(spec, pipe, marks, reporter)
+        if spec.row.kind == "trl":
+            got = run_trl(cfg, spec, pipe, marks, reporter)
+        else:
+            got = run_opd(spec, pipe, marks, reporter, keep_state=cfg.keep_pipeline_state)
     except Skipped as exc:
         return {**base, "status": "skipped", "reason": str(exc), "checkpoints": []}
     except (RuntimeError, OSError, ValueError) as exc:

@@ -131,6 +131,9 @@ def _check_accounting(run: dict, n_s: int, n_t: int, budget: float, run_dir: Pat
     assert total >= budget
     learner_log = (run_dir / "pipeline" / "logs" / "learner-0.log").read_text()
     assert "spent the compute budget" in learner_log
+    # the finished run's pipeline state is gone (keep_pipeline_state: false), its records and logs stay
+    for rel in ("learner/weights", "learner/checkpoints", "cache", "redis"):
+        assert not (run_dir / "pipeline" / rel).exists(), rel
     checkpoints = run["checkpoints"]
     assert [c["index"] for c in checkpoints] == [0, 1, 2]
     for c in checkpoints:
