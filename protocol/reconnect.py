@@ -22,6 +22,13 @@ harmless or bounded: an ``XREADGROUP`` or
 ``XAUTOCLAIM`` whose reply was lost leaves entries pending until ``claim_idle_ms`` (one extra delivery),
 an admission ``INCRBY`` keeps at most one batch of slots reserved.
 
+A Redis that cannot persist is an outage too: when its append-only (or RDB) file cannot be written (a full
+disk under its ``dir``) Redis answers every write with ``MISCONF`` and executes none of it, reads still work,
+and it takes writes again by itself once a write to the file succeeds. Such a refusal is waited out like an
+unreachable Redis (`refuses_writes`), so freeing the disk lets the run go on where it was; before, the first
+refused write killed the role. Retrying it is safe for the same reason: the refused command did nothing (a
+script is refused at its first write, which, the state being Redis-wide, is before it wrote anything).
+
 A wrong or missing password is not an outage: retrying cannot cure it. The call fails at once with
 `RedisAuthFailed`, one line that names the URL with its password redacted (`redact_url`) and says which
 key to fix; the CLI prints it as ``opd ROLE: error: ...`` and exits 1, without a traceback.
@@ -64,6 +71,16 @@ NEVER_RETRIED: tuple[type[BaseException], ...] = (AuthenticationError, Authoriza
 CONFIRM = 3
 """Successful calls in a row that end an outage: a connect that succeeds while Redis is still loading its
 AOF is followed by a LOADING error, which must not count as a second outage."""
+
+
+def refuses_writes(error: BaseException) -> bool:
+    """Redis's ``MISCONF``: it cannot write its persistence file and refuses writes until it can again."""
+    return isinstance(error, redis.ResponseError) and str(error).startswith("MISCONF")
+
+
+def _state(error: BaseException) -> str:
+    return "refuses writes (it cannot write its data file: a full disk under its dir?)" if refuses_writes(error) \
+        else "unreachable"
 
 
 class RedisUnavailable(ConnectionError):
@@ -128,15 +145,15 @@ class Outages:
             if self.since is None:
                 self.since = now
                 self.count += 1
-                log.warning("Redis at %s unreachable (%s): retrying with back-off (at most %.1fs apart), giving up "
-                            "after %.0fs (transport.reconnect_give_up_s)", where, describe(error), policy.cap_s,
-                            policy.give_up_s)
+                log.warning("Redis at %s %s (%s): retrying with back-off (at most %.1fs apart), giving up "
+                            "after %.0fs (transport.reconnect_give_up_s)", where, _state(error), describe(error),
+                            policy.cap_s, policy.give_up_s)
             elapsed = now - self.since
         if elapsed > policy.give_up_s:
-            raise RedisUnavailable(f"Redis at {where} unreachable for {elapsed:.0f}s, longer than "
+            raise RedisUnavailable(f"Redis at {where} {_state(error)} for {elapsed:.0f}s, longer than "
                                    f"transport.reconnect_give_up_s ({policy.give_up_s:g}s): {describe(error)}")
         if self.should_stop():
-            raise RedisUnavailable(f"stopping while Redis at {where} is unreachable ({describe(error)})")
+            raise RedisUnavailable(f"stopping while Redis at {where} {_state(error)} ({describe(error)})")
 
     def succeeded(self, where: str) -> None:
         """Record a successful call; the `CONFIRM`-th in a row ends the outage (timed at the first)."""
@@ -210,6 +227,12 @@ class RideOutRetry(Retry):
                     continue  # a stale pooled connection: reconnecting at once is enough, not an outage yet
                 self.outages.failed(error, self.policy, self.where)
                 time.sleep(self.policy.delay(failures - 1, self._rng))
+            except redis.ResponseError as error:
+                if not refuses_writes(error):
+                    raise
+                failures += 1  # the connection is sound: no disconnect (`fail`), no immediate second try
+                self.outages.failed(error, self.policy, self.where)
+                time.sleep(self.policy.delay(failures, self._rng))
             else:
                 self.outages.succeeded(self.where)
                 return result

@@ -17,7 +17,10 @@ where they must run. Pinned:
   actors keep the announced weights; the learner SIGKILLed while the disk is full resumes from the last
   good checkpoint plus its journal; with space back it finishes, every prefix is accounted for once
   (ledger + lineage) and `opd cache verify` is clean;
-- the learner started on a damaged checkpoint stops with one line naming the file, no traceback.
+- the learner started on a damaged checkpoint stops with one line naming the file, no traceback;
+- Redis's own disk (a real redis-server, its AOF on the tmpfs): the writes it refuses (MISCONF) are waited out
+  with one line naming the refusal, go through exactly once when space is back, and past
+  `reconnect_give_up_s` end in one `RedisUnavailable` line.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -38,9 +43,11 @@ import redis
 import torch
 import transformers
 from ci_policy import skip_or_fail
+from conftest import free_port
 from roles import (
     CONFIG,
     Pipeline,
+    RedisServer,
     Role,
     assert_conserved_and_trained_once,
     metric,
@@ -54,12 +61,14 @@ from cache.writer import CacheDiskFull
 from learner.checkpoint import WriteFailed, latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
 from learner.publish import list_published, publish_weights
 from protocol.names import Names
+from protocol.reconnect import Outages, ReconnectPolicy, RedisUnavailable, RideOutRetry
 from protocol.runtime import latest_weights
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 FILLER = "filler"
+PAD = "x" * 8192
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,6 +213,69 @@ def test_checkpoint_and_weights_on_a_full_disk_keep_the_previous(tmpfs: Callable
     load_checkpoint(good, _model(), torch.optim.AdamW(_model().parameters(), lr=1e-2))
     free(disk)
     assert save_checkpoint(disk / "checkpoints", model, optimizer, step=2, policy_version=2).name == "step-000002"
+
+
+def test_writes_to_a_redis_on_a_full_disk_wait_and_then_go_through(tmpfs: Callable[[str, str], Path],
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Redis's own disk full: its MISCONF refusals are waited out like an outage (one line naming it), and once
+    the disk has room every write goes through exactly once (a refused write did nothing, so its retry is no
+    repeat)."""
+    caplog.set_level(logging.WARNING, logger="protocol.reconnect")
+    disk = tmpfs("redis-disk", "8m")
+    server = RedisServer(disk, free_port())
+    server.start()
+    try:
+        outages = Outages()
+        client = redis.Redis.from_url(server.url, socket_timeout=10, retry=RideOutRetry(
+            ReconnectPolicy(base_s=0.05, cap_s=0.2, give_up_s=120), "test-redis", outages=outages))
+        client.incr("n")
+        fill(disk)
+        result: dict[str, object] = {}
+
+        def writes() -> None:
+            try:
+                for i in range(20):
+                    client.incr("n")
+                    client.xadd("s", {"i": i, "pad": PAD})  # past the AOF file's last page: a write needs a new one
+                result["ok"] = True
+            except Exception as exc:  # surfaced by the assertion below
+                result["error"] = exc
+
+        thread = threading.Thread(target=writes)
+        thread.start()
+        deadline = time.monotonic() + 60
+        while outages.since is None:  # a write was refused, and is being waited out
+            assert time.monotonic() < deadline and thread.is_alive(), f"no refusal waited out: {result}"
+            time.sleep(0.02)
+        time.sleep(1.0)
+        assert thread.is_alive() and not result, result
+        assert client.get("n") is not None  # reads still work
+        free(disk)
+        thread.join(timeout=120)
+        assert result == {"ok": True}
+        assert int(client.get("n") or 0) == 21 and client.xlen("s") == 20
+        [line] = [r.getMessage() for r in caplog.records if "refuses writes" in r.getMessage()]
+        assert "MISCONF" in line and "test-redis" in line
+        assert not any(r.exc_info for r in caplog.records)
+    finally:
+        server.stop()
+
+
+def test_a_full_redis_disk_past_give_up_is_one_clear_error(tmpfs: Callable[[str, str], Path]) -> None:
+    disk = tmpfs("redis-disk", "8m")
+    server = RedisServer(disk, free_port())
+    server.start()
+    try:
+        client = redis.Redis.from_url(server.url, socket_timeout=10, retry=RideOutRetry(
+            ReconnectPolicy(base_s=0.01, cap_s=0.05, give_up_s=0.5), "test-redis", outages=Outages()))
+        client.set("k", "v")
+        fill(disk)
+        with pytest.raises(RedisUnavailable, match=r"refuses writes .*reconnect_give_up_s.*MISCONF") as info:
+            for _ in range(100):  # the first is executed and its append-only write fails; the refusals follow
+                client.set("k", PAD)
+        assert isinstance(info.value, ConnectionError) and not isinstance(info.value, redis.RedisError)
+    finally:
+        server.stop()
 
 
 # ---------------------------------------------------------------------------------------------
