@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -88,13 +89,15 @@ def gradient_agreement(student: torch.nn.Module, ids_BT: torch.Tensor, attn_BT: 
                        P: int, mask_BR: torch.Tensor, logp_BRV: torch.Tensor, ks: list[int],
                        V: int) -> dict[str, float]:
     """cos(grad of a view's loss, grad of the exact reverse KL) for the sampled-token estimator (the
-    `sampled_reverse_kl` loss's score-function gradient, no baseline) and the top-k losses (bucket tail).
+    `sampled_reverse_kl` loss's score-function gradient, no baseline) and the top-k losses (bucket tail, and
+    `topk_sampled_tail`: the bucket plus the sampled token's correction).
 
     One forward with gradient; every loss reuses it. A cosine near 1: that view trains toward the student the
     exact KL would; near 0: its step is mostly elsewhere."""
     from learner.evaluate import _logits
     from learner.losses.common import flat_grads
     from learner.losses.topk_kl import topk_kl_loss
+    from learner.losses.topk_sampled_tail import topk_sampled_tail_loss
 
     params = [p for p in student.parameters() if p.requires_grad]
     R = mask_BR.shape[1]
@@ -109,6 +112,10 @@ def gradient_agreement(student: torch.nn.Module, ids_BT: torch.Tensor, attn_BT: 
     for k in ks:
         top_lp, top_ids = logp_BRV.topk(k, dim=-1)
         losses[f"top-{k} + tail bucket"] = topk_kl_loss(s_BRV, top_ids, top_lp, mask_BR, direction="reverse").loss
+        # on policy (the student drew y): behaviour log-prob = the student's own, importance weight 1
+        losses[f"top-{k} + sampled tail"] = topk_sampled_tail_loss(
+            s_BRV, y_BR, logq_y.detach(), logp_BRV.gather(-1, y_BR[..., None]).squeeze(-1), top_ids, top_lp, mask_BR,
+            is_cap=math.inf).loss
     flat = dict(zip(losses, flat_grads(list(losses.values()), params, torch.float64), strict=True))
     exact = flat.pop("exact reverse KL")
     return {name: float(g @ exact / (g.norm() * exact.norm()).clamp(min=1e-30)) for name, g in flat.items()}

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from learner.losses.gkd_jsd import GKDJSDConfig, gkd_jsd_loss
 from learner.losses.sampled_reverse_kl import SampledReverseKLConfig, sampled_reverse_kl_loss
 from learner.losses.topk_kl import TopKKLConfig, topk_kl_loss
+from learner.losses.topk_sampled_tail import TopKSampledTailConfig, topk_sampled_tail_loss
 from protocol.components import component_union
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-LossConfig = component_union(SampledReverseKLConfig, TopKKLConfig, GKDJSDConfig, default=TopKKLConfig,
+LossConfig = component_union(SampledReverseKLConfig, TopKKLConfig, GKDJSDConfig, TopKSampledTailConfig, default=TopKKLConfig,
                              kind_from_options=True)
 """``learner.loss``: one variant per loss, chosen by ``kind``. ``learner.loss: topk_kl`` (or ``--set
 learner.loss=topk_kl``) means that loss with its defaults, and options without a kind belong to the loss that
@@ -62,6 +63,7 @@ __all__ = [
     "LossOutput",
     "SampledReverseKLConfig",
     "TopKKLConfig",
+    "TopKSampledTailConfig",
     "gkd_jsd_loss",
     "horizon_discount",
     "opd_advantages",
@@ -69,4 +71,5 @@ __all__ = [
     "sampled_reverse_kl_loss",
     "token_weights",
     "topk_kl_loss",
+    "topk_sampled_tail_loss",
 ]

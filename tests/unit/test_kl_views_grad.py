@@ -43,7 +43,8 @@ def test_gradient_agreement_is_one_for_the_whole_vocabulary_and_less_for_a_small
         pos_BT = _positions(attn_BT)
         logp = F.log_softmax(_logits(teacher, ids_BT, attn_BT, pos_BT, V)[:, P - 1:P - 1 + mask_BR.shape[1]], -1)
     got = _kl_views().gradient_agreement(student, ids_BT, attn_BT, pos_BT, P, mask_BR, logp, [V, 2], V)
-    assert set(got) == {"sampled token (score fn.)", f"top-{V} + tail bucket", "top-2 + tail bucket"}
-    assert got[f"top-{V} + tail bucket"] > 1 - 1e-5
+    assert set(got) == {"sampled token (score fn.)", f"top-{V} + tail bucket", "top-2 + tail bucket",
+                        f"top-{V} + sampled tail", "top-2 + sampled tail"}
+    assert got[f"top-{V} + tail bucket"] > 1 - 1e-5 and got[f"top-{V} + sampled tail"] > 1 - 1e-5
     assert got["top-2 + tail bucket"] < 0.999
     assert all(-1 <= c <= 1 for c in got.values())
