@@ -153,7 +153,7 @@ def compose(engine: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         # would leave ~1 GB behind on a machine that runs the suite again and again.
         run(["docker", "image", "prune", "-f", "--filter", "label=org.opd.image=roles"], timeout_s=300, check=False)
         # And the build cache, which grows by the image's new layers every build (15.7 GB after a few dozen
-        # runs filled this machine's disk once): the newest 4 GB stay, so the next build still hits its cache.
+        # runs, part of what once filled this machine's disk): the newest 4 GB stay for the next build.
         run(["docker", "builder", "prune", "-f", "--keep-storage", "4GB"], timeout_s=300, check=False)
 
 
