@@ -30,6 +30,7 @@ import hashlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -43,7 +44,6 @@ import redis
 import torch
 import transformers
 from ci_policy import skip_or_fail
-from conftest import free_port
 from roles import (
     CONFIG,
     Pipeline,
@@ -114,6 +114,14 @@ def fill(mount: Path) -> Path:
         os.close(fd)
     assert os.statvfs(mount).f_bavail == 0
     return path
+
+
+def free_port() -> int:
+    """A free loopback port (not `conftest.free_port`: tests/integration/test_ci_policy.py imports this module
+    from a child pytest that has no tests/conftest.py on its path)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def free(mount: Path) -> None:
