@@ -84,7 +84,8 @@ def _state(error: BaseException) -> str:
 
 
 class RedisUnavailable(ConnectionError):
-    """Redis stayed unreachable past `transport.reconnect_give_up_s` (or the process was told to stop)."""
+    """Redis stayed unreachable, or refusing writes (`refuses_writes`), past `transport.reconnect_give_up_s` (or the
+    process was told to stop)."""
 
 
 class RedisAuthFailed(AuthenticationError, PermissionError):

@@ -85,6 +85,12 @@ def require_float(name: str, tensor: torch.Tensor) -> None:
         raise ValueError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
 
 
+def check_is_cap(is_cap: float) -> None:
+    """A truncated-importance-sampling cap: a positive number (``math.inf`` disables truncation)."""
+    if isinstance(is_cap, bool) or not (isinstance(is_cap, int | float) and is_cap > 0):
+        raise ValueError(f"is_cap must be a positive number (math.inf to disable truncation), got {is_cap!r}")
+
+
 def as_bool_mask(mask_BT: torch.Tensor) -> torch.Tensor:
     """Accept bool or 0/1 numeric masks; anything non-zero counts as a token to train on."""
     return mask_BT if mask_BT.dtype == torch.bool else mask_BT != 0

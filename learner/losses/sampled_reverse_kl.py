@@ -108,7 +108,7 @@ def _check_inputs(
     """Shapes, dtypes and ``is_cap`` of `sampled_reverse_kl_loss`'s inputs: a ValueError naming the argument."""
     # Imported here, not at the top: the config variant below is part of the config tree, which `opd --help`
     # loads without torch.
-    from learner.losses.common import check_weights, require_float, require_ndim, require_shape
+    from learner.losses.common import check_is_cap, check_weights, require_float, require_ndim, require_shape
 
     require_ndim("logprobs_BT", logprobs_BT, 2)
     shape = tuple(logprobs_BT.shape)
@@ -126,8 +126,7 @@ def _check_inputs(
     ):
         require_float(name, tensor)
     check_weights(weights_BT, shape)
-    if isinstance(is_cap, bool) or not (isinstance(is_cap, int | float) and is_cap > 0):
-        raise ValueError(f"is_cap must be a positive number (math.inf to disable truncation), got {is_cap!r}")
+    check_is_cap(is_cap)
 
 
 def _tis_loss(

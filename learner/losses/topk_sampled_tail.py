@@ -57,7 +57,14 @@ def topk_sampled_tail_loss(
     """
     import torch
 
-    from learner.losses.common import LossOutput, as_bool_mask, masked_mean, require_shape, stat_mean
+    from learner.losses.common import (
+        LossOutput,
+        as_bool_mask,
+        check_is_cap,
+        masked_mean,
+        require_shape,
+        stat_mean,
+    )
     from learner.losses.support import LOG_FLOOR, check_topk_inputs, kl_on_support, support_logprobs
 
     check_topk_inputs(student_logits_BTV, topk_ids_BTK, topk_logprobs_BTK, mask_BT, weights_BT, "bucket")
@@ -65,8 +72,7 @@ def topk_sampled_tail_loss(
     for name, tensor in (("sampled_ids_BT", sampled_ids_BT), ("behaviour_logprobs_BT", behaviour_logprobs_BT),
                          ("teacher_logprobs_BT", teacher_logprobs_BT)):
         require_shape(name, tensor, shape)
-    if isinstance(is_cap, bool) or not (isinstance(is_cap, int | float) and is_cap > 0):
-        raise ValueError(f"is_cap must be a positive number (math.inf to disable truncation), got {is_cap!r}")
+    check_is_cap(is_cap)
     mask_BT = as_bool_mask(mask_BT)
     student_BTS, teacher_BTS = support_logprobs(student_logits_BTV, topk_ids_BTK, topk_logprobs_BTK, mask_BT, "bucket")
     bucket_BT = kl_on_support(student_BTS, teacher_BTS)
